@@ -1,0 +1,48 @@
+"""Task distributions by name, and their gymnasium registration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+
+from metarl_tf.envs.base import (
+    BatchedEnv,
+    Task,
+    TaskDistribution,
+    TimeStep,
+    check_task_distribution,
+)
+from metarl_tf.envs.navigation import Navigation2D, Navigation2DEnv
+
+TASK_DISTRIBUTIONS: dict[str, type[TaskDistribution]] = {"nav2d": Navigation2D}
+
+
+def make_task_distribution(name: str, **kwargs: Any) -> TaskDistribution:
+    """Builds a registered task distribution, e.g. ``make_task_distribution("nav2d")``."""
+    try:
+        cls = TASK_DISTRIBUTIONS[name]
+    except KeyError:
+        known = ", ".join(sorted(TASK_DISTRIBUTIONS))
+        raise ValueError(f"unknown task distribution {name!r}; known: {known}") from None
+    return cls(**kwargs)
+
+
+if "metarl_tf/Navigation2D-v0" not in gymnasium.registry:
+    gymnasium.register(
+        id="metarl_tf/Navigation2D-v0",
+        entry_point="metarl_tf.envs.navigation:Navigation2DEnv",
+        max_episode_steps=None,
+    )
+
+__all__ = [
+    "BatchedEnv",
+    "Navigation2D",
+    "Navigation2DEnv",
+    "TASK_DISTRIBUTIONS",
+    "Task",
+    "TaskDistribution",
+    "TimeStep",
+    "check_task_distribution",
+    "make_task_distribution",
+]

@@ -1,0 +1,144 @@
+"""The task-distribution protocol: what a meta-RL environment family provides.
+
+A *task distribution* samples tasks (plain, JSON-serializable parameter dicts) and builds a
+*batched environment* that steps ``tasks x episodes`` sub-environments at once, each with its own
+task parameters, in one vectorized numpy call (no Python loop over sub-environments).
+
+Envs know nothing about policies: actions come in as arrays, observations go out as arrays.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, NamedTuple
+
+import numpy as np
+
+Task = dict[str, Any]
+
+
+class TimeStep(NamedTuple):
+    """One step of a batched environment; every field has a leading ``[num_envs]`` axis.
+
+    Attributes:
+        observation: ``[num_envs, obs_dim]`` float32, the observation after the step.
+        reward: ``[num_envs]`` float32, the reward of the transition.
+        done: ``[num_envs]`` bool, the episode ended with this transition (terminated or
+            truncated by the horizon).
+    """
+
+    observation: np.ndarray
+    reward: np.ndarray
+    done: np.ndarray
+
+
+class BatchedEnv(abc.ABC):
+    """``num_envs`` sub-environments stepped together; sub-env ``i`` runs task ``task_index[i]``."""
+
+    num_envs: int
+
+    @abc.abstractmethod
+    def reset(self) -> np.ndarray:
+        """Starts a new episode in every sub-environment; returns ``[num_envs, obs_dim]``."""
+
+    @abc.abstractmethod
+    def step(self, actions: np.ndarray) -> TimeStep:
+        """Applies ``actions [num_envs, act_dim]`` (unclipped; the env clips) to every sub-env."""
+
+
+class TaskDistribution(abc.ABC):
+    """A family of tasks. Subclasses set ``name``, the specs and ``horizon``.
+
+    Attributes:
+        name: registry id, e.g. ``"nav2d"``.
+        observation_spec: a ``tf.TensorSpec`` of one observation.
+        action_spec: a ``tf.BoundedTensorSpec`` of one action (bounds = clipping range).
+        horizon: the maximum episode length.
+    """
+
+    name: str
+    horizon: int
+
+    @property
+    @abc.abstractmethod
+    def observation_spec(self):
+        """``tensor_spec.TensorSpec`` of one observation."""
+
+    @property
+    @abc.abstractmethod
+    def action_spec(self):
+        """``tensor_spec.BoundedTensorSpec`` of one action."""
+
+    @abc.abstractmethod
+    def sample_tasks(self, n: int, seed: int | None) -> list[Task]:
+        """Samples ``n`` tasks; the same ``seed`` gives the same tasks."""
+
+    @abc.abstractmethod
+    def make_batched_env(self, tasks: list[Task], episodes_per_task: int) -> BatchedEnv:
+        """A batched env of ``len(tasks) * episodes_per_task`` sub-envs, task-major order."""
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, JSON-serializable, so the distribution can be rebuilt."""
+        return {}
+
+
+def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: int = 2) -> None:
+    """Checks that ``dist`` follows the protocol; raises ``ValueError`` saying what to fix.
+
+    Meant for implementers of a new task distribution (compare Stable-Baselines3's env checker).
+    """
+    import json
+
+    problems: list[str] = []
+    name = type(dist).__name__
+    obs_spec, act_spec = dist.observation_spec, dist.action_spec
+    if len(obs_spec.shape) != 1:
+        problems.append(f"observation_spec must be rank 1 [obs_dim], got shape {obs_spec.shape}")
+    if len(act_spec.shape) != 1:
+        problems.append(f"action_spec must be rank 1 [act_dim], got shape {act_spec.shape}")
+    if not isinstance(getattr(dist, "horizon", None), int) or dist.horizon < 1:
+        problems.append(f"horizon must be a positive int, got {getattr(dist, 'horizon', None)!r}")
+    tasks = dist.sample_tasks(n_tasks, seed=0)
+    if not isinstance(tasks, list) or len(tasks) != n_tasks:
+        problems.append(f"sample_tasks({n_tasks}, seed=0) must return a list of {n_tasks} tasks")
+    else:
+        try:
+            json.dumps(tasks)
+        except TypeError as err:
+            problems.append(f"tasks must be JSON-serializable (plain floats/lists): {err}")
+        if tasks != dist.sample_tasks(n_tasks, seed=0):
+            problems.append("sample_tasks is not reproducible: the same seed gave other tasks")
+    if problems:
+        raise ValueError(f"{name} does not follow the TaskDistribution protocol:\n- " + "\n- ".join(problems))
+
+    env = dist.make_batched_env(tasks, episodes)
+    num_envs = n_tasks * episodes
+    if env.num_envs != num_envs:
+        problems.append(f"make_batched_env(tasks, {episodes}).num_envs is {env.num_envs}, expected {num_envs}")
+    obs = np.asarray(env.reset())
+    expected_obs = (num_envs, *obs_spec.shape)
+    if obs.shape != expected_obs:
+        problems.append(f"reset() returned shape {obs.shape}, expected {expected_obs}")
+    if obs.dtype != np.float32:
+        problems.append(f"reset() returned dtype {obs.dtype}, expected float32")
+    low = np.broadcast_to(act_spec.minimum, act_spec.shape)
+    high = np.broadcast_to(act_spec.maximum, act_spec.shape)
+    rng = np.random.default_rng(0)
+    for _ in range(min(dist.horizon, 5)):
+        actions = rng.uniform(low, high, size=(num_envs, *act_spec.shape)).astype(np.float32)
+        ts = env.step(actions)
+        if not isinstance(ts, TimeStep):
+            problems.append(f"step() must return a TimeStep, got {type(ts).__name__}")
+            break
+        if ts.observation.shape != expected_obs:
+            problems.append(f"step() observation shape {ts.observation.shape}, expected {expected_obs}")
+        if np.shape(ts.reward) != (num_envs,):
+            problems.append(f"step() reward shape {np.shape(ts.reward)}, expected ({num_envs},)")
+        if np.shape(ts.done) != (num_envs,):
+            problems.append(f"step() done shape {np.shape(ts.done)}, expected ({num_envs},)")
+        if not np.all(np.isfinite(ts.observation)) or not np.all(np.isfinite(ts.reward)):
+            problems.append("step() returned NaN or inf in observation or reward")
+        if problems:
+            break
+    if problems:
+        raise ValueError(f"{name} does not follow the TaskDistribution protocol:\n- " + "\n- ".join(problems))

@@ -1,0 +1,46 @@
+"""The outer objective shared by the outer updates."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from metarl_tf.policy import gaussian_kl, gaussian_log_prob
+
+
+class MetaBatch(NamedTuple):
+    """What one meta-step consumes.
+
+    Attributes:
+        inner_episodes: ``D_i``, collected by ``π_θ``; ``EpisodeBatch`` ``[tasks, episodes, T, ...]``.
+        inner_advantages: ``Â`` of ``D_i``, ``[tasks, episodes, T]``.
+        outer_episodes: ``D'_i``, collected by the adapted ``π_θ'_i``.
+        outer_advantages: ``Â`` of ``D'_i``.
+    """
+
+    inner_episodes: tuple
+    inner_advantages: tf.Tensor
+    outer_episodes: tuple
+    outer_advantages: tf.Tensor
+
+
+def _masked_task_mean(x, mask):
+    """Mean over each task's valid steps, then over tasks: ``[tasks, E, T] -> []``."""
+    mask = tf.cast(mask, x.dtype)
+    per_task = tf.reduce_sum(x * mask, axis=[1, 2]) / tf.reduce_sum(mask, axis=[1, 2])
+    return tf.reduce_mean(per_task)
+
+
+def surrogate_loss(policy, params, episodes, advantages, old_log_prob):
+    """TRPO surrogate ``−E[π_new/π_old · Â]`` on the post-adaptation episodes (averaged per task,
+    then over tasks)."""
+    mean, log_std = policy.forward(params, episodes.observations)
+    ratio = tf.exp(gaussian_log_prob(mean, log_std, episodes.actions) - old_log_prob)
+    return -_masked_task_mean(ratio * advantages, episodes.mask)
+
+
+def mean_kl(policy, params, episodes, old_mean, old_log_std):
+    """``mean_i E_{s∈D'_i} KL(π_old(·|s) || π_params(·|s))``."""
+    mean, log_std = policy.forward(params, episodes.observations)
+    return _masked_task_mean(gaussian_kl(old_mean, old_log_std, mean, log_std), episodes.mask)

@@ -1,0 +1,169 @@
+"""MAML-TRPO outer step (Finn et al., 2017, Sec. 5.3; Schulman et al., 2015).
+
+Maximize the post-adaptation surrogate subject to ``mean_i KL(π_θ'_i,old || π_θ'_i) ≤ max_kl``:
+natural-gradient direction by conjugate gradient on Hessian-vector products of the mean KL
+*through the inner adaptation*, then a backtracking line search that checks both the surrogate
+improvement and the KL bound.
+
+The Hessian-vector product. At the current point the KL and its gradient vanish, so its Hessian
+is exactly the Gauss-Newton form ``Jᵀ F J``: ``J`` the Jacobian of the adaptation ``θ ↦ θ'``
+(:func:`metarl_tf.maml.adaptation_jvp` / ``adaptation_vjp``), ``F`` the Fisher of the Gaussian
+policy at ``θ'`` (``diag(1/σ²)`` on the mean, 2 on ``log σ``), applied through one JVP and one VJP of
+the network. This is the same product a reverse-over-reverse HVP gives, without third-order terms
+(``tests/test_trpo.py`` checks both agree).
+
+Meta-SGD step sizes, when learned, are meta-parameters too: they get their part of the gradient and
+of ``J`` (``∂θ'/∂α = −g``), so TRPO updates ``θ`` and ``α`` under one KL bound.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp
+from metarl_tf.outer.common import MetaBatch, mean_kl, surrogate_loss
+from metarl_tf.policy import gaussian_log_prob
+
+
+def _dot(a, b):
+    return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b, strict=True)])
+
+
+def conjugate_gradient(matvec, b, iterations: int = 10, tolerance: float = 1e-10):
+    """Solves ``A x = b`` for symmetric positive-definite ``A`` given as ``matvec``.
+
+    ``b`` and ``x`` are lists of tensors. Stops early when ``rᵀr < tolerance``.
+    """
+    x = [tf.zeros_like(t) for t in b]
+    r = list(b)
+    p = list(b)
+    rdotr = _dot(r, r)
+
+    def cond(i, x, r, p, rdotr):
+        return tf.logical_and(i < iterations, rdotr >= tolerance)
+
+    def body(i, x, r, p, rdotr):
+        z = matvec(p)
+        v = rdotr / _dot(p, z)
+        x = [xi + v * pi for xi, pi in zip(x, p, strict=True)]
+        r = [ri - v * zi for ri, zi in zip(r, z, strict=True)]
+        new_rdotr = _dot(r, r)
+        p = [ri + (new_rdotr / rdotr) * pi for ri, pi in zip(r, p, strict=True)]
+        return i + 1, x, r, p, new_rdotr
+
+    _, x, _, _, _ = tf.while_loop(cond, body, [tf.constant(0), x, r, p, rdotr])
+    return x
+
+
+def fisher_vector_product(policy, params, episodes, u):
+    """``F u`` for the mean-over-tasks KL of the Gaussian policy at per-task ``params``.
+
+    ``u`` and the result are per-task ``[tasks, *shape]``.
+    """
+    mask = tf.cast(episodes.mask, tf.float32)
+    tasks = tf.cast(tf.shape(mask)[0], tf.float32)
+    weight = mask / tf.reduce_sum(mask, axis=[1, 2], keepdims=True) / tasks  # [tasks, E, T]
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        with tf.autodiff.ForwardAccumulator(params, u) as acc:
+            mean, log_std = policy.forward(params, episodes.observations)
+        d_mean, d_log_std = acc.jvp(mean), acc.jvp(log_std)
+    # Hessian of KL(old || new) in the new distribution's (mean, log σ) at new = old.
+    g_mean = tf.stop_gradient(weight[..., None] * d_mean * tf.exp(-2.0 * log_std))
+    g_log_std = tf.stop_gradient(weight[..., None] * 2.0 * d_log_std)
+    return tape.gradient([mean, log_std], params, output_gradients=[g_mean, g_log_std])
+
+
+def trpo_meta_step(
+    policy,
+    step_sizes,
+    batch: MetaBatch,
+    *,
+    learn_step_sizes: bool,
+    inner_steps: int,
+    first_order: bool,
+    max_kl: float,
+    cg_iterations: int,
+    cg_damping: float,
+    ls_max_steps: int,
+    ls_backtrack_ratio: float,
+):
+    """One MAML-TRPO update of ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
+    ``learn_step_sizes``). Meant to run inside a ``tf.function``.
+
+    Returns:
+        dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
+        ``accepted``, ``inner_loss``.
+    """
+    theta = list(policy.parameters)
+    alphas = list(step_sizes) if learn_step_sizes else []
+    inner, inner_adv = batch.inner_episodes, batch.inner_advantages
+    outer, outer_adv = batch.outer_episodes, batch.outer_advantages
+
+    def adapted(theta_values, alpha_values):
+        sizes = alpha_values if learn_step_sizes else step_sizes
+        return adapt(policy, theta_values, sizes, inner, inner_adv, inner_steps, first_order)
+
+    sizes = alphas if learn_step_sizes else step_sizes
+    result = adapted(theta, alphas)
+    params = [tf.stop_gradient(p) for p in result.params]
+    old_mean, old_log_std = (tf.stop_gradient(x) for x in policy.forward(params, outer.observations))
+    old_log_prob = gaussian_log_prob(old_mean, old_log_std, outer.actions)
+
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        loss_before = surrogate_loss(policy, params, outer, outer_adv, old_log_prob)
+    grad_adapted = tape.gradient(loss_before, params)
+    g_theta, g_alpha = adaptation_vjp(
+        policy, result, sizes, inner, inner_adv, grad_adapted, learn_step_sizes, first_order
+    )
+    grads = g_theta + (g_alpha or [])
+    n_theta = len(theta)
+
+    def hvp(v):
+        u = adaptation_jvp(
+            policy, result, sizes, inner, inner_adv, v[:n_theta],
+            v[n_theta:] if learn_step_sizes else None, first_order,
+        )
+        fu = fisher_vector_product(policy, params, outer, u)
+        h_theta, h_alpha = adaptation_vjp(policy, result, sizes, inner, inner_adv, fu, learn_step_sizes, first_order)
+        return [h + cg_damping * vi for h, vi in zip(h_theta + (h_alpha or []), v, strict=True)]
+
+    direction = conjugate_gradient(hvp, grads, cg_iterations)
+    shs = 0.5 * _dot(direction, hvp(direction))
+    lagrange = tf.sqrt(tf.maximum(shs, 1e-12) / max_kl)
+    full_step = [d / lagrange for d in direction]
+
+    old_values = [tf.identity(v) for v in theta + alphas]
+
+    def evaluate(scale):
+        candidate = [v - scale * s for v, s in zip(old_values, full_step, strict=True)]
+        cand_params = adapted(candidate[:n_theta], candidate[n_theta:]).params
+        loss = surrogate_loss(policy, cand_params, outer, outer_adv, old_log_prob)
+        kl = mean_kl(policy, cand_params, outer, old_mean, old_log_std)
+        return loss, kl
+
+    def cond(k, scale, accepted, loss, kl):
+        return tf.logical_and(k < ls_max_steps, tf.logical_not(accepted))
+
+    def body(k, scale, accepted, loss, kl):
+        loss, kl = evaluate(scale)
+        accepted = tf.logical_and(loss < loss_before, kl < max_kl)
+        new_scale = tf.where(accepted, scale, scale * ls_backtrack_ratio)
+        return k + 1, new_scale, accepted, loss, kl
+
+    k, scale, accepted, loss_after, kl = tf.while_loop(
+        cond, body, [tf.constant(0), tf.constant(1.0), tf.constant(False), loss_before, tf.constant(0.0)]
+    )
+    # No acceptable step within ls_max_steps: keep the old parameters (as rllab/pytorch-maml-rl).
+    scale = tf.where(accepted, scale, 0.0)
+    for var, old, step in zip(theta + alphas, old_values, full_step, strict=True):
+        var.assign(old - scale * step)
+    return {
+        "loss_before": loss_before,
+        "loss_after": tf.where(accepted, loss_after, loss_before),
+        "kl": tf.where(accepted, kl, 0.0),
+        "line_search_steps": k,
+        "accepted": tf.cast(accepted, tf.float32),
+        "inner_loss": tf.reduce_mean(result.losses[0]),
+    }
