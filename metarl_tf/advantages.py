@@ -34,7 +34,7 @@ def discount_matrix(length: int, discount, dtype=tf.float32):
 
 def _discounted_cumsum(x, discount):
     """``y_t = sum_{t' >= t} discount^(t'-t) x_t'`` along the last axis."""
-    length = x.shape[-1]
+    length = tf.shape(x)[-1]
     m = discount_matrix(length, discount, x.dtype)
     flat = tf.reshape(x, [-1, length])
     return tf.reshape(tf.matmul(flat, m), tf.shape(x))
@@ -87,8 +87,7 @@ def baseline_features(observations, mask):
         ``[..., T, 2 * obs_dim + 4]``.
     """
     obs = tf.clip_by_value(tf.convert_to_tensor(observations), -10.0, 10.0)
-    length = obs.shape[-2]
-    t = tf.range(length, dtype=obs.dtype) / 100.0
+    t = tf.range(tf.shape(obs)[-2], dtype=obs.dtype) / 100.0
     t = tf.broadcast_to(t[:, None], tf.concat([tf.shape(obs)[:-1], [1]], 0))
     features = tf.concat([obs, obs * obs, t, t * t, t * t * t, tf.ones_like(t)], axis=-1)
     return features * tf.cast(mask, obs.dtype)[..., None]

@@ -160,3 +160,38 @@ def adaptation_vjp(policy, result: AdaptResult, step_sizes, episodes, advantages
             haw = inner_hvp(policy, point, episodes, advantages, aw)
             w = [wi - h for wi, h in zip(w, haw, strict=True)]
     return [tf.reduce_sum(wi, axis=0) for wi in w], w_steps
+
+
+class Adapter:
+    """Advantages + :func:`adapt`, compiled once: the adaptation the trainer, the evaluator and
+    the service all run (so an adaptation over HTTP equals the in-process one).
+
+    Args:
+        policy: the policy (its ``forward``).
+        step_sizes: scalar ``α`` or Meta-SGD per-parameter step sizes (tensors/variables).
+        gamma, gae_lambda, baseline: advantage settings (see ``compute_advantages``).
+        first_order: only matters when differentiated through; adaptation itself is the same.
+    """
+
+    def __init__(self, policy, step_sizes, gamma: float, gae_lambda: float = 1.0, baseline: str = "linear"):
+        self.policy = policy
+        self.step_sizes = step_sizes
+        self.gamma, self.gae_lambda, self.baseline = gamma, gae_lambda, baseline
+        self._compiled = tf.function(self._adapt, reduce_retracing=True)
+
+    def _adapt(self, params, episodes, steps: int):
+        from metarl_tf.advantages import compute_advantages
+
+        advantages = compute_advantages(episodes, self.gamma, self.gae_lambda, self.baseline)
+        result = adapt(self.policy, params, self.step_sizes, episodes, advantages, steps)
+        return result.params, result.losses, advantages
+
+    def __call__(self, params, episodes, steps: int = 1):
+        """Adapts ``params`` (shared ``[*shape]`` or per-task ``[tasks, *shape]``) on ``episodes``.
+
+        Returns:
+            ``(adapted params [tasks, *shape], inner losses [steps, tasks], advantages)``.
+        """
+        episodes = type(episodes)(*[tf.convert_to_tensor(x, tf.float32) for x in episodes])
+        params = [tf.convert_to_tensor(p, tf.float32) for p in params]
+        return self._compiled(params, episodes, int(steps))

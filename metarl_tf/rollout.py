@@ -105,3 +105,33 @@ class Sampler:
             return np.ascontiguousarray(np.moveaxis(x, 0, 2))
 
         return EpisodeBatch(to_batch(observations), to_batch(actions), to_batch(rewards), to_batch(mask))
+
+
+def pad_episodes(episodes, length: int | None = None, num_episodes: int | None = None) -> EpisodeBatch:
+    """Packs variable-length episodes of ONE task into an ``EpisodeBatch`` ``[1, E, T, ...]``.
+
+    Padding (extra time steps, extra all-masked episodes) does not change any loss, baseline or
+    advantage here, so callers can pad to fixed sizes and reuse one compiled function.
+
+    Args:
+        episodes: sequence of ``(observations [T_e, obs_dim], actions [T_e, act_dim],
+            rewards [T_e])``.
+        length: pad time to this length (default: the longest episode).
+        num_episodes: pad to this many episodes (default: ``len(episodes)``).
+    """
+    if not episodes:
+        raise ValueError("need at least one episode")
+    length = length or max(len(r) for _, _, r in episodes)
+    num_episodes = num_episodes or len(episodes)
+    obs_dim = np.shape(episodes[0][0])[-1]
+    act_dim = np.shape(episodes[0][1])[-1]
+    obs = np.zeros((1, num_episodes, length, obs_dim), np.float32)
+    act = np.zeros((1, num_episodes, length, act_dim), np.float32)
+    rew = np.zeros((1, num_episodes, length), np.float32)
+    mask = np.zeros((1, num_episodes, length), np.float32)
+    for e, (o, a, r) in enumerate(episodes):
+        t = len(r)
+        if t > length:
+            raise ValueError(f"episode {e} has {t} steps, more than the padded length {length}")
+        obs[0, e, :t], act[0, e, :t], rew[0, e, :t], mask[0, e, :t] = o, a, r, 1.0
+    return EpisodeBatch(obs, act, rew, mask)

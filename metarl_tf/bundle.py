@@ -1,0 +1,215 @@
+"""The meta-initialization bundle: ``saved_models/<name>/`` (DESIGN.md, "The bundle").
+
+Files:
+    policy.keras     Keras 3 model holding θ (loads with ``safe_mode=True``).
+    meta.json        format version, task distribution, specs, policy and adaptation config,
+                     training summary, and the sha256 of every other file.
+    step_sizes.npz   Meta-SGD step sizes, when learned (``allow_pickle=False``).
+
+No pickle anywhere; a bundle whose files do not match their checksums is refused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from metarl_tf.envs import TaskDistribution, make_task_distribution
+from metarl_tf.policy import GaussianMLPPolicy
+
+FORMAT_VERSION = 1
+POLICY_FILE = "policy.keras"
+META_FILE = "meta.json"
+STEP_SIZES_FILE = "step_sizes.npz"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, tampered with, or of an unknown format."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _spec_to_json(spec) -> dict[str, Any]:
+    d = {"shape": list(spec.shape), "dtype": spec.dtype.name}
+    if hasattr(spec, "minimum"):
+        d["minimum"] = np.broadcast_to(spec.minimum, spec.shape).tolist()
+        d["maximum"] = np.broadcast_to(spec.maximum, spec.shape).tolist()
+    return d
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle.
+
+    Attributes:
+        path: the bundle directory.
+        name: the directory name.
+        meta: the parsed ``meta.json``.
+        policy: the Keras policy holding the meta-initialization θ.
+        step_sizes: scalar α, or Meta-SGD step sizes (one float32 array per parameter).
+        task_distribution: the task distribution it was trained on.
+    """
+
+    path: Path
+    name: str
+    meta: dict[str, Any]
+    policy: GaussianMLPPolicy
+    step_sizes: float | list[np.ndarray]
+    task_distribution: TaskDistribution
+
+    @property
+    def adaptation(self) -> dict[str, Any]:
+        """``steps``, ``gamma``, ``gae_lambda``, ``baseline`` used to adapt this bundle."""
+        return self.meta["adaptation"]
+
+    @property
+    def learned_step_sizes(self) -> bool:
+        return not isinstance(self.step_sizes, float)
+
+    def make_adapter(self):
+        """The compiled :class:`metarl_tf.maml.Adapter` with this bundle's settings."""
+        from metarl_tf.maml import Adapter
+
+        a = self.adaptation
+        sizes = self.step_sizes
+        if self.learned_step_sizes:
+            import tensorflow as tf
+
+            sizes = [tf.constant(s) for s in sizes]
+        return Adapter(self.policy, sizes, a["gamma"], a["gae_lambda"], a["baseline"])
+
+
+def save_bundle(
+    path: str | os.PathLike,
+    policy: GaussianMLPPolicy,
+    step_sizes: float | list[np.ndarray],
+    task_distribution: TaskDistribution,
+    *,
+    adaptation: dict[str, Any],
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Writes a bundle atomically (into a temporary directory, then renamed).
+
+    Args:
+        adaptation: ``steps``, ``gamma``, ``gae_lambda``, ``baseline`` (and anything else worth
+            recording, e.g. ``first_order``).
+        training: free-form training summary (config, iterations, final returns, wall-clock).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)
+    files = [POLICY_FILE]
+    policy.save(tmp / POLICY_FILE)
+    if isinstance(step_sizes, (int, float)):
+        sizes_json: Any = float(step_sizes)
+    else:
+        arrays = {n: np.asarray(s, np.float32) for n, s in zip(policy.parameter_names, step_sizes, strict=True)}
+        np.savez(tmp / STEP_SIZES_FILE, **{n.replace("/", "__"): a for n, a in arrays.items()})
+        sizes_json = {"file": STEP_SIZES_FILE}
+        files.append(STEP_SIZES_FILE)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": path.name,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "task_distribution": {"name": task_distribution.name, "config": task_distribution.config()},
+        "observation_spec": _spec_to_json(task_distribution.observation_spec),
+        "action_spec": _spec_to_json(task_distribution.action_spec),
+        "policy": {
+            "class": type(policy).__name__,
+            "config": {k: v for k, v in policy.get_config().items() if k in
+                       ("obs_dim", "act_dim", "hidden_sizes", "activation", "init_log_std")},
+            "parameter_names": policy.parameter_names,
+            "parameter_shapes": [list(s) for s in policy.parameter_shapes],
+        },
+        "adaptation": {"step_sizes": sizes_json, **adaptation},
+        "training": training or {},
+        "files": {f: _sha256(tmp / f) for f in files},
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if path.exists():
+        backup = path.with_name(f".{path.name}.old")
+        if backup.exists():
+            import shutil
+
+            shutil.rmtree(backup)
+        path.rename(backup)
+        tmp.rename(path)
+        import shutil
+
+        shutil.rmtree(backup)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Loads and verifies a bundle; raises :class:`BundleError` saying what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle {str(path)!r} is not a directory (expected saved_models/<name>/)")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"bundle {str(path)!r} has no {META_FILE}; is it a metarl-tf bundle?")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{meta_path}: not valid JSON ({err})") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{meta_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    for key in ("files", "policy", "adaptation", "task_distribution"):
+        if key not in meta:
+            raise BundleError(f"{meta_path}: missing key {key!r}; the bundle is incomplete")
+    for name, digest in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise BundleError(f"bundle {str(path)!r} is incomplete: {name} is missing")
+        actual = _sha256(f)
+        if actual != digest:
+            raise BundleError(
+                f"bundle {str(path)!r}: checksum mismatch for {name} (meta.json says {digest[:12]}..., "
+                f"file is {actual[:12]}...); the file was modified or corrupted - re-export the bundle"
+            )
+    if POLICY_FILE not in meta["files"]:
+        raise BundleError(f"{meta_path}: files does not list {POLICY_FILE}")
+    try:
+        policy = keras.saving.load_model(path / POLICY_FILE, safe_mode=True, compile=False)
+    except Exception as err:  # keras raises many types; the message is what matters
+        raise BundleError(f"bundle {str(path)!r}: cannot load {POLICY_FILE}: {err}") from err
+    if [list(s) for s in policy.parameter_shapes] != meta["policy"]["parameter_shapes"]:
+        raise BundleError(f"bundle {str(path)!r}: policy shapes differ from meta.json")
+    sizes = meta["adaptation"]["step_sizes"]
+    if isinstance(sizes, dict):
+        fname = sizes.get("file")
+        if fname not in meta["files"]:
+            raise BundleError(f"{meta_path}: step size file {fname!r} is not checksummed in files")
+        with np.load(path / fname, allow_pickle=False) as data:
+            keys = [n.replace("/", "__") for n in policy.parameter_names]
+            missing = [k for k in keys if k not in data]
+            if missing:
+                raise BundleError(f"{path / fname}: missing step sizes for {missing}")
+            step_sizes: float | list[np.ndarray] = [np.asarray(data[k], np.float32) for k in keys]
+        for s, shape, n in zip(step_sizes, policy.parameter_shapes, policy.parameter_names, strict=True):
+            if tuple(s.shape) != tuple(shape):
+                raise BundleError(f"{path / fname}: step sizes of {n} have shape {s.shape}, expected {shape}")
+    else:
+        step_sizes = float(sizes)
+    td = meta["task_distribution"]
+    dist = make_task_distribution(td["name"], **td.get("config", {}))
+    return Bundle(path, path.name, meta, policy, step_sizes, dist)
