@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ def save_bundle(
     *,
     adaptation: dict[str, Any],
     training: dict[str, Any] | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
 ) -> Path:
     """Writes a bundle atomically (into a temporary directory, then renamed).
 
@@ -109,6 +111,8 @@ def save_bundle(
         adaptation: ``steps``, ``gamma``, ``gae_lambda``, ``baseline`` (and anything else worth
             recording, e.g. ``first_order``).
         training: free-form training summary (config, iterations, final returns, wall-clock).
+        extra_files: ``{name in bundle: source path}`` copied in and checksummed (e.g. the
+            training run's ``metrics.jsonl``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +127,9 @@ def save_bundle(
         np.savez(tmp / STEP_SIZES_FILE, **{n.replace("/", "__"): a for n, a in arrays.items()})
         sizes_json = {"file": STEP_SIZES_FILE}
         files.append(STEP_SIZES_FILE)
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+        files.append(name)
     meta = {
         "format_version": FORMAT_VERSION,
         "name": path.name,
@@ -145,13 +152,9 @@ def save_bundle(
     if path.exists():
         backup = path.with_name(f".{path.name}.old")
         if backup.exists():
-            import shutil
-
             shutil.rmtree(backup)
         path.rename(backup)
         tmp.rename(path)
-        import shutil
-
         shutil.rmtree(backup)
     else:
         tmp.rename(path)

@@ -177,7 +177,7 @@ class Adapter:
         self.policy = policy
         self.step_sizes = step_sizes
         self.gamma, self.gae_lambda, self.baseline = gamma, gae_lambda, baseline
-        self._compiled = tf.function(self._adapt, reduce_retracing=True)
+        self._compiled = tf.function(self._adapt)
 
     def _adapt(self, params, episodes, steps: int):
         from metarl_tf.advantages import compute_advantages

@@ -56,7 +56,7 @@ class Sampler:
         self.policy = policy
         self.episodes_per_task = int(episodes_per_task)
         self.horizon = dist.horizon
-        self._act = tf.function(self._act_fn, reduce_retracing=True)
+        self._act = tf.function(self._act_fn)
 
     def _act_fn(self, params, observations, noise):
         mean, log_std = self.policy.forward(params, observations)

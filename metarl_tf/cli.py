@@ -1,0 +1,207 @@
+"""``python -m metarl_tf`` / ``metarl-tf``: train | evaluate | export."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import metarl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+
+def _add_train(sub) -> None:
+    from metarl_tf.config import PRESETS
+
+    p = sub.add_parser("train", help="meta-train a policy and write a bundle",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="nav2d", choices=sorted(PRESETS), help="named configuration")
+    p.add_argument("--out", help="bundle directory (default: saved_models/<preset>-maml)")
+    p.add_argument("--run-dir", help="checkpoints, metrics.jsonl, TensorBoard (default: runs/<bundle name>)")
+    p.add_argument("--iterations", type=int, help="meta-iterations (overrides the preset)")
+    p.add_argument("--seed", type=int, help="random seed (overrides the preset)")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
+    p.add_argument("--meta-sgd", action="store_true", default=None, help="learn per-parameter step sizes")
+    p.add_argument("--first-order", action="store_true", default=None, help="first-order MAML")
+    p.add_argument("--outer", choices=["trpo", "adam"], help="outer update (overrides the preset)")
+    p.add_argument("--inner-step-size", type=float, help="inner step size α (initial α with --meta-sgd)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="meta-test a bundle on fresh tasks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("bundle", help="bundle directory, e.g. saved_models/nav2d-maml")
+    p.add_argument("--tasks", type=int, default=40, help="number of fresh test tasks")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task and step")
+    p.add_argument("--steps", type=int, default=3, help="inner steps (each on fresh episodes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of test tasks and noise")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write PNG plots with this path prefix (curve, trajectories)")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a bundle from a training run's checkpoint")
+    p.add_argument("run_dir", help="run directory holding checkpoint/")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metarl-tf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_export(sub)
+    return parser
+
+
+def _train_config(args):
+    from metarl_tf.config import get_preset
+
+    config = get_preset(args.preset)
+    overrides = {
+        "iterations": args.iterations, "seed": args.seed, "meta_sgd": args.meta_sgd,
+        "first_order": args.first_order, "outer": args.outer, "inner_step_size": args.inner_step_size,
+        "checkpoint_every": args.checkpoint_every,
+    }  # fmt: skip
+    return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from metarl_tf.trainer import MetaTrainer
+
+    config = _train_config(args)
+    out = Path(args.out or f"saved_models/{args.preset}-maml")
+    run_dir = Path(args.run_dir or f"runs/{out.name}")
+    ckpt_dir = run_dir / "checkpoint"
+    metrics_path = run_dir / "metrics.jsonl"
+    if not args.resume and (ckpt_dir / "state.json").exists():
+        print(f"error: {run_dir} already holds a checkpoint; pass --resume to continue it, "
+              f"or choose another --run-dir", file=sys.stderr)  # fmt: skip
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = MetaTrainer(config, run_dir)
+    if args.resume and trainer.restore_checkpoint(ckpt_dir):
+        print(f"resumed from {ckpt_dir} at iteration {trainer.iteration}")
+        # keep metrics of the iterations the checkpoint covers, drop any written after it
+        if metrics_path.exists():
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["iteration"] <= trainer.iteration]  # fmt: skip
+            metrics_path.write_text("".join(k + "\n" for k in kept))
+    elif not args.resume:
+        metrics_path.write_text("")
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+    print(f"meta-training {args.preset}: {config.iterations} iterations, "
+          f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x {config.horizon} steps, "
+          f"outer={config.outer}{' meta-sgd' if config.meta_sgd else ''}"
+          f"{' first-order' if config.first_order else ''} -> {out}")  # fmt: skip
+    bar = tqdm(total=config.iterations, initial=trainer.iteration, unit="it", disable=args.no_progress,
+               dynamic_ncols=True)  # fmt: skip
+    interrupted = False
+    try:
+        while trainer.iteration < config.iterations:
+            m = trainer.train_iteration()
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            with writer.as_default(step=trainer.iteration):
+                for k, v in m.items():
+                    if k != "iteration":
+                        tf.summary.scalar(k, v)
+            bar.update(1)
+            bar.set_postfix(pre=f"{m['returns/pre_adaptation']:.1f}", post=f"{m['returns/post_adaptation']:.1f}",
+                            kl=f"{m.get('losses/kl', 0.0):.4f}", s_it=f"{m['time/iteration_s']:.2f}")  # fmt: skip
+            if args.no_progress:
+                print(f"it {trainer.iteration:4d} pre {m['returns/pre_adaptation']:8.2f} "
+                      f"post {m['returns/post_adaptation']:8.2f} {m['time/iteration_s']:.2f}s", flush=True)  # fmt: skip
+            if trainer.iteration % config.checkpoint_every == 0:
+                trainer.save_checkpoint(ckpt_dir)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: saving a checkpoint and a bundle ...", file=sys.stderr)
+    finally:
+        bar.close()
+        writer.flush()
+    trainer.save_checkpoint(ckpt_dir)
+    trainer.export_bundle(out, extra_files={"metrics.jsonl": metrics_path})
+    last = trainer.history[-10:]
+    if last:
+        pre = sum(m["returns/pre_adaptation"] for m in last) / len(last)
+        post = sum(m["returns/post_adaptation"] for m in last) / len(last)
+        print(f"bundle written to {out} (iteration {trainer.iteration}; last {len(last)} iterations: "
+              f"pre {pre:.2f}, post {post:.2f}; {trainer.elapsed:.0f} s of training)")  # fmt: skip
+    else:
+        print(f"bundle written to {out} (iteration {trainer.iteration})")
+    if interrupted:
+        print(f"resume with: python -m metarl_tf train --preset {args.preset} --out {out} "
+              f"--run-dir {run_dir} --resume", file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from metarl_tf.bundle import load_bundle
+    from metarl_tf.evaluation import evaluate, format_table, plot_curve, plot_trajectories
+
+    if args.tasks < 2 or args.episodes < 1 or args.steps < 0:
+        print("error: need --tasks >= 2, --episodes >= 1, --steps >= 0", file=sys.stderr)
+        return 2
+    bundle = load_bundle(args.bundle)
+    t0 = time.perf_counter()
+    result = evaluate(bundle, args.tasks, args.episodes, args.steps, args.seed)
+    print(f"{bundle.name}: {args.tasks} fresh tasks, {args.episodes} episodes per step, seed {args.seed} "
+          f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    print("mean return ± 95% CI after k inner steps")
+    print(format_table(result))
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(public, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_curve(result, f"{args.plot}_curve.png")
+        print(f"wrote {args.plot}_curve.png")
+        if bundle.task_distribution.name == "nav2d":
+            plot_trajectories(result, f"{args.plot}_trajectories.png")
+            print(f"wrote {args.plot}_trajectories.png")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from metarl_tf.config import TrainConfig
+    from metarl_tf.trainer import MetaTrainer
+
+    run_dir = Path(args.run_dir)
+    state = run_dir / "checkpoint" / "state.json"
+    if not state.exists():
+        print(f"error: no checkpoint in {run_dir / 'checkpoint'}", file=sys.stderr)
+        return 2
+    config = TrainConfig.from_dict(json.loads(state.read_text())["config"])
+    trainer = MetaTrainer(config, run_dir)
+    trainer.restore_checkpoint(run_dir / "checkpoint")
+    metrics = run_dir / "metrics.jsonl"
+    trainer.export_bundle(args.out, extra_files={"metrics.jsonl": metrics} if metrics.exists() else None)
+    print(f"bundle written to {args.out} from iteration {trainer.iteration}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export}[args.command](args)
+    except (ValueError, FileNotFoundError) as err:  # user errors: say what is wrong, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The meta-training loop: sample → adapt → sample → compiled outer step, with logging,
+checkpoints, resume, and a bundle at the end (or on Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from metarl_tf.advantages import compute_advantages
+from metarl_tf.bundle import save_bundle
+from metarl_tf.config import TrainConfig
+from metarl_tf.envs import make_task_distribution
+from metarl_tf.maml import Adapter
+from metarl_tf.outer import MetaBatch, adam_meta_step, trpo_meta_step
+from metarl_tf.policy import GaussianMLPPolicy
+from metarl_tf.rollout import EpisodeBatch, Sampler
+
+CHECKPOINT_ARRAYS = "state.npz"
+CHECKPOINT_STATE = "state.json"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _to_tensors(batch: EpisodeBatch) -> EpisodeBatch:
+    return EpisodeBatch(*[tf.convert_to_tensor(x, tf.float32) for x in batch])
+
+
+class MetaTrainer:
+    """Meta-trains a policy with MAML / Meta-SGD.
+
+    Args:
+        config: the training configuration.
+        run_dir: where checkpoints, ``metrics.jsonl`` and TensorBoard events go.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path | None = None):
+        self.config = c = config
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.dist = make_task_distribution(c.task_distribution, horizon=c.horizon, **c.task_kwargs)
+        keras.utils.set_random_seed(c.seed)
+        self.policy = GaussianMLPPolicy(
+            self.dist.observation_spec.shape[0],
+            self.dist.action_spec.shape[0],
+            c.hidden_sizes,
+            c.activation,
+            c.init_log_std,
+        )
+        if c.meta_sgd:
+            self.step_sizes: Any = [
+                tf.Variable(tf.fill(shape, c.inner_step_size), name=f"alpha/{name}")
+                for shape, name in zip(self.policy.parameter_shapes, self.policy.parameter_names, strict=True)
+            ]
+        else:
+            self.step_sizes = float(c.inner_step_size)
+        self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task)
+        self.adapter = Adapter(self.policy, self.step_sizes, c.gamma, c.gae_lambda, c.baseline)
+        self.optimizer = keras.optimizers.Adam(c.outer_learning_rate) if c.outer == "adam" else None
+        if self.optimizer is not None:
+            self.optimizer.build(self._meta_variables)
+        self._meta_step = tf.function(self._meta_step_fn)
+        self._outer_advantages = tf.function(
+            lambda e: compute_advantages(e, c.gamma, c.gae_lambda, c.baseline)
+        )
+        self.iteration = 0
+        self.elapsed = 0.0  # training wall-clock seconds, carried across resumes
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def _meta_variables(self) -> list:
+        return list(self.policy.parameters) + (list(self.step_sizes) if self.config.meta_sgd else [])
+
+    def _meta_step_fn(self, batch: MetaBatch):
+        c = self.config
+        if c.outer == "trpo":
+            return trpo_meta_step(
+                self.policy, self.step_sizes, batch,
+                learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
+                max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
+                ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
+            )  # fmt: skip
+        return adam_meta_step(
+            self.policy, self.step_sizes, self.optimizer, batch,
+            learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
+        )  # fmt: skip
+
+    def _seeds(self, iteration: int) -> tuple[int, int, int]:
+        s = np.random.SeedSequence([self.config.seed, iteration]).generate_state(3)
+        return int(s[0]), int(s[1]), int(s[2])
+
+    def train_iteration(self) -> dict[str, float]:
+        """One meta-iteration; returns its metrics (also appended to ``history``)."""
+        c = self.config
+        task_seed, inner_seed, outer_seed = self._seeds(self.iteration)
+        t0 = time.perf_counter()
+        tasks = self.dist.sample_tasks(c.meta_batch_size, task_seed)
+        inner = _to_tensors(self.sampler.sample(self.policy.parameters, tasks, inner_seed))
+        t1 = time.perf_counter()
+        adapted, _, inner_adv = self.adapter(self.policy.parameters, inner, c.inner_steps)
+        t2 = time.perf_counter()
+        outer = _to_tensors(self.sampler.sample(adapted, tasks, outer_seed))
+        outer_adv = self._outer_advantages(outer)
+        t3 = time.perf_counter()
+        stats = self._meta_step(MetaBatch(inner, inner_adv, outer, outer_adv))
+        stats = {k: float(v) for k, v in stats.items()}
+        t4 = time.perf_counter()
+        self.iteration += 1
+        self.elapsed += t4 - t0
+        pre = float(np.mean(EpisodeBatch(*[x.numpy() for x in inner]).episode_returns))
+        post = float(np.mean(EpisodeBatch(*[x.numpy() for x in outer]).episode_returns))
+        metrics = {
+            "iteration": self.iteration,
+            "returns/pre_adaptation": pre,
+            "returns/post_adaptation": post,
+            **{f"losses/{k}": v for k, v in stats.items()},
+            "time/sampling_s": (t1 - t0) + (t3 - t2),
+            "time/adapt_s": t2 - t1,
+            "time/meta_step_s": t4 - t3,
+            "time/iteration_s": t4 - t0,
+            "time/elapsed_s": self.elapsed,
+            "charts/env_steps": float(inner.mask.numpy().sum() + outer.mask.numpy().sum()),
+            "charts/peak_rss_mb": peak_rss_mb(),
+        }
+        if c.meta_sgd:
+            metrics["charts/mean_step_size"] = float(
+                np.mean(np.concatenate([s.numpy().ravel() for s in self.step_sizes]))
+            )
+        self.history.append(metrics)
+        return metrics
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Writes parameters, step sizes, optimizer state and counters (atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {f"param_{i}": p.numpy() for i, p in enumerate(self.policy.parameters)}
+        if self.config.meta_sgd:
+            arrays.update({f"alpha_{i}": s.numpy() for i, s in enumerate(self.step_sizes)})
+        if self.optimizer is not None:
+            arrays.update({f"opt_{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)})
+        tmp = directory / (CHECKPOINT_ARRAYS + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(directory / CHECKPOINT_ARRAYS)
+        state = {"iteration": self.iteration, "elapsed": self.elapsed, "config": self.config.to_dict()}
+        (directory / (CHECKPOINT_STATE + ".tmp")).write_text(json.dumps(state, indent=2))
+        (directory / (CHECKPOINT_STATE + ".tmp")).replace(directory / CHECKPOINT_STATE)
+        return directory
+
+    def restore_checkpoint(self, directory: str | Path) -> bool:
+        """Restores a checkpoint written by :meth:`save_checkpoint`; ``False`` if there is none."""
+        directory = Path(directory)
+        if not (directory / CHECKPOINT_STATE).is_file():
+            return False
+        state = json.loads((directory / CHECKPOINT_STATE).read_text())
+        saved = TrainConfig.from_dict(state["config"])
+        if saved.replace(iterations=self.config.iterations) != self.config:
+            raise ValueError(
+                f"checkpoint in {directory} was written with another configuration; "
+                "use a fresh --run-dir or the same preset/options"
+            )
+        with np.load(directory / CHECKPOINT_ARRAYS, allow_pickle=False) as data:
+            self.policy.set_parameters([data[f"param_{i}"] for i in range(len(self.policy.parameters))])
+            if self.config.meta_sgd:
+                for i, s in enumerate(self.step_sizes):
+                    s.assign(data[f"alpha_{i}"])
+            if self.optimizer is not None:
+                for i, v in enumerate(self.optimizer.variables):
+                    v.assign(data[f"opt_{i}"])
+        self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
+        return True
+
+    # -- bundle ------------------------------------------------------------------------------
+    def step_size_values(self) -> float | list[np.ndarray]:
+        if self.config.meta_sgd:
+            return [s.numpy() for s in self.step_sizes]
+        return float(self.step_sizes)
+
+    def export_bundle(self, path: str | Path, extra_files: dict[str, Path] | None = None) -> Path:
+        """Writes the meta-initialization bundle with a training summary."""
+        recent = self.history[-10:]
+        c = self.config
+        summary = {
+            "config": c.to_dict(),
+            "iterations": self.iteration,
+            "wall_clock_seconds": round(self.elapsed, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+        if recent:
+            summary["final_pre_adaptation_return"] = float(np.mean([m["returns/pre_adaptation"] for m in recent]))
+            summary["final_post_adaptation_return"] = float(np.mean([m["returns/post_adaptation"] for m in recent]))
+        adaptation = {
+            "steps": c.inner_steps,
+            "gamma": c.gamma,
+            "gae_lambda": c.gae_lambda,
+            "baseline": c.baseline,
+            "first_order": c.first_order,
+            "meta_sgd": c.meta_sgd,
+        }
+        return save_bundle(
+            path, self.policy, self.step_size_values(), self.dist,
+            adaptation=adaptation, training=summary, extra_files=extra_files,
+        )  # fmt: skip
