@@ -123,7 +123,10 @@ def save_bundle(
     if isinstance(step_sizes, (int, float)):
         sizes_json: Any = float(step_sizes)
     else:
-        arrays = {n: np.asarray(s, np.float32) for n, s in zip(policy.parameter_names, step_sizes, strict=True)}
+        arrays = {
+            n: np.asarray(s, np.float32)
+            for n, s in zip(policy.parameter_names, step_sizes, strict=True)
+        }
         np.savez(tmp / STEP_SIZES_FILE, **{n.replace("/", "__"): a for n, a in arrays.items()})
         sizes_json = {"file": STEP_SIZES_FILE}
         files.append(STEP_SIZES_FILE)
@@ -139,8 +142,11 @@ def save_bundle(
         "action_spec": _spec_to_json(task_distribution.action_spec),
         "policy": {
             "class": type(policy).__name__,
-            "config": {k: v for k, v in policy.get_config().items() if k in
-                       ("obs_dim", "act_dim", "hidden_sizes", "activation", "init_log_std")},
+            "config": {
+                k: v
+                for k, v in policy.get_config().items()
+                if k in ("obs_dim", "act_dim", "hidden_sizes", "activation", "init_log_std")
+            },
             "parameter_names": policy.parameter_names,
             "parameter_shapes": [list(s) for s in policy.parameter_shapes],
         },
@@ -165,7 +171,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     """Loads and verifies a bundle; raises :class:`BundleError` saying what is wrong."""
     path = Path(path)
     if not path.is_dir():
-        raise BundleError(f"bundle {str(path)!r} is not a directory (expected saved_models/<name>/)")
+        raise BundleError(
+            f"bundle {str(path)!r} is not a directory (expected saved_models/<name>/)"
+        )
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise BundleError(f"bundle {str(path)!r} has no {META_FILE}; is it a metarl-tf bundle?")
@@ -175,7 +183,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise BundleError(f"{meta_path}: not valid JSON ({err})") from None
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{meta_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        raise BundleError(
+            f"{meta_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+        )
     for key in ("files", "policy", "adaptation", "task_distribution"):
         if key not in meta:
             raise BundleError(f"{meta_path}: missing key {key!r}; the bundle is incomplete")
@@ -208,9 +218,13 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             if missing:
                 raise BundleError(f"{path / fname}: missing step sizes for {missing}")
             step_sizes: float | list[np.ndarray] = [np.asarray(data[k], np.float32) for k in keys]
-        for s, shape, n in zip(step_sizes, policy.parameter_shapes, policy.parameter_names, strict=True):
+        for s, shape, n in zip(
+            step_sizes, policy.parameter_shapes, policy.parameter_names, strict=True
+        ):
             if tuple(s.shape) != tuple(shape):
-                raise BundleError(f"{path / fname}: step sizes of {n} have shape {s.shape}, expected {shape}")
+                raise BundleError(
+                    f"{path / fname}: step sizes of {n} have shape {s.shape}, expected {shape}"
+                )
     else:
         step_sizes = float(sizes)
     td = meta["task_distribution"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -15,25 +14,37 @@ import metarl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow load
 def _add_train(sub) -> None:
     from metarl_tf.config import PRESETS
 
-    p = sub.add_parser("train", help="meta-train a policy and write a bundle",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="meta-train a policy and write a bundle",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--preset", default="nav2d", choices=sorted(PRESETS), help="named configuration")
     p.add_argument("--out", help="bundle directory (default: saved_models/<preset>-maml)")
-    p.add_argument("--run-dir", help="checkpoints, metrics.jsonl, TensorBoard (default: runs/<bundle name>)")
+    p.add_argument(
+        "--run-dir", help="checkpoints, metrics.jsonl, TensorBoard (default: runs/<bundle name>)"
+    )
     p.add_argument("--iterations", type=int, help="meta-iterations (overrides the preset)")
     p.add_argument("--seed", type=int, help="random seed (overrides the preset)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
-    p.add_argument("--meta-sgd", action="store_true", default=None, help="learn per-parameter step sizes")
+    p.add_argument(
+        "--meta-sgd", action="store_true", default=None, help="learn per-parameter step sizes"
+    )
     p.add_argument("--first-order", action="store_true", default=None, help="first-order MAML")
     p.add_argument("--outer", choices=["trpo", "adam"], help="outer update (overrides the preset)")
-    p.add_argument("--inner-step-size", type=float, help="inner step size α (initial α with --meta-sgd)")
+    p.add_argument(
+        "--inner-step-size", type=float, help="inner step size α (initial α with --meta-sgd)"
+    )
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="meta-test a bundle on fresh tasks",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "evaluate",
+        help="meta-test a bundle on fresh tasks",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("bundle", help="bundle directory, e.g. saved_models/nav2d-maml")
     p.add_argument("--tasks", type=int, default=40, help="number of fresh test tasks")
     p.add_argument("--episodes", type=int, default=20, help="episodes per task and step")
@@ -189,7 +200,9 @@ def cmd_export(args) -> int:
     trainer = MetaTrainer(config, run_dir)
     trainer.restore_checkpoint(run_dir / "checkpoint")
     metrics = run_dir / "metrics.jsonl"
-    trainer.export_bundle(args.out, extra_files={"metrics.jsonl": metrics} if metrics.exists() else None)
+    trainer.export_bundle(
+        args.out, extra_files={"metrics.jsonl": metrics} if metrics.exists() else None
+    )
     print(f"bundle written to {args.out} from iteration {trainer.iteration}")
     return 0
 
@@ -197,7 +210,9 @@ def cmd_export(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export}[args.command](
+            args
+        )
     except (ValueError, FileNotFoundError) as err:  # user errors: say what is wrong, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

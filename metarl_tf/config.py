@@ -70,7 +70,13 @@ class TrainConfig:
             raise ValueError(f"outer must be 'trpo' or 'adam', got {self.outer!r}")
         if self.baseline not in ("linear", "none"):
             raise ValueError(f"baseline must be 'linear' or 'none', got {self.baseline!r}")
-        for name in ("meta_batch_size", "episodes_per_task", "horizon", "inner_steps", "iterations"):
+        for name in (
+            "meta_batch_size",
+            "episodes_per_task",
+            "horizon",
+            "inner_steps",
+            "iterations",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -109,8 +115,14 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d-fo": TrainConfig(first_order=True),
     # Seconds-long smoke run for tests and CI.
     "tiny": TrainConfig(
-        hidden_sizes=(8,), meta_batch_size=2, episodes_per_task=2, horizon=5, iterations=2,
-        checkpoint_every=1, cg_iterations=2, ls_max_steps=3,
+        hidden_sizes=(8,),
+        meta_batch_size=2,
+        episodes_per_task=2,
+        horizon=5,
+        iterations=2,
+        checkpoint_every=1,
+        cg_iterations=2,
+        ls_max_steps=3,
     ),
 }
 

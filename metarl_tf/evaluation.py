@@ -49,7 +49,9 @@ def adaptation_curve(bundle, tasks: list, episodes: int, steps: int, seed: int) 
     }
 
 
-def evaluate(bundle, n_tasks: int = 40, episodes: int = 20, steps: int = 3, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    bundle, n_tasks: int = 40, episodes: int = 20, steps: int = 3, seed: int = 0
+) -> dict[str, Any]:
     """The ``evaluate`` command's JSON (without plots); see ``python -m metarl_tf evaluate -h``."""
     tasks = bundle.task_distribution.sample_tasks(n_tasks, seed=EVAL_SEED_SALT + seed)
     curve = adaptation_curve(bundle, tasks, episodes, steps, seed)
@@ -68,10 +70,14 @@ def evaluate(bundle, n_tasks: int = 40, episodes: int = 20, steps: int = 3, seed
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table: one row per method, one column per number of inner steps."""
     steps = len(next(iter(result["methods"].values()))["mean_return"])
-    header = f"{'method':<12}" + "".join(f"{f'{k} step' + ('s' if k != 1 else ''):>18}" for k in range(steps))
+    header = f"{'method':<12}" + "".join(
+        f"{f'{k} step' + ('s' if k != 1 else ''):>18}" for k in range(steps)
+    )
     lines = [header, "-" * len(header)]
     for name, m in result["methods"].items():
-        cells = "".join(f"{f'{r:.2f} ± {c:.2f}':>18}" for r, c in zip(m["mean_return"], m["ci95"], strict=True))
+        cells = "".join(
+            f"{f'{r:.2f} ± {c:.2f}':>18}" for r, c in zip(m["mean_return"], m["ci95"], strict=True)
+        )
         lines.append(f"{name:<12}{cells}")
     return "\n".join(lines)
 
@@ -89,11 +95,21 @@ def plot_trajectories(result: dict[str, Any], path, max_tasks: int = 4) -> None:
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
     for i in range(n):
         ax = axes[0, i]
-        for batch, color, label in ((before, "tab:gray", "0 steps"), (after, "tab:red", f"{len(curve['batches']) - 1} steps")):
+        for batch, color, label in (
+            (before, "tab:gray", "0 steps"),
+            (after, "tab:red", f"{len(curve['batches']) - 1} steps"),
+        ):
             for e in range(min(3, batch.observations.shape[1])):
                 t = int(batch.mask[i, e].sum())
                 xy = batch.observations[i, e, :t, :2]
-                ax.plot(xy[:, 0], xy[:, 1], color=color, lw=1, alpha=0.8, label=label if e == 0 else None)
+                ax.plot(
+                    xy[:, 0],
+                    xy[:, 1],
+                    color=color,
+                    lw=1,
+                    alpha=0.8,
+                    label=label if e == 0 else None,
+                )
         gx, gy = tasks[i]["goal"]
         ax.plot([gx], [gy], marker="*", ms=14, color="gold", mec="k", label="goal")
         ax.plot([0], [0], marker="o", color="k", ms=4)

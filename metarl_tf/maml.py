@@ -114,11 +114,23 @@ def adapt(
             grads = [tf.stop_gradient(g) for g in grads]
         trace.append((params, grads))
         losses.append(loss)
-        params = [p - _scale(step_sizes, i) * g for i, (p, g) in enumerate(zip(params, grads, strict=True))]
+        params = [
+            p - _scale(step_sizes, i) * g
+            for i, (p, g) in enumerate(zip(params, grads, strict=True))
+        ]
     return AdaptResult(params, tf.stack(losses), trace)
 
 
-def adaptation_jvp(policy, result: AdaptResult, step_sizes, episodes, advantages, v_params, v_steps=None, first_order=False):
+def _hvp_fn(policy, point, episodes, advantages, hessian):
+    if hessian is not None:
+        return hessian
+    return lambda v: inner_hvp(policy, point, episodes, advantages, v)
+
+
+def adaptation_jvp(
+    policy, result: AdaptResult, step_sizes, episodes, advantages, v_params, v_steps=None,
+    first_order=False, hessians=None,
+):  # fmt: skip
     """``dθ' = J_θ v_θ + J_α v_α`` for the map ``(θ, α) ↦ θ'`` traced in ``result``.
 
     Per step: ``dθ_j = (I − α ⊙ H_j) dθ_{j−1} − g_j ⊙ dα`` with ``H_j = ∇²L(θ_{j−1})``.
@@ -126,21 +138,29 @@ def adaptation_jvp(policy, result: AdaptResult, step_sizes, episodes, advantages
     Args:
         v_params: tangent of the shared ``θ`` (``[*shape]`` each).
         v_steps: tangent of Meta-SGD step sizes (``[*shape]`` each), or ``None``.
+        hessians: optional ``v ↦ H_j v`` callables per step (e.g. the cached
+            :class:`metarl_tf.curvature.InnerLossHessian`); default: autodiff :func:`inner_hvp`.
 
     Returns:
         per-task tangents ``[tasks, *shape]``.
     """
     tasks = episodes.mask.shape[0]
     u = tile_parameters(v_params, tasks)
-    for point, grads in result.trace:
-        hu = [tf.zeros_like(x) for x in u] if first_order else inner_hvp(policy, point, episodes, advantages, u)
+    for j, (point, grads) in enumerate(result.trace):
+        if first_order:
+            hu = [tf.zeros_like(x) for x in u]
+        else:
+            hu = _hvp_fn(policy, point, episodes, advantages, hessians and hessians[j])(u)
         u = [ui - _scale(step_sizes, i) * h for i, (ui, h) in enumerate(zip(u, hu, strict=True))]
         if v_steps is not None:
             u = [ui - g * dv for ui, g, dv in zip(u, grads, v_steps, strict=True)]
     return u
 
 
-def adaptation_vjp(policy, result: AdaptResult, step_sizes, episodes, advantages, w, with_steps=False, first_order=False):
+def adaptation_vjp(
+    policy, result: AdaptResult, step_sizes, episodes, advantages, w, with_steps=False,
+    first_order=False, hessians=None,
+):  # fmt: skip
     """``(J_θᵀ w, J_αᵀ w)`` for per-task cotangents ``w`` ``[tasks, *shape]`` of ``θ'``.
 
     Reverse of :func:`adaptation_jvp`, using the symmetry of the Hessians:
@@ -152,12 +172,16 @@ def adaptation_vjp(policy, result: AdaptResult, step_sizes, episodes, advantages
     """
     w = list(w)
     w_steps = [tf.zeros_like(x[0]) for x in w] if with_steps else None
-    for point, grads in reversed(result.trace):
+    for j in reversed(range(len(result.trace))):
+        point, grads = result.trace[j]
         if with_steps:
-            w_steps = [ws - tf.reduce_sum(g * wi, axis=0) for ws, g, wi in zip(w_steps, grads, w, strict=True)]
+            w_steps = [
+                ws - tf.reduce_sum(g * wi, axis=0)
+                for ws, g, wi in zip(w_steps, grads, w, strict=True)
+            ]
         if not first_order:
             aw = [_scale(step_sizes, i) * wi for i, wi in enumerate(w)]
-            haw = inner_hvp(policy, point, episodes, advantages, aw)
+            haw = _hvp_fn(policy, point, episodes, advantages, hessians and hessians[j])(aw)
             w = [wi - h for wi, h in zip(w, haw, strict=True)]
     return [tf.reduce_sum(wi, axis=0) for wi in w], w_steps
 
@@ -173,7 +197,9 @@ class Adapter:
         first_order: only matters when differentiated through; adaptation itself is the same.
     """
 
-    def __init__(self, policy, step_sizes, gamma: float, gae_lambda: float = 1.0, baseline: str = "linear"):
+    def __init__(
+        self, policy, step_sizes, gamma: float, gae_lambda: float = 1.0, baseline: str = "linear"
+    ):
         self.policy = policy
         self.step_sizes = step_sizes
         self.gamma, self.gae_lambda, self.baseline = gamma, gae_lambda, baseline

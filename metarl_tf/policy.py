@@ -125,7 +125,9 @@ def check_parameter_shapes(values, shapes, names) -> None:
         raise ValueError(f"expected {len(shapes)} parameter arrays ({names}), got {len(values)}")
     for value, shape, name in zip(values, shapes, names, strict=True):
         if tuple(np.shape(value)) != tuple(shape):
-            raise ValueError(f"parameter {name!r}: expected shape {list(shape)}, got {list(np.shape(value))}")
+            raise ValueError(
+                f"parameter {name!r}: expected shape {list(shape)}, got {list(np.shape(value))}"
+            )
 
 
 def gaussian_mlp_forward(params, observations, activation: str = "tanh"):

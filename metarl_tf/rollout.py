@@ -62,7 +62,9 @@ class Sampler:
         mean, log_std = self.policy.forward(params, observations)
         return mean + tf.exp(log_std) * noise
 
-    def sample(self, params, tasks: list[Task], seed: int, deterministic: bool = False) -> EpisodeBatch:
+    def sample(
+        self, params, tasks: list[Task], seed: int, deterministic: bool = False
+    ) -> EpisodeBatch:
         """Runs every sub-environment to the end of its episode (or the horizon).
 
         Args:
@@ -104,10 +106,14 @@ class Sampler:
             x = x.reshape(horizon, n_tasks, n_eps, *x.shape[2:])
             return np.ascontiguousarray(np.moveaxis(x, 0, 2))
 
-        return EpisodeBatch(to_batch(observations), to_batch(actions), to_batch(rewards), to_batch(mask))
+        return EpisodeBatch(
+            to_batch(observations), to_batch(actions), to_batch(rewards), to_batch(mask)
+        )
 
 
-def pad_episodes(episodes, length: int | None = None, num_episodes: int | None = None) -> EpisodeBatch:
+def pad_episodes(
+    episodes, length: int | None = None, num_episodes: int | None = None
+) -> EpisodeBatch:
     """Packs variable-length episodes of ONE task into an ``EpisodeBatch`` ``[1, E, T, ...]``.
 
     Padding (extra time steps, extra all-masked episodes) does not change any loss, baseline or

@@ -58,7 +58,9 @@ class MetaTrainer:
         if c.meta_sgd:
             self.step_sizes: Any = [
                 tf.Variable(tf.fill(shape, c.inner_step_size), name=f"alpha/{name}")
-                for shape, name in zip(self.policy.parameter_shapes, self.policy.parameter_names, strict=True)
+                for shape, name in zip(
+                    self.policy.parameter_shapes, self.policy.parameter_names, strict=True
+                )
             ]
         else:
             self.step_sizes = float(c.inner_step_size)
@@ -77,7 +79,9 @@ class MetaTrainer:
 
     @property
     def _meta_variables(self) -> list:
-        return list(self.policy.parameters) + (list(self.step_sizes) if self.config.meta_sgd else [])
+        return list(self.policy.parameters) + (
+            list(self.step_sizes) if self.config.meta_sgd else []
+        )
 
     def _meta_step_fn(self, batch: MetaBatch):
         c = self.config
@@ -146,11 +150,17 @@ class MetaTrainer:
         if self.config.meta_sgd:
             arrays.update({f"alpha_{i}": s.numpy() for i, s in enumerate(self.step_sizes)})
         if self.optimizer is not None:
-            arrays.update({f"opt_{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)})
+            arrays.update(
+                {f"opt_{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)}
+            )
         tmp = directory / (CHECKPOINT_ARRAYS + ".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(directory / CHECKPOINT_ARRAYS)
-        state = {"iteration": self.iteration, "elapsed": self.elapsed, "config": self.config.to_dict()}
+        state = {
+            "iteration": self.iteration,
+            "elapsed": self.elapsed,
+            "config": self.config.to_dict(),
+        }
         (directory / (CHECKPOINT_STATE + ".tmp")).write_text(json.dumps(state, indent=2))
         (directory / (CHECKPOINT_STATE + ".tmp")).replace(directory / CHECKPOINT_STATE)
         return directory
@@ -168,7 +178,9 @@ class MetaTrainer:
                 "use a fresh --run-dir or the same preset/options"
             )
         with np.load(directory / CHECKPOINT_ARRAYS, allow_pickle=False) as data:
-            self.policy.set_parameters([data[f"param_{i}"] for i in range(len(self.policy.parameters))])
+            self.policy.set_parameters(
+                [data[f"param_{i}"] for i in range(len(self.policy.parameters))]
+            )
             if self.config.meta_sgd:
                 for i, s in enumerate(self.step_sizes):
                     s.assign(data[f"alpha_{i}"])
@@ -195,8 +207,12 @@ class MetaTrainer:
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         if recent:
-            summary["final_pre_adaptation_return"] = float(np.mean([m["returns/pre_adaptation"] for m in recent]))
-            summary["final_post_adaptation_return"] = float(np.mean([m["returns/post_adaptation"] for m in recent]))
+            summary["final_pre_adaptation_return"] = float(
+                np.mean([m["returns/pre_adaptation"] for m in recent])
+            )
+            summary["final_post_adaptation_return"] = float(
+                np.mean([m["returns/post_adaptation"] for m in recent])
+            )
         adaptation = {
             "steps": c.inner_steps,
             "gamma": c.gamma,

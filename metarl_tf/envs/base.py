@@ -109,12 +109,16 @@ def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: 
         if tasks != dist.sample_tasks(n_tasks, seed=0):
             problems.append("sample_tasks is not reproducible: the same seed gave other tasks")
     if problems:
-        raise ValueError(f"{name} does not follow the TaskDistribution protocol:\n- " + "\n- ".join(problems))
+        raise ValueError(
+            f"{name} does not follow the TaskDistribution protocol:\n- " + "\n- ".join(problems)
+        )
 
     env = dist.make_batched_env(tasks, episodes)
     num_envs = n_tasks * episodes
     if env.num_envs != num_envs:
-        problems.append(f"make_batched_env(tasks, {episodes}).num_envs is {env.num_envs}, expected {num_envs}")
+        problems.append(
+            f"make_batched_env(tasks, {episodes}).num_envs is {env.num_envs}, expected {num_envs}"
+        )
     obs = np.asarray(env.reset())
     expected_obs = (num_envs, *obs_spec.shape)
     if obs.shape != expected_obs:
@@ -131,7 +135,9 @@ def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: 
             problems.append(f"step() must return a TimeStep, got {type(ts).__name__}")
             break
         if ts.observation.shape != expected_obs:
-            problems.append(f"step() observation shape {ts.observation.shape}, expected {expected_obs}")
+            problems.append(
+                f"step() observation shape {ts.observation.shape}, expected {expected_obs}"
+            )
         if np.shape(ts.reward) != (num_envs,):
             problems.append(f"step() reward shape {np.shape(ts.reward)}, expected ({num_envs},)")
         if np.shape(ts.done) != (num_envs,):
@@ -141,4 +147,6 @@ def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: 
         if problems:
             break
     if problems:
-        raise ValueError(f"{name} does not follow the TaskDistribution protocol:\n- " + "\n- ".join(problems))
+        raise ValueError(
+            f"{name} does not follow the TaskDistribution protocol:\n- " + "\n- ".join(problems)
+        )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from metarl_tf.curvature import GaussianFisher, InnerLossHessian
 from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp
 from metarl_tf.outer.common import MetaBatch, mean_kl, surrogate_loss
 from metarl_tf.policy import gaussian_log_prob
@@ -87,9 +88,13 @@ def trpo_meta_step(
     cg_damping: float,
     ls_max_steps: int,
     ls_backtrack_ratio: float,
+    analytic_curvature: bool = True,
 ):
     """One MAML-TRPO update of ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
     ``learn_step_sizes``). Meant to run inside a ``tf.function``.
+
+    ``analytic_curvature=False`` uses plain autodiff Hessian/Fisher products (same numbers,
+    slower; for policies without the cached curvature of ``metarl_tf.curvature``).
 
     Returns:
         dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
@@ -107,15 +112,35 @@ def trpo_meta_step(
     sizes = alphas if learn_step_sizes else step_sizes
     result = adapted(theta, alphas)
     params = [tf.stop_gradient(p) for p in result.params]
-    old_mean, old_log_std = (tf.stop_gradient(x) for x in policy.forward(params, outer.observations))
+    old_mean, old_log_std = (
+        tf.stop_gradient(x) for x in policy.forward(params, outer.observations)
+    )
     old_log_prob = gaussian_log_prob(old_mean, old_log_std, outer.actions)
 
     with tf.GradientTape() as tape:
         tape.watch(params)
         loss_before = surrogate_loss(policy, params, outer, outer_adv, old_log_prob)
     grad_adapted = tape.gradient(loss_before, params)
+    # The products below run ~2 * (cg_iterations + 1) times at the same points: cache the
+    # network's forward/backward passes there (metarl_tf.curvature) instead of autodiff.
+    if analytic_curvature:
+        hessians = None if first_order else [
+            InnerLossHessian(point, inner, inner_adv, policy.activation) for point, _ in result.trace
+        ]  # fmt: skip
+        fisher = GaussianFisher(params, outer, policy.activation)
+    else:
+        hessians = None
+        fisher = lambda u: fisher_vector_product(policy, params, outer, u)  # noqa: E731
     g_theta, g_alpha = adaptation_vjp(
-        policy, result, sizes, inner, inner_adv, grad_adapted, learn_step_sizes, first_order
+        policy,
+        result,
+        sizes,
+        inner,
+        inner_adv,
+        grad_adapted,
+        learn_step_sizes,
+        first_order,
+        hessians,
     )
     grads = g_theta + (g_alpha or [])
     n_theta = len(theta)
@@ -123,10 +148,19 @@ def trpo_meta_step(
     def hvp(v):
         u = adaptation_jvp(
             policy, result, sizes, inner, inner_adv, v[:n_theta],
-            v[n_theta:] if learn_step_sizes else None, first_order,
+            v[n_theta:] if learn_step_sizes else None, first_order, hessians,
+        )  # fmt: skip
+        h_theta, h_alpha = adaptation_vjp(
+            policy,
+            result,
+            sizes,
+            inner,
+            inner_adv,
+            fisher(u),
+            learn_step_sizes,
+            first_order,
+            hessians,
         )
-        fu = fisher_vector_product(policy, params, outer, u)
-        h_theta, h_alpha = adaptation_vjp(policy, result, sizes, inner, inner_adv, fu, learn_step_sizes, first_order)
         return [h + cg_damping * vi for h, vi in zip(h_theta + (h_alpha or []), v, strict=True)]
 
     direction = conjugate_gradient(hvp, grads, cg_iterations)
@@ -153,7 +187,9 @@ def trpo_meta_step(
         return k + 1, new_scale, accepted, loss, kl
 
     k, scale, accepted, loss_after, kl = tf.while_loop(
-        cond, body, [tf.constant(0), tf.constant(1.0), tf.constant(False), loss_before, tf.constant(0.0)]
+        cond,
+        body,
+        [tf.constant(0), tf.constant(1.0), tf.constant(False), loss_before, tf.constant(0.0)],
     )
     # No acceptable step within ls_max_steps: keep the old parameters (as rllab/pytorch-maml-rl).
     scale = tf.where(accepted, scale, 0.0)
