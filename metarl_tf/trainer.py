@@ -69,7 +69,7 @@ class MetaTrainer:
         self.optimizer = keras.optimizers.Adam(c.outer_learning_rate) if c.outer == "adam" else None
         if self.optimizer is not None:
             self.optimizer.build(self._meta_variables)
-        self._meta_step = tf.function(self._meta_step_fn)
+        self._meta_step = tf.function(self._meta_step_fn, jit_compile=True)
         self._outer_advantages = tf.function(
             lambda e: compute_advantages(e, c.gamma, c.gae_lambda, c.baseline)
         )

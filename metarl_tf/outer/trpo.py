@@ -89,12 +89,15 @@ def trpo_meta_step(
     ls_max_steps: int,
     ls_backtrack_ratio: float,
     analytic_curvature: bool = True,
+    stop_after: str | None = None,
 ):
     """One MAML-TRPO update of ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
     ``learn_step_sizes``). Meant to run inside a ``tf.function``.
 
     ``analytic_curvature=False`` uses plain autodiff Hessian/Fisher products (same numbers,
     slower; for policies without the cached curvature of ``metarl_tf.curvature``).
+    ``stop_after="gradient"`` or ``"direction"`` returns early without updating anything (used by
+    ``bench/train_speed.py`` to split the time into meta-gradient, CG and line search).
 
     Returns:
         dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
@@ -144,6 +147,8 @@ def trpo_meta_step(
     )
     grads = g_theta + (g_alpha or [])
     n_theta = len(theta)
+    if stop_after == "gradient":
+        return {"loss_before": loss_before, "grad_norm": tf.sqrt(_dot(grads, grads))}
 
     def hvp(v):
         u = adaptation_jvp(
@@ -167,6 +172,8 @@ def trpo_meta_step(
     shs = 0.5 * _dot(direction, hvp(direction))
     lagrange = tf.sqrt(tf.maximum(shs, 1e-12) / max_kl)
     full_step = [d / lagrange for d in direction]
+    if stop_after == "direction":
+        return {"loss_before": loss_before, "step_norm": tf.sqrt(_dot(full_step, full_step))}
 
     old_values = [tf.identity(v) for v in theta + alphas]
 

@@ -1,0 +1,134 @@
+"""Meta-training speed of the `nav2d` preset (MAML-TRPO: second order, 10 CG iterations, line
+search), after warm-up: seconds per meta-iteration, environment steps per second, and where the
+time goes. Prints figures; asserts nothing.
+
+    python bench/train_speed.py [--iterations 8] [--warmup 2] [--preset nav2d] [--json PATH]
+
+Reference (from issue 2, measured on this machine kind by the issue's author, not re-run here):
+pytorch-maml-rl on the same configuration takes 4.2 s per meta-iteration in its fastest setting
+(2 workers, 1 thread each) and 14.2 s with its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import metarl_tf  # noqa: F401  (environment for TensorFlow)
+
+PYTORCH_MAML_RL_BEST_S = 4.2
+PYTORCH_MAML_RL_DEFAULT_S = 14.2
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # trace / warm up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="nav2d")
+    parser.add_argument("--iterations", type=int, default=8, help="measured iterations")
+    parser.add_argument("--warmup", type=int, default=2, help="iterations before measuring")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    from metarl_tf.config import get_preset
+    from metarl_tf.outer import MetaBatch, trpo_meta_step
+    from metarl_tf.trainer import MetaTrainer, _to_tensors, peak_rss_mb
+
+    config = get_preset(args.preset)
+    trainer = MetaTrainer(config)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        trainer.train_iteration()
+    warmup_s = time.perf_counter() - t0
+    rows = [trainer.train_iteration() for _ in range(args.iterations)]
+
+    per_it = statistics.median(r["time/iteration_s"] for r in rows)
+    env_steps = statistics.median(r["charts/env_steps"] for r in rows)
+    sampling = statistics.median(r["time/sampling_s"] for r in rows)
+    adapt = statistics.median(r["time/adapt_s"] for r in rows)
+    meta_step = statistics.median(r["time/meta_step_s"] for r in rows)
+
+    # Split the meta-step: the same step compiled to stop after the meta-gradient, after CG.
+    tasks = trainer.dist.sample_tasks(config.meta_batch_size, 123)
+    inner = _to_tensors(trainer.sampler.sample(trainer.policy.parameters, tasks, 1))
+    adapted, _, inner_adv = trainer.adapter(trainer.policy.parameters, inner, config.inner_steps)
+    outer = _to_tensors(trainer.sampler.sample(adapted, tasks, 2))
+    batch = MetaBatch(inner, inner_adv, outer, trainer._outer_advantages(outer))
+
+    def phase(stop_after):
+        f = tf.function(
+            lambda b: trpo_meta_step(
+                trainer.policy,
+                trainer.step_sizes,
+                b,
+                learn_step_sizes=config.meta_sgd,
+                inner_steps=config.inner_steps,
+                first_order=config.first_order,
+                max_kl=config.max_kl,
+                cg_iterations=config.cg_iterations,
+                cg_damping=config.cg_damping,
+                ls_max_steps=config.ls_max_steps,
+                ls_backtrack_ratio=config.ls_backtrack_ratio,
+                stop_after=stop_after,
+            ),  # fmt: skip
+            jit_compile=True,
+        )
+        return lambda: [v.numpy() for v in f(batch).values()]
+
+    gradient_s = _timed(phase("gradient"), 3)
+    direction_s = _timed(phase("direction"), 3)
+    figures = {
+        "preset": args.preset,
+        "iterations_measured": args.iterations,
+        "seconds_per_iteration": round(per_it, 4),
+        "env_steps_per_iteration": int(env_steps),
+        "env_steps_per_second": round(env_steps / per_it, 1),
+        "breakdown_s": {
+            "sampling": round(sampling, 4),
+            "adapt_for_sampling": round(adapt, 4),
+            "meta_step": round(meta_step, 4),
+            "meta_step/meta_gradient": round(gradient_s, 4),
+            "meta_step/conjugate_gradient": round(direction_s - gradient_s, 4),
+            "meta_step/line_search_and_update": round(meta_step - direction_s, 4),
+        },
+        "warmup_s": round(warmup_s, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "speedup_vs_pytorch_maml_rl_best": round(PYTORCH_MAML_RL_BEST_S / per_it, 2),
+        "speedup_vs_pytorch_maml_rl_default": round(PYTORCH_MAML_RL_DEFAULT_S / per_it, 2),
+    }
+    print(f"preset {args.preset}: {config.meta_batch_size} tasks x {config.episodes_per_task} episodes x "
+          f"horizon {config.horizon}, TRPO ({config.cg_iterations} CG iterations, line search), "
+          f"{'first' if config.first_order else 'second'} order")  # fmt: skip
+    print(f"seconds per meta-iteration (median of {args.iterations}): {per_it:.3f}")
+    print(
+        f"environment steps per second: {env_steps / per_it:,.0f} ({int(env_steps):,} steps/iteration)"
+    )
+    for k, v in figures["breakdown_s"].items():
+        print(f"  {k:<36} {v:8.3f} s")
+    print(
+        f"peak RSS: {figures['peak_rss_mb']:.0f} MiB; warm-up ({args.warmup} it incl. tracing): {warmup_s:.1f} s"
+    )
+    print(f"vs pytorch-maml-rl reference (4.2 s best, 14.2 s default): "
+          f"{figures['speedup_vs_pytorch_maml_rl_best']}x / {figures['speedup_vs_pytorch_maml_rl_default']}x")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
