@@ -37,6 +37,11 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    p.add_argument(
+        "--select", choices=["last", "best"], default="last",
+        help="bundle from the last iteration, or from the iteration with the best 10-iteration moving "
+        "average of the *training* post-adaptation return (kept in RUN_DIR/best)",
+    )  # fmt: skip
 
 
 def _add_evaluate(sub) -> None:
@@ -58,6 +63,7 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a bundle from a training run's checkpoint")
     p.add_argument("run_dir", help="run directory holding checkpoint/")
     p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--select", choices=["last", "best"], default="last", help="which checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +141,7 @@ def cmd_train(args) -> int:
                       f"post {m['returns/post_adaptation']:8.2f} {m['time/iteration_s']:.2f}s", flush=True)  # fmt: skip
             if trainer.iteration % config.checkpoint_every == 0:
                 trainer.save_checkpoint(ckpt_dir)
+            _track_best(trainer, run_dir / "best")
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: saving a checkpoint and a bundle ...", file=sys.stderr)
@@ -142,6 +149,14 @@ def cmd_train(args) -> int:
         bar.close()
         writer.flush()
     trainer.save_checkpoint(ckpt_dir)
+    best_state = run_dir / "best" / "state.json"
+    if args.select == "best" and best_state.exists():
+        final_iteration = trainer.iteration
+        trainer.restore_checkpoint(run_dir / "best")
+        best = json.loads((run_dir / "best" / "best.json").read_text())
+        print(f"selected iteration {trainer.iteration} of {final_iteration} (best moving-average training "
+              f"post-adaptation return {best['post_return_ma10']:.2f})")  # fmt: skip
+        trainer.selection = {"select": "best", "trained_iterations": final_iteration, **best}
     trainer.export_bundle(out, extra_files={"metrics.jsonl": metrics_path})
     last = trainer.history[-10:]
     if last:
@@ -156,6 +171,25 @@ def cmd_train(args) -> int:
               f"--run-dir {run_dir} --resume", file=sys.stderr)  # fmt: skip
         return 130
     return 0
+
+
+BEST_WINDOW = 10
+
+
+def _track_best(trainer, best_dir: Path) -> None:
+    """Snapshot the parameters whenever the moving average of the training post-adaptation
+    return (last BEST_WINDOW iterations of this process) reaches a new best."""
+    recent = trainer.history[-BEST_WINDOW:]
+    if len(recent) < BEST_WINDOW:
+        return
+    value = sum(m["returns/post_adaptation"] for m in recent) / len(recent)
+    record = best_dir / "best.json"
+    if record.exists() and json.loads(record.read_text())["post_return_ma10"] >= value:
+        return
+    trainer.save_checkpoint(best_dir)
+    record.write_text(
+        json.dumps({"iteration": trainer.iteration, "post_return_ma10": value}) + "\n"
+    )
 
 
 def cmd_evaluate(args) -> int:
@@ -198,8 +232,19 @@ def cmd_export(args) -> int:
         return 2
     config = TrainConfig.from_dict(json.loads(state.read_text())["config"])
     trainer = MetaTrainer(config, run_dir)
-    trainer.restore_checkpoint(run_dir / "checkpoint")
+    if args.select == "best":
+        if not (run_dir / "best" / "state.json").exists():
+            print(f"error: no best snapshot in {run_dir / 'best'}", file=sys.stderr)
+            return 2
+        trainer.restore_checkpoint(run_dir / "best")
+        final = json.loads(state.read_text())["iteration"]
+        best = json.loads((run_dir / "best" / "best.json").read_text())
+        trainer.selection = {"select": "best", "trained_iterations": final, **best}
+    else:
+        trainer.restore_checkpoint(run_dir / "checkpoint")
     metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        trainer.history = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     trainer.export_bundle(
         args.out, extra_files={"metrics.jsonl": metrics} if metrics.exists() else None
     )

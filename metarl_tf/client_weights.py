@@ -61,9 +61,7 @@ def parameters_from_weights(
         )
     missing = [n for n in names if n not in weights]
     if missing:
-        raise WeightsError(
-            f"missing parameter(s) {missing}", missing[0], f"all of {list(names)}"
-        )
+        raise WeightsError(f"missing parameter(s) {missing}", missing[0], f"all of {list(names)}")
     arrays = []
     for name, shape in zip(names, shapes, strict=True):
         expected = f"a float array of shape {list(shape)}"
@@ -75,7 +73,9 @@ def parameters_from_weights(
             ) from None
         if tuple(a.shape) != tuple(shape):
             raise WeightsError(
-                f"parameter {name!r} has shape {list(a.shape)}, expected {list(shape)}", name, expected
+                f"parameter {name!r} has shape {list(a.shape)}, expected {list(shape)}",
+                name,
+                expected,
             )
         if not np.all(np.isfinite(a)):
             raise WeightsError(f"parameter {name!r} holds NaN or inf", name, "finite numbers")

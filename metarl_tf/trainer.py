@@ -76,6 +76,7 @@ class MetaTrainer:
         self.iteration = 0
         self.elapsed = 0.0  # training wall-clock seconds, carried across resumes
         self.history: list[dict[str, float]] = []
+        self.selection: dict[str, Any] = {"select": "last"}
 
     @property
     def _meta_variables(self) -> list:
@@ -198,11 +199,12 @@ class MetaTrainer:
 
     def export_bundle(self, path: str | Path, extra_files: dict[str, Path] | None = None) -> Path:
         """Writes the meta-initialization bundle with a training summary."""
-        recent = self.history[-10:]
+        recent = [m for m in self.history if m["iteration"] <= self.iteration][-10:]
         c = self.config
         summary = {
             "config": c.to_dict(),
             "iterations": self.iteration,
+            "selection": self.selection,
             "wall_clock_seconds": round(self.elapsed, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
