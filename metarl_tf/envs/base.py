@@ -106,8 +106,9 @@ def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: 
             json.dumps(tasks)
         except TypeError as err:
             problems.append(f"tasks must be JSON-serializable (plain floats/lists): {err}")
-        if tasks != dist.sample_tasks(n_tasks, seed=0):
-            problems.append("sample_tasks is not reproducible: the same seed gave other tasks")
+        else:  # only comparable once serializable: `!=` on numpy-array tasks would itself raise
+            if tasks != dist.sample_tasks(n_tasks, seed=0):
+                problems.append("sample_tasks is not reproducible: the same seed gave other tasks")
     if problems:
         raise ValueError(
             f"{name} does not follow the TaskDistribution protocol:\n- " + "\n- ".join(problems)
