@@ -1,0 +1,145 @@
+"""Shared fixtures of the core test suite: tiny policies, synthetic episode batches, and the
+(expensive, so session-scoped) tiny training run.
+
+Every reference in these tests is computed independently of the code under test (plain Python
+loops, numpy, TF-Agents, finite differences, autodiff through the public functions), never by
+calling the function being checked.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# isort: split
+import metarl_tf  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+# isort: split
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metarl_tf.policy import GaussianMLPPolicy
+from metarl_tf.rollout import EpisodeBatch
+
+
+@pytest.fixture(params=["eager", "function"])
+def run_mode(request):
+    """Runs a function as is, or wrapped in ``tf.function`` (STYLE.md: jitted and not)."""
+    if request.param == "eager":
+        return lambda fn: fn
+    return tf.function
+
+
+def _make_policy(hidden=(4,), obs_dim=2, act_dim=2, seed=0, activation="tanh", log_std=-0.5):
+    """A tiny Gaussian MLP policy with seeded, non-trivial weights (biases and log_std too)."""
+    keras.utils.set_random_seed(seed)
+    policy = GaussianMLPPolicy(obs_dim, act_dim, hidden, activation, init_log_std=log_std)
+    rng = np.random.default_rng(seed)
+    policy.set_parameters(
+        [
+            rng.normal(0.0, 0.5, size=shape).astype(np.float32)
+            if name != "log_std"
+            else np.full(shape, log_std, np.float32) + rng.normal(0, 0.1, size=shape)
+            for shape, name in zip(policy.parameter_shapes, policy.parameter_names, strict=True)
+        ]
+    )
+    return policy
+
+
+def _prefix_mask(lengths, horizon):
+    """``[..., horizon]`` mask that is 1 for the first ``lengths[...]`` steps and 0 after."""
+    lengths = np.asarray(lengths)
+    return (np.arange(horizon) < lengths[..., None]).astype(np.float32)
+
+
+def _synthetic_batch(
+    tasks=2, episodes=2, horizon=4, obs_dim=2, act_dim=2, seed=0, dtype=np.float32, lengths=None
+):
+    """A random ``EpisodeBatch`` with episodes that end early (zero padding after the end).
+
+    Observations, actions and rewards are zero on padding, as the sampler produces them.
+    """
+    rng = np.random.default_rng(seed)
+    if lengths is None:
+        lengths = rng.integers(2, horizon + 1, size=(tasks, episodes))
+        lengths[0, 0] = horizon  # at least one full-length episode
+    mask = _prefix_mask(lengths, horizon)
+    obs = rng.uniform(-0.5, 0.5, size=(tasks, episodes, horizon, obs_dim)) * mask[..., None]
+    act = rng.normal(0.0, 0.3, size=(tasks, episodes, horizon, act_dim)) * mask[..., None]
+    rew = rng.uniform(-1.0, 0.0, size=(tasks, episodes, horizon)) * mask
+    return EpisodeBatch(*(np.asarray(x, dtype) for x in (obs, act, rew, mask)))
+
+
+def _to_tensors(batch, dtype=tf.float32):
+    return EpisodeBatch(*[tf.convert_to_tensor(x, dtype) for x in batch])
+
+
+def _values_of(params):
+    return [np.array(p.numpy() if hasattr(p, "numpy") else p) for p in params]
+
+
+@pytest.fixture
+def make_policy():
+    """Factory: ``make_policy(hidden=(4,), obs_dim=2, act_dim=2, seed=0, ...)``."""
+    return _make_policy
+
+
+@pytest.fixture
+def synthetic_batch():
+    """Factory: ``synthetic_batch(tasks=2, episodes=2, horizon=4, ..., dtype=np.float32)``."""
+    return _synthetic_batch
+
+
+@pytest.fixture
+def prefix_mask():
+    return _prefix_mask
+
+
+@pytest.fixture
+def to_tensors():
+    return _to_tensors
+
+
+@pytest.fixture
+def policy():
+    return _make_policy()
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+    """The ``tiny`` preset trained for 4 iterations, with a checkpoint after iteration 2.
+
+    Yields a dict: the trainer, the trace counts after 2 and 4 iterations, the checkpoint
+    directory, the parameters at the checkpoint, and the metrics of iterations 3 and 4.
+    """
+    import tempfile
+
+    from metarl_tf.config import get_preset
+    from metarl_tf.trainer import MetaTrainer
+
+    def trace_counts(trainer):
+        return {
+            "meta_step": trainer._meta_step.experimental_get_tracing_count(),
+            "act": trainer.sampler._act.experimental_get_tracing_count(),
+            "adapter": trainer.adapter._compiled.experimental_get_tracing_count(),
+            "outer_advantages": trainer._outer_advantages.experimental_get_tracing_count(),
+        }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = MetaTrainer(get_preset("tiny").replace(iterations=4))
+        for _ in range(2):
+            trainer.train_iteration()
+        counts_2 = trace_counts(trainer)
+        ckpt = trainer.save_checkpoint(os.path.join(tmp, "checkpoint"))
+        params_2 = _values_of(trainer.policy.parameters)
+        later = [trainer.train_iteration() for _ in range(2)]
+        yield {
+            "trainer": trainer,
+            "counts_2": counts_2,
+            "counts_4": trace_counts(trainer),
+            "checkpoint": ckpt,
+            "params_2": params_2,
+            "params_4": _values_of(trainer.policy.parameters),
+            "metrics_3_4": later,
+        }
