@@ -111,6 +111,8 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d": TrainConfig(),
     # Same, with Meta-SGD per-parameter step sizes learned by TRPO.
     "nav2d-metasgd": TrainConfig(meta_sgd=True),
+    # The MAML paper's own policy network for the RL experiments: two hidden layers of 100 ReLUs.
+    "nav2d-paper-net": TrainConfig(hidden_sizes=(100, 100), activation="relu"),
     # First-order MAML.
     "nav2d-fo": TrainConfig(first_order=True),
     # Seconds-long smoke run for tests and CI.
