@@ -1,0 +1,283 @@
+"""What the endpoints compute, without HTTP: adaptation through the bundle's compiled
+:class:`metarl_tf.maml.Adapter` (the trainer's own ``adapt``) and actions from a numpy forward pass.
+
+Adaptation pads every request to fixed sizes so the compiled function is reused: time to the
+maximum episode length and the episode count to a bucket (the next power of two, capped at the
+limit). Padding adds only masked steps and masked episodes, which change no loss, baseline or
+advantage (``metarl_tf.rollout.pad_episodes``), so the result equals an unpadded ``adapt``.
+
+Actions use numpy: for one observation a numpy forward pass of the small MLP takes microseconds,
+far less than a TensorFlow call. ``tests/test_serving.py`` checks it against the Keras policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from metarl_tf.bundle import Bundle
+from metarl_tf.client_weights import WeightsError, parameters_from_weights, weights_to_json
+from metarl_tf.rollout import pad_episodes
+from serving.settings import ServiceSettings
+from serving.store import PolicyNotFound, PolicyStore
+from serving.validation import RequestError
+
+META_ID = "meta"
+
+_NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
+
+
+@contextlib.contextmanager
+def _quiet_retracing_warnings():
+    """Hides TensorFlow's "triggered tf.function retracing" warning while warming up."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        tf_logger.removeFilter(keep)
+
+
+def episode_buckets(max_episodes: int) -> list[int]:
+    """Padded episode counts: powers of two below ``max_episodes``, then ``max_episodes``."""
+    buckets, b = [], 1
+    while b < max_episodes:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_episodes]
+
+
+def numpy_forward(params: list[np.ndarray], observations: np.ndarray, activation: str):
+    """``(mean [N, act_dim], log_std [N, act_dim])`` of the Gaussian MLP, as
+    :func:`metarl_tf.policy.gaussian_mlp_forward` with unbatched weights, in float32 numpy."""
+    act = _NUMPY_ACTIVATIONS[activation]
+    *layers, log_std = params
+    x = observations
+    n_layers = len(layers) // 2
+    for i in range(n_layers):
+        x = x @ layers[2 * i] + layers[2 * i + 1]
+        if i < n_layers - 1:
+            x = act(x)
+    return x, np.broadcast_to(log_std, x.shape)
+
+
+@dataclass
+class AdaptOutcome:
+    """Result of :meth:`AdaptationEngine.adapt`.
+
+    Attributes:
+        policy_id: the stored policy's id.
+        parent: the id it was adapted from.
+        steps: inner steps taken.
+        parameters: adapted weights, unbatched ``[*shape]`` float32, canonical order.
+        inner_losses: ``[steps]`` inner loss before each step.
+        num_episodes, num_transitions: size of the submitted data.
+    """
+
+    policy_id: str
+    parent: str
+    steps: int
+    parameters: list[np.ndarray]
+    inner_losses: list[float]
+    num_episodes: int
+    num_transitions: int
+
+
+class AdaptationEngine:
+    """Holds a bundle, its compiled adapter, the meta-parameters and the store of adapted policies.
+
+    Args:
+        bundle: the loaded bundle.
+        settings: limits and store configuration.
+    """
+
+    def __init__(self, bundle: Bundle, settings: ServiceSettings):
+        self.bundle, self.settings = bundle, settings
+        meta = bundle.meta
+        self.obs_dim = int(meta["observation_spec"]["shape"][0])
+        self.act_dim = int(meta["action_spec"]["shape"][0])
+        self.action_low = np.asarray(meta["action_spec"]["minimum"], np.float32)
+        self.action_high = np.asarray(meta["action_spec"]["maximum"], np.float32)
+        self.activation = meta["policy"]["config"]["activation"]
+        self.parameter_names = list(bundle.policy.parameter_names)
+        self.parameter_shapes = [list(s) for s in bundle.policy.parameter_shapes]
+        horizon = int(bundle.task_distribution.horizon)
+        self.max_episode_length = min(settings.max_episode_length or horizon, horizon)
+        self.default_steps = int(bundle.adaptation.get("steps", 1))
+        self.buckets = episode_buckets(settings.max_episodes)
+        self.meta_parameters = bundle.policy.get_parameters()
+        self.adapter = bundle.make_adapter()
+        self.store = PolicyStore(settings.store_size, settings.store_ttl_s)
+        self._rng = np.random.default_rng()
+        self._rng_lock = threading.Lock()
+        self.ready = False
+        self.warmup: dict[str, Any] = {"done": False, "compiled": [], "seconds": None}
+
+    # -- warm-up -------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compiles the adapter for every episode bucket and each warm-up step count, then sets
+        :attr:`ready` (what ``/readyz`` reports)."""
+        start = time.perf_counter()
+        steps_list = sorted(set(self.settings.warmup_steps or (self.default_steps,)))
+        steps_list = [s for s in steps_list if s <= self.settings.max_steps] or [1]
+        rng = np.random.default_rng(0)
+        length = self.max_episode_length
+        episode = (
+            rng.normal(size=(length, self.obs_dim)).astype(np.float32),
+            rng.normal(size=(length, self.act_dim)).astype(np.float32),
+            rng.normal(size=length).astype(np.float32),
+        )
+        with _quiet_retracing_warnings():  # one trace per bucket is the point here
+            for bucket in self.buckets:
+                batch = pad_episodes([episode], length=length, num_episodes=bucket)
+                for steps in steps_list:
+                    params, _, _ = self.adapter(self.meta_parameters, batch, steps)
+                    params[0].numpy()
+                    self.warmup["compiled"].append([bucket, steps])
+        self.numpy_act(self.meta_parameters, np.zeros((1, self.obs_dim), np.float32), True, None)
+        self.warmup.update(done=True, seconds=round(time.perf_counter() - start, 3))
+        self.ready = True
+
+    def tracing_count(self) -> int:
+        """How many times the adapter's ``tf.function`` has been traced (constant once warm)."""
+        return int(self.adapter._compiled.experimental_get_tracing_count())
+
+    # -- policies ------------------------------------------------------------------------------
+
+    def lookup(self, policy_id: str, field: str = "policy_id") -> list[np.ndarray]:
+        """Weights of ``"meta"`` or a stored policy; unknown/expired ids raise a 404."""
+        if policy_id == META_ID:
+            return self.meta_parameters
+        try:
+            return self.store.get(policy_id).parameters
+        except PolicyNotFound as err:
+            raise RequestError(
+                err.reason, field, "'meta' or a live policy_id returned by /adapt", status=404
+            ) from None
+
+    def parameters_from_weights(self, weights: Any, field: str = "weights") -> list[np.ndarray]:
+        """Inline weights ``{name: nested list}`` -> checked float32 arrays (400 naming the
+        parameter otherwise)."""
+        try:
+            return parameters_from_weights(weights, self.parameter_names, self.parameter_shapes)
+        except WeightsError as err:
+            where = f"{field}.{err.name}" if err.name else field
+            raise RequestError(str(err), where, err.expected) from None
+
+    def weights_json(self, parameters: list[np.ndarray]) -> dict[str, list]:
+        return weights_to_json(parameters, self.parameter_names)
+
+    # -- endpoints' work -----------------------------------------------------------------------
+
+    def adapt(
+        self,
+        episodes: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        steps: int,
+        parent: str = META_ID,
+    ) -> AdaptOutcome:
+        """``steps`` inner steps from ``parent`` on one task's (already checked) episodes."""
+        start_params = self.lookup(parent, field="parent")
+        bucket = next(b for b in self.buckets if b >= len(episodes))
+        batch = pad_episodes(episodes, length=self.max_episode_length, num_episodes=bucket)
+        params, losses, _ = self.adapter(start_params, batch, steps)
+        adapted = [p.numpy()[0] for p in params]
+        losses = np.asarray(losses)[:, 0]
+        if not (np.isfinite(losses).all() and all(np.isfinite(p).all() for p in adapted)):
+            raise RequestError(
+                "adaptation produced NaN or inf (the inner loss or the adapted weights); the "
+                "submitted rewards or observations are probably of an extreme scale",
+                "episodes",
+                "rewards and observations of the scale the bundle was trained on",
+                status=422,
+            )
+        stored = self.store.add(adapted, parent=parent, steps=steps)
+        return AdaptOutcome(
+            stored.policy_id,
+            parent,
+            steps,
+            adapted,
+            [float(x) for x in losses],
+            len(episodes),
+            int(sum(len(r) for _, _, r in episodes)),
+        )
+
+    def numpy_act(
+        self,
+        parameters: list[np.ndarray],
+        observations: np.ndarray,
+        deterministic: bool,
+        seed: int | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(actions clipped to the action bounds, raw actions)`` for ``observations [N, obs_dim]``.
+
+        Raw actions are the mean (deterministic) or a sample ``mean + exp(log_std) * noise`` with
+        ``noise ~ N(0, I)`` from ``numpy.random.default_rng(seed)`` (shape ``[N, act_dim]``).
+        Record the raw actions in episodes posted to ``/adapt``, as the trainer's sampler does:
+        the policy-gradient loss uses the log-probability of the sampled action, and the
+        environment does the clipping.
+        """
+        mean, log_std = numpy_forward(parameters, observations, self.activation)
+        if deterministic:
+            raw = mean
+        else:
+            shape = mean.shape
+            if seed is None:
+                with self._rng_lock:
+                    noise = self._rng.standard_normal(shape, dtype=np.float32)
+            else:
+                noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+            raw = mean + np.exp(log_std) * noise
+        return np.clip(raw, self.action_low, self.action_high), raw
+
+    def metadata(self) -> dict[str, Any]:
+        meta = self.bundle.meta
+        return {
+            "name": self.bundle.name,
+            "bundle": {
+                "path": str(self.bundle.path),
+                "format_version": meta.get("format_version"),
+                "created": meta.get("created"),
+                "sha256": meta.get("files", {}),
+                "training": meta.get("training", {}),
+            },
+            "task_distribution": meta["task_distribution"],
+            "observation_spec": meta["observation_spec"],
+            "action_spec": meta["action_spec"],
+            "policy": {
+                "class": meta["policy"].get("class"),
+                "config": meta["policy"]["config"],
+                "parameter_names": self.parameter_names,
+                "parameter_shapes": self.parameter_shapes,
+            },
+            "adaptation": {
+                "default_steps": min(self.default_steps, self.settings.max_steps),
+                "gamma": meta["adaptation"].get("gamma"),
+                "gae_lambda": meta["adaptation"].get("gae_lambda"),
+                "baseline": meta["adaptation"].get("baseline"),
+                "learned_step_sizes": self.bundle.learned_step_sizes,
+                "step_size": None if self.bundle.learned_step_sizes else self.bundle.step_sizes,
+            },
+            "limits": {
+                "max_episodes": self.settings.max_episodes,
+                "max_episode_length": self.max_episode_length,
+                "max_steps": self.settings.max_steps,
+                "max_observations": self.settings.max_observations,
+                "max_body_bytes": self.settings.max_body_bytes,
+            },
+            "store": self.store.stats(),
+            "episode_buckets": self.buckets,
+            "ready": self.ready,
+            "warmup": {**self.warmup, "tracing_count": self.tracing_count()},
+            "settings": self.settings.to_json(),
+        }

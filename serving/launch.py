@@ -1,0 +1,152 @@
+"""Start the service as a subprocess on a free loopback port, wait until it is ready, stop it.
+
+Used by the demo, the latency benchmark and the tests. Imports no TensorFlow.
+
+    with ServiceProcess(bundle="saved_models/nav2d-maml") as service:
+        client = AdaptationClient(service.url)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from serving.settings import REPO_ROOT
+
+SERVICE_TARGET = "serving.service:AdaptationService"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """``bentoml serve serving.service:AdaptationService`` in its own process group.
+
+    Args:
+        bundle: bundle directory (``METARL_BUNDLE``).
+        port: port to listen on (default: a free one).
+        env: extra environment variables (``METARL_*`` limits, ...).
+        log_path: where the server's output goes (default: a temporary file).
+        ready_timeout: seconds to wait for ``/readyz``.
+    """
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+        ready_timeout: float = 240.0,
+        host: str = "127.0.0.1",
+    ):
+        self.host, self.port = host, port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.env = {**os.environ, **(env or {})}
+        if bundle is not None:
+            self.env["METARL_BUNDLE"] = str(bundle)
+        self.env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+        self.ready_timeout = ready_timeout
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="metarl-serve-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen | None = None
+        self.startup_probes: list[tuple[float, int | None, int | None]] = []
+
+    def start(self) -> ServiceProcess:
+        """Starts the server and blocks until ``/readyz`` is 200 (raises if it dies or times
+        out, with the end of its log). Records ``(seconds, /livez status, /readyz status)``
+        probes in :attr:`startup_probes`."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            SERVICE_TARGET,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--working-dir",
+            str(REPO_ROOT),
+        ]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                cmd,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: stop() ends the workers too
+            )
+        start = time.monotonic()
+        with httpx.Client(base_url=self.url, timeout=2.0) as http:
+            while True:
+                elapsed = time.monotonic() - start
+                if self.process.poll() is not None or self._startup_failed():
+                    self.stop()
+                    raise RuntimeError(
+                        f"the service failed to start (exit code {self.process.returncode}); "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
+                if elapsed > self.ready_timeout:
+                    self.stop()
+                    raise RuntimeError(
+                        f"the service was not ready after {self.ready_timeout:g} s; "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
+                live = ready = None
+                try:
+                    live = http.get("/livez").status_code
+                    ready = http.get("/readyz").status_code
+                except httpx.HTTPError:
+                    pass
+                self.startup_probes.append((round(elapsed, 3), live, ready))
+                if ready == 200:
+                    return self
+                time.sleep(0.05)
+
+    def _startup_failed(self) -> bool:
+        # A worker whose start-up fails is restarted by BentoML's arbiter: do not wait for it.
+        try:
+            return b"Application startup failed" in self.log_path.read_bytes()
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,119 @@
+"""Service configuration, read once from ``METARL_*`` environment variables.
+
+Every value is reported by ``POST /metadata`` so a client can see the limits it must respect.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO_ROOT / "saved_models" / "nav2d-maml"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value}: expected an integer >= {minimum}")
+    return value
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected a number") from None
+    if not value > minimum:
+        raise SettingsError(f"{name}={value}: expected a number > {minimum}")
+    return value
+
+
+def _env_int_list(name: str) -> tuple[int, ...]:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return ()
+    try:
+        values = tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        raise SettingsError(
+            f"{name}={raw!r}: expected comma-separated integers, e.g. 1,2"
+        ) from None
+    if any(v < 1 for v in values):
+        raise SettingsError(f"{name}={raw!r}: step counts must be >= 1")
+    return values
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What the service loads and the limits it enforces.
+
+    Attributes:
+        bundle: bundle directory (``METARL_BUNDLE``; default ``saved_models/nav2d-maml``).
+        max_episodes: most episodes in one ``/adapt`` request (``METARL_MAX_EPISODES``, 64).
+        max_episode_length: most steps in one episode (``METARL_MAX_EPISODE_LENGTH``; default
+            the bundle's horizon; larger values are capped to it).
+        max_steps: most inner steps in one ``/adapt`` request (``METARL_MAX_STEPS``, 5).
+        max_observations: most observations in one ``/act`` request or in
+            ``query_observations`` (``METARL_MAX_OBSERVATIONS``, 4096).
+        max_body_bytes: requests with a larger ``Content-Length`` get a 413
+            (``METARL_MAX_BODY_BYTES``, 32 MiB).
+        store_size: most adapted policies kept per worker (``METARL_STORE_SIZE``, 1024);
+            the least recently used one is dropped first.
+        store_ttl_s: an adapted policy unused for this long is dropped (``METARL_STORE_TTL_S``,
+            3600).
+        warmup_steps: step counts compiled for every episode bucket before ``/readyz`` turns
+            ready (``METARL_WARMUP_STEPS``, comma-separated; default the bundle's default steps).
+            Other step counts compile on first use (about half a second, once).
+        workers: BentoML worker processes (``METARL_WORKERS``, 1). Adapted-policy ids live in
+            one worker's memory; see the README on scaling out.
+    """
+
+    bundle: Path = DEFAULT_BUNDLE
+    max_episodes: int = 64
+    max_episode_length: int | None = None
+    max_steps: int = 5
+    max_observations: int = 4096
+    max_body_bytes: int = 32 * 1024 * 1024
+    store_size: int = 1024
+    store_ttl_s: float = 3600.0
+    warmup_steps: tuple[int, ...] = field(default_factory=tuple)
+    workers: int = 1
+
+    @classmethod
+    def from_env(cls) -> ServiceSettings:
+        """Reads the ``METARL_*`` variables; raises :class:`SettingsError` naming a bad one."""
+        length = os.environ.get("METARL_MAX_EPISODE_LENGTH", "").strip()
+        return cls(
+            bundle=Path(os.environ.get("METARL_BUNDLE") or DEFAULT_BUNDLE),
+            max_episodes=_env_int("METARL_MAX_EPISODES", cls.max_episodes),
+            max_episode_length=_env_int("METARL_MAX_EPISODE_LENGTH", 1) if length else None,
+            max_steps=_env_int("METARL_MAX_STEPS", cls.max_steps),
+            max_observations=_env_int("METARL_MAX_OBSERVATIONS", cls.max_observations),
+            max_body_bytes=_env_int("METARL_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
+            store_size=_env_int("METARL_STORE_SIZE", cls.store_size),
+            store_ttl_s=_env_float("METARL_STORE_TTL_S", cls.store_ttl_s),
+            warmup_steps=_env_int_list("METARL_WARMUP_STEPS"),
+            workers=_env_int("METARL_WORKERS", cls.workers),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bundle"] = str(self.bundle)
+        d["warmup_steps"] = list(self.warmup_steps)
+        return d
