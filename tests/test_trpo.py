@@ -1,0 +1,297 @@
+"""The TRPO outer step: conjugate gradient vs ``numpy.linalg.solve``; the Gauss-Newton product
+``Jᵀ F J v`` vs the exact Hessian-vector product of the mean KL through the adaptation; and a full
+meta-step on sampled Nav2D data, with its KL bound and improvement re-checked independently."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metarl_tf.advantages import compute_advantages
+from metarl_tf.curvature import GaussianFisher, InnerLossHessian
+from metarl_tf.envs import Navigation2D
+from metarl_tf.maml import Adapter, adapt, adaptation_jvp, adaptation_vjp
+from metarl_tf.outer import MetaBatch, conjugate_gradient, mean_kl, surrogate_loss, trpo_meta_step
+from metarl_tf.outer.trpo import fisher_vector_product
+from metarl_tf.rollout import Sampler
+
+
+def random_spd(n, seed):
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(n, n))
+    return m @ m.T + 0.5 * np.eye(n), rng.normal(size=n)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_conjugate_gradient_solves_spd_system(mode):
+    a, b = random_spd(7, seed=0)
+    a_t = tf.constant(a)
+
+    def matvec(parts):  # vectors are lists of tensors: here shapes [3] and [2, 2]
+        flat = tf.concat([parts[0], tf.reshape(parts[1], [-1])], 0)
+        out = tf.linalg.matvec(a_t, flat)
+        return [out[:3], tf.reshape(out[3:], [2, 2])]
+
+    def solve(b0, b1):
+        return conjugate_gradient(matvec, [b0, b1], iterations=20, tolerance=1e-20)
+
+    fn = tf.function(solve) if mode == "function" else solve
+    x = fn(tf.constant(b[:3]), tf.constant(b[3:].reshape(2, 2)))
+    got = np.concatenate([x[0].numpy(), x[1].numpy().ravel()])
+    np.testing.assert_allclose(got, np.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+
+
+def test_conjugate_gradient_stops_at_tolerance_and_respects_iterations():
+    a, b = random_spd(5, seed=1)
+    a_t = tf.constant(a)
+    calls = []
+
+    def matvec(parts):
+        calls.append(1)
+        return [tf.linalg.matvec(a_t, parts[0])]
+
+    # exact after at most n = 5 iterations in exact arithmetic; the tolerance stops it there
+    x = conjugate_gradient(matvec, [tf.constant(b)], iterations=50, tolerance=1e-16)
+    np.testing.assert_allclose(x[0].numpy(), np.linalg.solve(a, b), rtol=1e-8)
+    assert len(calls) <= 7
+    # one iteration: the steepest-descent step (bᵀb / bᵀAb) b
+    x1 = conjugate_gradient(matvec, [tf.constant(b)], iterations=1)
+    np.testing.assert_allclose(x1[0].numpy(), (b @ b) / (b @ a @ b) * b, rtol=1e-10)
+
+
+# -- the trust-region curvature ---------------------------------------------------------------
+
+
+def reference_mean_kl(policy, params, episodes, old_mean, old_log_std):
+    """``mean_i [Σ mask KL(old || new) / Σ mask]`` for diagonal Gaussians, written out."""
+    mean, log_std = policy.forward(params, episodes.observations)
+    kl = tf.reduce_sum(
+        log_std
+        - old_log_std
+        + (tf.exp(2 * old_log_std) + tf.square(old_mean - mean)) / (2 * tf.exp(2 * log_std))
+        - 0.5,
+        axis=-1,
+    )
+    m = episodes.mask
+    return tf.reduce_mean(tf.reduce_sum(kl * m, [1, 2]) / tf.reduce_sum(m, [1, 2]))
+
+
+@pytest.fixture
+def curvature_setup(make_policy, synthetic_batch, to_tensors):
+    policy = make_policy(hidden=(4,))
+    inner = to_tensors(synthetic_batch(tasks=2, episodes=2, horizon=4, seed=1))
+    outer = to_tensors(synthetic_batch(tasks=2, episodes=2, horizon=4, seed=2))
+    rng = np.random.default_rng(3)
+    inner_adv = tf.constant(rng.normal(size=inner.mask.shape) * inner.mask.numpy(), tf.float32)
+    theta = [tf.constant(p) for p in policy.get_parameters()]
+    alphas = [tf.constant(rng.uniform(0.1, 0.6, p.shape), tf.float32) for p in theta]
+    return policy, inner, outer, inner_adv, theta, alphas
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("meta_sgd", [False, True], ids=["maml", "meta-sgd"])
+@pytest.mark.parametrize("analytic", [False, True], ids=["autodiff", "analytic"])
+def test_gauss_newton_product_equals_exact_kl_hessian_through_adaptation(
+    curvature_setup, steps, meta_sgd, analytic
+):
+    policy, inner, outer, inner_adv, theta, alphas = curvature_setup
+    sizes = alphas if meta_sgd else 0.4
+    variables = theta + (alphas if meta_sgd else [])
+    rng = np.random.default_rng(4)
+    v = [tf.constant(rng.normal(size=x.shape), tf.float32) for x in variables]
+
+    result = adapt(policy, theta, sizes, inner, inner_adv, steps)
+    old_mean, old_log_std = policy.forward(result.params, outer.observations)
+
+    def kl_through_adaptation(values):
+        th, al = values[: len(theta)], values[len(theta) :]
+        adapted = adapt(policy, th, al if meta_sgd else sizes, inner, inner_adv, steps).params
+        return reference_mean_kl(policy, adapted, outer, old_mean, old_log_std)
+
+    # exact Hessian-vector product, reverse over reverse, at the point where old = new
+    with tf.GradientTape() as outer_tape:
+        outer_tape.watch(variables)
+        with tf.GradientTape() as inner_tape:
+            inner_tape.watch(variables)
+            kl = kl_through_adaptation(variables)
+        grad = inner_tape.gradient(kl, variables)
+        grad_dot_v = tf.add_n([tf.reduce_sum(g * x) for g, x in zip(grad, v, strict=True)])
+    expected = outer_tape.gradient(grad_dot_v, variables)
+    assert abs(float(kl)) < 1e-10
+    assert max(float(tf.reduce_max(tf.abs(g))) for g in grad) < 1e-5  # KL is stationary here
+
+    if analytic:
+        hessians = [InnerLossHessian(p, inner, inner_adv, "tanh") for p, _ in result.trace]
+        fisher = GaussianFisher(result.params, outer, "tanh")
+    else:
+        hessians = None
+
+        def fisher(u):
+            return fisher_vector_product(policy, result.params, outer, u)
+
+    v_theta, v_alpha = v[: len(theta)], (v[len(theta) :] if meta_sgd else None)
+    u = adaptation_jvp(policy, result, sizes, inner, inner_adv, v_theta, v_alpha, False, hessians)
+    h_theta, h_alpha = adaptation_vjp(
+        policy, result, sizes, inner, inner_adv, fisher(u), meta_sgd, False, hessians
+    )
+    got = h_theta + (h_alpha or [])
+    flat_got = np.concatenate([g.numpy().ravel() for g in got])
+    flat_expected = np.concatenate([e.numpy().ravel() for e in expected])
+    err = np.linalg.norm(flat_got - flat_expected) / np.linalg.norm(flat_expected)
+    assert err < 1e-4, f"relative error {err:.2e}"
+    # and it is positive semi-definite along v (a Fisher): vᵀ H v >= 0
+    assert float(flat_got @ np.concatenate([x.numpy().ravel() for x in v])) >= 0
+
+
+def test_fisher_vector_product_equals_kl_hessian_at_fixed_params(curvature_setup):
+    policy, _, outer, _, theta, _ = curvature_setup
+    rng = np.random.default_rng(5)
+    params = [tf.constant(np.stack([p.numpy(), p.numpy() * 0.9])) for p in theta]
+    u = [tf.constant(rng.normal(size=p.shape), tf.float32) for p in params]
+    old_mean, old_log_std = policy.forward(params, outer.observations)
+    with tf.GradientTape() as t2:
+        t2.watch(params)
+        with tf.GradientTape() as t1:
+            t1.watch(params)
+            kl = reference_mean_kl(policy, params, outer, old_mean, old_log_std)
+        g = t1.gradient(kl, params)
+        gu = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(g, u, strict=True)])
+    expected = t2.gradient(gu, params)
+    for got in (
+        fisher_vector_product(policy, params, outer, u),
+        GaussianFisher(params, outer, "tanh")(u),
+    ):
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_mean_kl_and_surrogate_match_reference(curvature_setup):
+    policy, _, outer, _, theta, _ = curvature_setup
+    params = [tf.stack([p, p * 0.9]) for p in theta]
+    other = [tf.stack([p * 1.1, p]) for p in theta]
+    old_mean, old_log_std = policy.forward(params, outer.observations)
+    np.testing.assert_allclose(
+        mean_kl(policy, other, outer, old_mean, old_log_std).numpy(),
+        reference_mean_kl(policy, other, outer, old_mean, old_log_std).numpy(),
+        rtol=1e-5,
+    )
+    rng = np.random.default_rng(6)
+    adv = tf.constant(rng.normal(size=outer.mask.shape) * outer.mask.numpy(), tf.float32)
+    old_logp = numpy_log_prob(policy, params, outer)
+    expected = numpy_surrogate(numpy_log_prob(policy, other, outer), old_logp, adv.numpy(), outer)
+    got = surrogate_loss(policy, other, outer, adv, tf.constant(old_logp, tf.float32))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+# -- the full meta-step -----------------------------------------------------------------------
+
+
+def numpy_log_prob(policy, params, episodes):
+    mean, log_std = (
+        x.numpy().astype(np.float64) for x in policy.forward(params, episodes.observations)
+    )
+    a = np.asarray(episodes.actions, np.float64)
+    return np.sum(
+        -0.5 * ((a - mean) / np.exp(log_std)) ** 2 - log_std - 0.5 * np.log(2 * np.pi), -1
+    )
+
+
+def numpy_surrogate(log_prob, old_log_prob, adv, episodes):
+    m = np.asarray(episodes.mask, np.float64)
+    per_task = np.sum(np.exp(log_prob - old_log_prob) * adv * m, (1, 2)) / m.sum((1, 2))
+    return -per_task.mean()
+
+
+def numpy_mean_kl(policy, old_params, new_params, episodes):
+    m0, s0 = (
+        x.numpy().astype(np.float64) for x in policy.forward(old_params, episodes.observations)
+    )
+    m1, s1 = (
+        x.numpy().astype(np.float64) for x in policy.forward(new_params, episodes.observations)
+    )
+    kl = np.sum(s1 - s0 + (np.exp(2 * s0) + (m0 - m1) ** 2) / (2 * np.exp(2 * s1)) - 0.5, -1)
+    m = np.asarray(episodes.mask, np.float64)
+    return float(np.mean(np.sum(kl * m, (1, 2)) / m.sum((1, 2))))
+
+
+def sampled_meta_batch(policy, sizes, seed=0):
+    """Real Nav2D data, as the trainer builds it: 2 tasks x 2 episodes x horizon 6."""
+    dist = Navigation2D(horizon=6)
+    tasks = dist.sample_tasks(2, seed=seed)
+    sampler = Sampler(dist, policy, 2)
+    gamma = 0.99
+    inner = sampler.sample(policy.parameters, tasks, seed=seed + 1)
+    adapted, _, inner_adv = Adapter(policy, sizes, gamma)(policy.parameters, inner, 1)
+    outer = sampler.sample(adapted, tasks, seed=seed + 2)
+    to_t = lambda b: type(b)(*[tf.constant(x, tf.float32) for x in b])  # noqa: E731
+    inner, outer = to_t(inner), to_t(outer)
+    return MetaBatch(inner, inner_adv, outer, compute_advantages(outer, gamma))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("meta_sgd", [False, True], ids=["maml", "meta-sgd"])
+def test_trpo_meta_step_respects_kl_bound_and_improves_surrogate(make_policy, meta_sgd):
+    policy = make_policy(hidden=(8,), log_std=-0.3)
+    sizes = [tf.Variable(tf.fill(s, 0.1)) for s in policy.parameter_shapes] if meta_sgd else 0.1
+    batch = sampled_meta_batch(policy, sizes)
+    max_kl = 0.01
+    theta_before = [tf.constant(p) for p in policy.get_parameters()]
+    alphas_before = [tf.constant(s.numpy()) for s in sizes] if meta_sgd else sizes
+    old_params = adapt(
+        policy, theta_before, alphas_before, batch.inner_episodes, batch.inner_advantages
+    ).params
+    old_logp = numpy_log_prob(policy, old_params, batch.outer_episodes)
+
+    step = tf.function(
+        lambda b: trpo_meta_step(
+            policy, sizes, b, learn_step_sizes=meta_sgd, inner_steps=1, first_order=False,
+            max_kl=max_kl, cg_iterations=10, cg_damping=1e-5, ls_max_steps=15,
+            ls_backtrack_ratio=0.8,
+        )
+    )  # fmt: skip
+    stats = {k: float(v) for k, v in step(batch).items()}
+
+    adv = batch.outer_advantages.numpy()
+    # before the step the ratio is 1: the surrogate is minus the mean advantage
+    assert stats["loss_before"] == pytest.approx(
+        numpy_surrogate(old_logp, old_logp, adv, batch.outer_episodes), abs=1e-5
+    )
+    assert stats["accepted"] == 1.0
+    assert 0.0 < stats["kl"] <= max_kl
+    assert stats["loss_after"] < stats["loss_before"]
+    assert stats["line_search_steps"] >= 1
+
+    # Recompute from the updated variables: adapt again, then KL and surrogate in numpy.
+    new_sizes = [tf.constant(s.numpy()) for s in sizes] if meta_sgd else sizes
+    new_params = adapt(
+        policy, policy.get_parameters(), new_sizes, batch.inner_episodes, batch.inner_advantages
+    ).params
+    kl = numpy_mean_kl(policy, old_params, new_params, batch.outer_episodes)
+    assert kl <= max_kl
+    assert kl == pytest.approx(stats["kl"], rel=1e-3, abs=1e-7)
+    new_logp = numpy_log_prob(policy, new_params, batch.outer_episodes)
+    loss_after = numpy_surrogate(new_logp, old_logp, adv, batch.outer_episodes)
+    assert loss_after == pytest.approx(stats["loss_after"], rel=1e-4, abs=1e-6)
+    assert loss_after < stats["loss_before"]
+    changed = [
+        not np.allclose(a, b.numpy())
+        for a, b in zip(policy.get_parameters(), theta_before, strict=True)
+    ]
+    assert any(changed)
+    if meta_sgd:
+        assert any(not np.allclose(s.numpy(), 0.1) for s in sizes), "step sizes were not updated"
+
+
+@pytest.mark.slow
+def test_trpo_meta_step_without_an_acceptable_step_keeps_the_parameters(make_policy):
+    policy = make_policy(hidden=(8,))
+    batch = sampled_meta_batch(policy, 0.1, seed=3)
+    before = policy.get_parameters()
+    stats = trpo_meta_step(
+        policy, 0.1, batch, learn_step_sizes=False, inner_steps=1, first_order=False,
+        max_kl=0.01, cg_iterations=3, cg_damping=1e-5, ls_max_steps=0, ls_backtrack_ratio=0.5,
+    )  # fmt: skip
+    assert float(stats["accepted"]) == 0.0
+    assert float(stats["kl"]) == 0.0
+    assert float(stats["loss_after"]) == float(stats["loss_before"])
+    for a, b in zip(policy.get_parameters(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
