@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from metarl_tf.bundle import Bundle
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, weights_to_json
@@ -117,6 +118,8 @@ class AdaptationEngine:
         self.buckets = episode_buckets(settings.max_episodes)
         self.meta_parameters = bundle.policy.get_parameters()
         self.adapter = bundle.make_adapter()
+        # The adapter's input for parent "meta", converted once instead of per request.
+        self._meta_tensors = [tf.constant(p) for p in self.meta_parameters]
         self.store = PolicyStore(settings.store_size, settings.store_ttl_s)
         self._rng = np.random.default_rng()
         self._rng_lock = threading.Lock()
@@ -149,9 +152,12 @@ class AdaptationEngine:
         self.warmup.update(done=True, seconds=round(time.perf_counter() - start, 3))
         self.ready = True
 
-    def tracing_count(self) -> int:
-        """How many times the adapter's ``tf.function`` has been traced (constant once warm)."""
-        return int(self.adapter._compiled.experimental_get_tracing_count())
+    def tracing_count(self) -> int | None:
+        """How many times the adapter's ``tf.function`` has been traced (constant once warm);
+        ``None`` if the adapter does not expose it."""
+        compiled = getattr(self.adapter, "_compiled", None)
+        counter = getattr(compiled, "experimental_get_tracing_count", None)
+        return int(counter()) if counter else None
 
     # -- policies ------------------------------------------------------------------------------
 
@@ -187,7 +193,7 @@ class AdaptationEngine:
         parent: str = META_ID,
     ) -> AdaptOutcome:
         """``steps`` inner steps from ``parent`` on one task's (already checked) episodes."""
-        start_params = self.lookup(parent, field="parent")
+        start_params = self._meta_tensors if parent == META_ID else self.lookup(parent, "parent")
         bucket = next(b for b in self.buckets if b >= len(episodes))
         batch = pad_episodes(episodes, length=self.max_episode_length, num_episodes=bucket)
         params, losses, _ = self.adapter(start_params, batch, steps)
@@ -245,7 +251,6 @@ class AdaptationEngine:
         return {
             "name": self.bundle.name,
             "bundle": {
-                "path": str(self.bundle.path),
                 "format_version": meta.get("format_version"),
                 "created": meta.get("created"),
                 "sha256": meta.get("files", {}),
@@ -279,5 +284,5 @@ class AdaptationEngine:
             "episode_buckets": self.buckets,
             "ready": self.ready,
             "warmup": {**self.warmup, "tracing_count": self.tracing_count()},
-            "settings": self.settings.to_json(),
+            "settings": {**self.settings.to_json(), "bundle": self.bundle.name},
         }

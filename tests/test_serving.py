@@ -25,7 +25,10 @@ from serving.settings import ServiceSettings, SettingsError
 from serving.store import PolicyNotFound, PolicyStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_BUNDLE = REPO_ROOT / "saved_models" / "nav2d-maml"
+# The improvement test needs a trained bundle: the shipped one, or METARL_TEST_TRAINED_BUNDLE.
+SHIPPED_BUNDLE = Path(
+    os.environ.get("METARL_TEST_TRAINED_BUNDLE") or REPO_ROOT / "saved_models" / "nav2d-maml"
+)
 HORIZON = 20
 LIMITS = {
     "METARL_MAX_EPISODES": "8",
