@@ -1,0 +1,131 @@
+"""``python -m metarl_tf``: train (fresh, refuse to overwrite, resume), evaluate, export."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from metarl_tf.bundle import load_bundle
+from metarl_tf.cli import main
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """``train --preset tiny`` (2 iterations) into a fresh run dir."""
+    tmp = tmp_path_factory.mktemp("cli")
+    out, run = tmp / "b", tmp / "run"
+    code = main(
+        ["train", "--preset", "tiny", "--out", str(out), "--run-dir", str(run), "--no-progress"]
+    )
+    return {"code": code, "out": out, "run": run, "tmp": tmp}
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.mark.slow
+def test_train_writes_a_loadable_bundle_and_one_metrics_line_per_iteration(cli_run):
+    assert cli_run["code"] == 0
+    run, out = cli_run["run"], cli_run["out"]
+    metrics = read_metrics(run)
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert (run / "checkpoint" / "state.json").is_file()
+    assert json.loads((run / "config.json").read_text())["hidden_sizes"] == [8]
+    bundle = load_bundle(out)
+    assert bundle.meta["training"]["iterations"] == 2
+    assert bundle.policy.parameter_shapes[0] == (2, 8)
+    assert "metrics.jsonl" in bundle.meta["files"]
+    assert (out / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_train_refuses_to_overwrite_a_run_without_resume(cli_run, capsys):
+    run, out = cli_run["run"], cli_run["out"]
+    before = (run / "metrics.jsonl").read_text()
+    code = main(["train", "--preset", "tiny", "--out", str(out), "--run-dir", str(run)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "already holds a checkpoint" in err and "--resume" in err
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_documented_json(cli_run, tmp_path, capsys):
+    path = tmp_path / "eval" / "result.json"
+    steps = 2
+    code = main(
+        ["evaluate", str(cli_run["out"]), "--tasks", "3", "--episodes", "2",
+         "--steps", str(steps), "--seed", "5", "--json", str(path)]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert {"bundle", "tasks", "episodes", "seed", "methods"} <= set(result)
+    assert result["bundle"] == str(cli_run["out"])
+    assert (result["tasks"], result["episodes"], result["seed"]) == (3, 2, 5)
+    maml = result["methods"]["maml"]
+    assert len(maml["mean_return"]) == steps + 1 and len(maml["ci95"]) == steps + 1
+    assert all(np.isfinite(maml["mean_return"])) and all(np.isfinite(maml["ci95"]))
+    assert all(-5 * 1.5 <= r <= 0 for r in maml["mean_return"])  # horizon 5, distance < 1.5
+    assert not any(k.startswith("_") for k in result)
+    assert "mean return" in capsys.readouterr().out
+    # same seed, same numbers
+    again = tmp_path / "again.json"
+    main(["evaluate", str(cli_run["out"]), "--tasks", "3", "--episodes", "2",
+          "--steps", str(steps), "--seed", "5", "--json", str(again)])  # fmt: skip
+    assert json.loads(again.read_text())["methods"] == result["methods"]
+
+
+@pytest.mark.slow
+def test_evaluate_rejects_bad_arguments(cli_run, tmp_path, capsys):
+    assert main(["evaluate", str(cli_run["out"]), "--tasks", "1"]) == 2
+    assert "--tasks >= 2" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_writes_the_checkpoint_as_a_bundle(cli_run, tmp_path):
+    out = tmp_path / "exported"
+    assert main(["export", str(cli_run["run"]), "--out", str(out)]) == 0
+    exported, trained = load_bundle(out), load_bundle(cli_run["out"])
+    for a, b in zip(exported.policy.get_parameters(), trained.policy.get_parameters(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert main(["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run(cli_run, capsys):
+    # Last in this module: it advances the shared run to 3 iterations.
+    run, out = cli_run["run"], cli_run["out"]
+    first_two = read_metrics(run)
+    code = main(
+        ["train", "--preset", "tiny", "--out", str(out), "--run-dir", str(run),
+         "--resume", "--iterations", "3", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert "resumed from" in capsys.readouterr().out
+    metrics = read_metrics(run)
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    assert metrics[:2] == first_two
+    assert load_bundle(out).meta["training"]["iterations"] == 3
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "metarl_tf", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--preset" in proc.stdout and "--resume" in proc.stdout
+
+
+def test_unknown_preset_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--preset", "nope"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

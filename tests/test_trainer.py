@@ -1,0 +1,112 @@
+"""The meta-training loop: no retracing across iterations, deterministic checkpoint/resume, and the
+bundle it exports. Uses the session-scoped ``tiny_run`` (the ``tiny`` preset, 4 iterations)."""
+
+import numpy as np
+import pytest
+
+from metarl_tf.bundle import load_bundle
+from metarl_tf.config import PRESETS, TrainConfig, get_preset
+from metarl_tf.trainer import MetaTrainer
+
+VOLATILE = ("time/", "charts/peak_rss_mb")  # wall-clock and memory: differ run to run
+
+
+def comparable(metrics):
+    return {k: v for k, v in metrics.items() if not k.startswith(VOLATILE)}
+
+
+@pytest.mark.slow
+def test_no_retracing_after_the_first_iterations(tiny_run):
+    counts_2, counts_4 = tiny_run["counts_2"], tiny_run["counts_4"]
+    assert all(c >= 1 for c in counts_2.values()), counts_2
+    assert counts_4 == counts_2, f"retraced: after 2 iterations {counts_2}, after 4 {counts_4}"
+    assert counts_2["meta_step"] == 1
+
+
+@pytest.mark.slow
+def test_metrics_are_finite_and_namespaced(tiny_run):
+    trainer = tiny_run["trainer"]
+    assert trainer.iteration == 4
+    assert [m["iteration"] for m in trainer.history] == [1, 2, 3, 4]
+    for m in trainer.history:
+        assert all(np.isfinite(v) for v in m.values()), m
+        for key in ("returns/pre_adaptation", "returns/post_adaptation", "losses/kl"):
+            assert key in m
+        assert m["losses/kl"] <= trainer.config.max_kl
+        c = trainer.config
+        assert 0 < m["charts/env_steps"] <= c.env_steps_per_iteration
+
+
+@pytest.mark.slow
+def test_checkpoint_restore_and_continue_equals_uninterrupted_run(tiny_run):
+    config = tiny_run["trainer"].config
+    resumed = MetaTrainer(config)
+    assert resumed.restore_checkpoint(tiny_run["checkpoint"])
+    assert resumed.iteration == 2
+    for got, expected in zip(resumed.policy.get_parameters(), tiny_run["params_2"], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    continued = [resumed.train_iteration() for _ in range(2)]
+    for got, expected in zip(continued, tiny_run["metrics_3_4"], strict=True):
+        assert comparable(got) == comparable(expected)
+    for got, expected in zip(resumed.policy.get_parameters(), tiny_run["params_4"], strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_restore_from_an_empty_directory_returns_false(tmp_path):
+    trainer = MetaTrainer(get_preset("tiny"))
+    assert trainer.restore_checkpoint(tmp_path / "nothing") is False
+    assert trainer.iteration == 0
+
+
+@pytest.mark.slow
+def test_restore_refuses_a_checkpoint_of_another_configuration(tiny_run):
+    other = MetaTrainer(tiny_run["trainer"].config.replace(hidden_sizes=(4,)))
+    with pytest.raises(ValueError, match="another configuration"):
+        other.restore_checkpoint(tiny_run["checkpoint"])
+
+
+@pytest.mark.slow
+def test_meta_sgd_adam_checkpoint_restores_step_sizes_and_optimizer_state(tmp_path):
+    config = get_preset("tiny").replace(meta_sgd=True, outer="adam", outer_learning_rate=1e-2)
+    first = MetaTrainer(config)
+    first.train_iteration()
+    first.save_checkpoint(tmp_path)
+    expected = comparable(first.train_iteration())
+    assert "charts/mean_step_size" in expected
+    resumed = MetaTrainer(config)
+    assert resumed.restore_checkpoint(tmp_path)
+    assert comparable(resumed.train_iteration()) == expected
+    for a, b in zip(resumed.step_size_values(), first.step_size_values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(np.concatenate([s.ravel() for s in first.step_size_values()]), 0.1)
+    for a, b in zip(resumed.policy.get_parameters(), first.policy.get_parameters(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_export_bundle_holds_the_trained_parameters(tiny_run, tmp_path):
+    trainer = tiny_run["trainer"]
+    path = trainer.export_bundle(tmp_path / "tiny-bundle")
+    bundle = load_bundle(path)
+    for a, b in zip(bundle.policy.get_parameters(), tiny_run["params_4"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert bundle.step_sizes == trainer.config.inner_step_size
+    assert bundle.meta["training"]["iterations"] == 4
+    assert TrainConfig.from_dict(bundle.meta["training"]["config"]) == trainer.config
+    assert bundle.adaptation["steps"] == trainer.config.inner_steps
+
+
+def test_config_validation_and_presets():
+    assert get_preset("tiny").hidden_sizes == (8,)
+    assert set(PRESETS) >= {"nav2d", "nav2d-metasgd", "nav2d-fo", "tiny"}
+    assert TrainConfig.from_dict(get_preset("tiny").to_dict()) == get_preset("tiny")
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="outer must be"):
+        TrainConfig(outer="sgd")
+    with pytest.raises(ValueError, match="horizon must be >= 1"):
+        TrainConfig(horizon=0)
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"hidden": [4]})
+    c = TrainConfig()
+    assert c.env_steps_per_iteration == 2 * 20 * 20 * 100
