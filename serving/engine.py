@@ -2,8 +2,7 @@
 :class:`metarl_tf.maml.Adapter` (the trainer's own ``adapt``) and actions from a numpy forward pass.
 
 Adaptation pads every request to fixed sizes so the compiled function is reused: time to the
-maximum episode length and the episode count to a bucket (the next power of two, capped at the
-limit). Padding adds only masked steps and masked episodes, which change no loss, baseline or
+maximum episode length and the episode count to a bucket (:func:`episode_buckets`). Padding adds only masked steps and masked episodes, which change no loss, baseline or
 advantage (``metarl_tf.rollout.pad_episodes``), so the result equals an unpadded ``adapt``.
 
 Actions use numpy: for one observation a numpy forward pass of the small MLP takes microseconds,
@@ -50,12 +49,14 @@ def _quiet_retracing_warnings():
 
 
 def episode_buckets(max_episodes: int) -> list[int]:
-    """Padded episode counts: powers of two below ``max_episodes``, then ``max_episodes``."""
-    buckets, b = [], 1
-    while b < max_episodes:
-        buckets.append(b)
-        b *= 2
-    return [*buckets, max_episodes]
+    """Padded episode counts: 1, 2, 4, then each power of two and 1.5 times it (6, 8, 12, 16, 24,
+    32, 48, 64, ...), capped at ``max_episodes`` (itself the last bucket). Padding wastes at most a
+    third of a batch; the number of buckets (compilations) grows with the log of the limit."""
+    candidates, p = {1, 2}, 4
+    while p < max_episodes:
+        candidates.update((p, p + p // 2))
+        p *= 2
+    return sorted({b for b in candidates if b < max_episodes} | {max_episodes})
 
 
 def numpy_forward(params: list[np.ndarray], observations: np.ndarray, activation: str):
