@@ -104,9 +104,10 @@ class PolicyStore:
             policy = self._items.get(policy_id)
             if policy is None:
                 reason = self._dropped.get(policy_id) or (
-                    f"unknown policy id {policy_id!r}: this service never issued it (ids live in "
-                    "one worker's memory and do not survive a restart); use 'meta' or an id "
-                    "returned by /adapt"
+                    f"unknown policy id {policy_id!r}: this worker never issued it. Ids live in "
+                    "the memory of the worker that adapted them and do not survive a restart; "
+                    "with several workers or replicas, pass the adapted weights inline "
+                    "(return_weights) instead of the id"
                 )
                 raise PolicyNotFound(policy_id, reason)
             policy.last_used = self._clock()
