@@ -119,11 +119,14 @@ def tiny_run():
     from metarl_tf.trainer import MetaTrainer
 
     def trace_counts(trainer):
+        """Trace count of every ``tf.function`` held by the trainer, its sampler and its adapter
+        (e.g. ``trainer._meta_step``, ``sampler._act``, ``adapter._compiled``)."""
+        owners = {"trainer": trainer, "sampler": trainer.sampler, "adapter": trainer.adapter}
         return {
-            "meta_step": trainer._meta_step.experimental_get_tracing_count(),
-            "act": trainer.sampler._act.experimental_get_tracing_count(),
-            "adapter": trainer.adapter._compiled.experimental_get_tracing_count(),
-            "outer_advantages": trainer._outer_advantages.experimental_get_tracing_count(),
+            f"{owner}.{name}": value.experimental_get_tracing_count()
+            for owner, obj in owners.items()
+            for name, value in vars(obj).items()
+            if hasattr(value, "experimental_get_tracing_count")
         }
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,78 @@
+"""The cached analytic curvature products (``metarl_tf.curvature``) against reverse-over-reverse
+autodiff Hessian-vector products, for deeper networks and both activations."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metarl_tf.curvature import GaussianFisher, InnerLossHessian
+from metarl_tf.maml import inner_hvp, policy_gradient_loss
+from metarl_tf.outer.trpo import fisher_vector_product
+from metarl_tf.policy import gaussian_kl
+
+
+def hessian_vector_product(fn, params, v):
+    with tf.GradientTape() as outer:
+        outer.watch(params)
+        with tf.GradientTape() as inner:
+            inner.watch(params)
+            value = fn(params)
+        grads = inner.gradient(value, params)
+        gv = tf.add_n([tf.reduce_sum(g * x) for g, x in zip(grads, v, strict=True)])
+    return outer.gradient(gv, params)
+
+
+def assert_close(got, expected, rtol=1e-4):
+    flat_got = np.concatenate([g.numpy().ravel() for g in got])
+    flat_exp = np.concatenate([e.numpy().ravel() for e in expected])
+    err = np.linalg.norm(flat_got - flat_exp) / np.linalg.norm(flat_exp)
+    assert err < rtol, f"relative error {err:.2e}"
+
+
+@pytest.fixture(params=[("tanh", (8, 3)), ("relu", (8, 3)), ("tanh", (4,))], ids=str)
+def per_task_setup(request, make_policy, synthetic_batch, to_tensors):
+    activation, hidden = request.param
+    policy = make_policy(hidden=hidden, activation=activation)
+    episodes = to_tensors(synthetic_batch(tasks=2, episodes=2, horizon=5, seed=1))
+    rng = np.random.default_rng(2)
+    params = [
+        tf.constant(np.stack([p, p + rng.normal(0, 0.2, p.shape)]), tf.float32)
+        for p in policy.get_parameters()
+    ]
+    adv = tf.constant(rng.normal(size=episodes.mask.shape) * episodes.mask.numpy(), tf.float32)
+    v = [tf.constant(rng.normal(size=p.shape), tf.float32) for p in params]
+    return policy, episodes, params, adv, v
+
+
+def test_inner_loss_hessian_matches_autodiff(per_task_setup):
+    policy, episodes, params, adv, v = per_task_setup
+
+    def total_loss(p):  # tasks are independent: the Hessian of the sum is block-diagonal
+        return tf.reduce_sum(policy_gradient_loss(policy, p, episodes, adv))
+
+    expected = hessian_vector_product(total_loss, params, v)
+    assert_close(InnerLossHessian(params, episodes, adv, policy.activation)(v), expected)
+    assert_close(inner_hvp(policy, params, episodes, adv, v), expected)
+
+
+def test_gaussian_fisher_matches_autodiff(per_task_setup):
+    policy, episodes, params, _, v = per_task_setup
+    old_mean, old_log_std = policy.forward(params, episodes.observations)
+
+    def mean_kl(p):
+        mean, log_std = policy.forward(p, episodes.observations)
+        kl = gaussian_kl(old_mean, old_log_std, mean, log_std)
+        m = episodes.mask
+        return tf.reduce_mean(tf.reduce_sum(kl * m, [1, 2]) / tf.reduce_sum(m, [1, 2]))
+
+    expected = hessian_vector_product(mean_kl, params, v)
+    assert_close(GaussianFisher(params, episodes, policy.activation)(v), expected)
+    assert_close(fisher_vector_product(policy, params, episodes, v), expected)
+
+
+def test_unknown_activation_has_no_analytic_curvature(synthetic_batch, to_tensors, make_policy):
+    policy = make_policy()
+    episodes = to_tensors(synthetic_batch())
+    params = [tf.constant(np.stack([p, p])) for p in policy.get_parameters()]
+    with pytest.raises(ValueError, match="no analytic curvature for activation 'gelu'"):
+        GaussianFisher(params, episodes, "gelu")
