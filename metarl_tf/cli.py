@@ -35,6 +35,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--inner-step-size", type=float, help="inner step size α (initial α with --meta-sgd)"
     )
+    p.add_argument("--init-log-std", type=float, help="initial log standard deviation of the policy")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     p.add_argument(
@@ -82,7 +83,7 @@ def _train_config(args):
     overrides = {
         "iterations": args.iterations, "seed": args.seed, "meta_sgd": args.meta_sgd,
         "first_order": args.first_order, "outer": args.outer, "inner_step_size": args.inner_step_size,
-        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_every": args.checkpoint_every, "init_log_std": args.init_log_std,
     }  # fmt: skip
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 

@@ -163,6 +163,34 @@ def gaussian_mlp_forward(params, observations, activation: str = "tanh"):
     return mean, tf.broadcast_to(log_std, tf.shape(mean))
 
 
+NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
+
+
+def numpy_forward(params, observations, activation: str = "tanh"):
+    """:func:`gaussian_mlp_forward` in numpy, for inference where a TensorFlow call's fixed
+    overhead (~1 ms) would dominate: the sampler's per-step action and the service's ``/act``.
+
+    Args:
+        params: numpy arrays, unbatched ``[*shape]`` or per task ``[tasks, *shape]``.
+        observations: ``[N, obs_dim]`` unbatched, or ``[tasks, N, obs_dim]`` batched.
+
+    Returns:
+        ``(mean, log_std)`` broadcast to ``[..., act_dim]``, float32.
+    """
+    act = NUMPY_ACTIVATIONS[activation]
+    *layers, log_std = params
+    batched = np.ndim(layers[0]) == 3
+    x = np.asarray(observations, np.float32)
+    n_layers = len(layers) // 2
+    for i in range(n_layers):
+        bias = layers[2 * i + 1]
+        x = np.matmul(x, layers[2 * i]) + (bias[:, None, :] if batched else bias)
+        if i < n_layers - 1:
+            x = act(x)
+    log_std = np.asarray(log_std)[:, None, :] if batched else log_std
+    return x, np.broadcast_to(log_std, x.shape)
+
+
 def gaussian_log_prob(mean, log_std, actions):
     """``log N(actions; mean, exp(log_std)^2)`` summed over the last (action) axis."""
     z = (actions - mean) * tf.exp(-log_std)
