@@ -154,11 +154,19 @@ def run(url: str, args) -> dict:
     lat, wall, errs = measure(url, "/adapt", adapt_body, args.adapt_requests, 1, warmup=10)
     results["adapt"] = summary(lat, wall)
     errors += errs
-    for name, path, body in (("act", "/act", act_body), ("noop", "/noop", b"{}")):
-        for c in (1, 16):
-            lat, wall, errs = measure(url, path, body, args.act_requests, c, warmup=50)
-            results[f"{name}_c{c}"] = summary(lat, wall)
-            errors += errs
+    # /act and /noop alternate in rounds, so a change in background load hits both alike.
+    endpoints = (("act", "/act", act_body), ("noop", "/noop", b"{}"))
+    for c in (1, 16):
+        runs: dict[str, list] = {name: [] for name, _, _ in endpoints}
+        for _ in range(args.rounds):
+            for name, path, body in endpoints:
+                n = args.act_requests // args.rounds
+                lat, wall, errs = measure(url, path, body, n, c, warmup=2 * c)
+                runs[name].append((lat, wall))
+                errors += errs
+        for name, parts in runs.items():
+            lat = np.concatenate([p[0] for p in parts])
+            results[f"{name}_c{c}"] = summary(lat, sum(p[1] for p in parts))
     out = {
         "adapt_p50_ms": results["adapt"]["p50_ms"],
         "adapt_p99_ms": results["adapt"]["p99_ms"],
@@ -175,6 +183,7 @@ def run(url: str, args) -> dict:
             "adapt_body_bytes": len(adapt_body),
             "adapt_requests": args.adapt_requests,
             "act_requests": args.act_requests,
+            "rounds": args.rounds,
             "cpu_count": os.cpu_count(),
             "load_average_at_start": os.getloadavg(),
             "first_errors": errors[:5],
@@ -192,7 +201,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", help="bundle to serve (default: saved_models/nav2d-maml)")
     p.add_argument("--adapt-requests", type=int, default=200)
-    p.add_argument("--act-requests", type=int, default=3200)
+    p.add_argument("--act-requests", type=int, default=3200, help="per endpoint and concurrency")
+    p.add_argument("--rounds", type=int, default=8, help="alternations of /act and /noop")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
 

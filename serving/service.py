@@ -160,10 +160,17 @@ class AdaptationService:
 
     def __init__(self) -> None:
         # Heavy imports here, not at module level: `bentoml build` and the client import less.
+        import tensorflow as tf
+
         from metarl_tf.bundle import load_bundle
         from serving.engine import AdaptationEngine
 
         self.settings = SETTINGS
+        try:  # only possible before TensorFlow runs its first operation in this process
+            tf.config.threading.set_intra_op_parallelism_threads(SETTINGS.tf_threads)
+            tf.config.threading.set_inter_op_parallelism_threads(SETTINGS.tf_threads)
+        except RuntimeError:
+            logger.warning("TensorFlow already initialized; METARL_TF_THREADS not applied")
         bundle = load_bundle(self.settings.bundle)  # BundleError says what is wrong
         self.engine = AdaptationEngine(bundle, self.settings)
         self.warmup_error: str | None = None

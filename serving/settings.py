@@ -82,6 +82,10 @@ class ServiceSettings:
             Other step counts compile on first use (about half a second, once).
         workers: BentoML worker processes (``METARL_WORKERS``, 1). Adapted-policy ids live in
             one worker's memory; see the README on scaling out.
+        tf_threads: TensorFlow intra- and inter-op threads per worker (``METARL_TF_THREADS``, 1).
+            One adaptation request is small (a few thousand steps through a small MLP); one
+            thread avoids the thread-pool hand-offs that cost more than they save at this size
+            and leaves the other cores to the HTTP side and to other workers.
     """
 
     bundle: Path = DEFAULT_BUNDLE
@@ -94,6 +98,7 @@ class ServiceSettings:
     store_ttl_s: float = 3600.0
     warmup_steps: tuple[int, ...] = field(default_factory=tuple)
     workers: int = 1
+    tf_threads: int = 1
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
@@ -110,6 +115,7 @@ class ServiceSettings:
             store_ttl_s=_env_float("METARL_STORE_TTL_S", cls.store_ttl_s),
             warmup_steps=_env_int_list("METARL_WARMUP_STEPS"),
             workers=_env_int("METARL_WORKERS", cls.workers),
+            tf_threads=_env_int("METARL_TF_THREADS", cls.tf_threads),
         )
 
     def to_json(self) -> dict[str, Any]:
