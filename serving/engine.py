@@ -133,8 +133,10 @@ class AdaptationEngine:
         """Compiles the adapter for every episode bucket and each warm-up step count, then sets
         :attr:`ready` (what ``/readyz`` reports)."""
         start = time.perf_counter()
-        steps_list = sorted(set(self.settings.warmup_steps or (self.default_steps,)))
-        steps_list = [s for s in steps_list if s <= self.settings.max_steps] or [1]
+        # The configured step counts within the limit, else what a request without `steps` gets.
+        max_steps = self.settings.max_steps
+        wanted = {s for s in self.settings.warmup_steps if s <= max_steps}
+        steps_list = sorted(wanted or {min(self.default_steps, max_steps)})
         rng = np.random.default_rng(0)
         length = self.max_episode_length
         episode = (
