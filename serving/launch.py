@@ -8,6 +8,7 @@ Used by the demo, the latency benchmark and the tests. Imports no TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -132,18 +133,27 @@ class ServiceProcess:
             return "(no log)"
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL if it lingers."""
+        """SIGTERM to the server's process group (BentoML's arbiter then stops its workers);
+        SIGKILL to whatever of the server's process tree is still there after ``timeout``."""
         if self.process is None or self.process.poll() is not None:
             return
-        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+        import psutil  # a BentoML dependency
+
+        try:  # the workers run in process groups of their own: remember them by pid
+            tree = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)  # start_new_session: pgid == pid
         try:
-            os.killpg(pgid, signal.SIGTERM)
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
+            self.process.kill()
             self.process.wait(timeout=timeout)
-        except ProcessLookupError:
-            pass
+        _, alive = psutil.wait_procs(tree, timeout=timeout)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
     def __enter__(self) -> ServiceProcess:
         return self.start()
