@@ -5,8 +5,9 @@ Adaptation pads every request to fixed sizes so the compiled function is reused:
 maximum episode length and the episode count to a bucket (:func:`episode_buckets`). Padding adds only masked steps and masked episodes, which change no loss, baseline or
 advantage (``metarl_tf.rollout.pad_episodes``), so the result equals an unpadded ``adapt``.
 
-Actions use numpy: for one observation a numpy forward pass of the small MLP takes microseconds,
-far less than a TensorFlow call. ``tests/test_serving.py`` checks it against the Keras policy.
+Actions use :func:`metarl_tf.policy.numpy_forward`: for one observation a numpy forward pass of
+the small MLP takes microseconds, far less than a TensorFlow call. ``tests/test_serving.py``
+checks the served actions against the Keras policy.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import tensorflow as tf
 
 from metarl_tf.bundle import Bundle
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, weights_to_json
+from metarl_tf.policy import numpy_forward
 from metarl_tf.rollout import pad_episodes
 from serving.settings import ServiceSettings
 from serving.store import PolicyNotFound, PolicyStore
 from serving.validation import RequestError
 
 META_ID = "meta"
-
-_NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
 
 
 @contextlib.contextmanager
@@ -57,20 +57,6 @@ def episode_buckets(max_episodes: int) -> list[int]:
         candidates.update((p, p + p // 2))
         p *= 2
     return sorted({b for b in candidates if b < max_episodes} | {max_episodes})
-
-
-def numpy_forward(params: list[np.ndarray], observations: np.ndarray, activation: str):
-    """``(mean [N, act_dim], log_std [N, act_dim])`` of the Gaussian MLP, as
-    :func:`metarl_tf.policy.gaussian_mlp_forward` with unbatched weights, in float32 numpy."""
-    act = _NUMPY_ACTIVATIONS[activation]
-    *layers, log_std = params
-    x = observations
-    n_layers = len(layers) // 2
-    for i in range(n_layers):
-        x = x @ layers[2 * i] + layers[2 * i + 1]
-        if i < n_layers - 1:
-            x = act(x)
-    return x, np.broadcast_to(log_std, x.shape)
 
 
 @dataclass
