@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from tf_agents.specs import tensor_spec
 
-from metarl_tf.envs import Navigation2D
+from metarl_tf.envs import (
+    BatchedEnv,
+    Navigation2D,
+    TaskDistribution,
+    TimeStep,
+    check_task_distribution,
+)
 from metarl_tf.maml import Adapter
 from metarl_tf.rollout import EpisodeBatch, Sampler, pad_episodes
 
@@ -41,6 +48,65 @@ def test_sampler_shapes_and_env_consistency(make_policy):
     )
     assert batch.num_steps == int(batch.mask.sum())
     np.testing.assert_allclose(batch.episode_returns, batch.rewards.sum(-1), rtol=1e-6)
+
+
+class Countdown(TaskDistribution):
+    """A fake task family: task ``{"length": L}``; episode ``e`` of a task ends after ``L + e``
+    steps. The observation is ``[t, L]``; the reward of step ``t`` is ``t + 1`` and stays nonzero
+    after the end (a careless env), so the sampler itself must zero the padding."""
+
+    name = "countdown"
+    horizon = 6
+
+    @property
+    def observation_spec(self):
+        return tensor_spec.TensorSpec((2,), np.float32)
+
+    @property
+    def action_spec(self):
+        return tensor_spec.BoundedTensorSpec((1,), np.float32, -1.0, 1.0)
+
+    def sample_tasks(self, n, seed):
+        return [{"length": 1 + (seed + i) % self.horizon} for i in range(n)]
+
+    def make_batched_env(self, tasks, episodes_per_task):
+        lengths = [t["length"] + e for t in tasks for e in range(episodes_per_task)]
+        return CountdownEnv(np.array(lengths))
+
+
+class CountdownEnv(BatchedEnv):
+    def __init__(self, lengths):
+        self.lengths, self.num_envs = lengths, len(lengths)
+
+    def _obs(self):
+        return np.stack([np.full(self.num_envs, self.t), self.lengths], 1).astype(np.float32)
+
+    def reset(self):
+        self.t = 0
+        return self._obs()
+
+    def step(self, actions):
+        assert actions.shape == (self.num_envs, 1)
+        self.t += 1
+        reward = np.full(self.num_envs, float(self.t), np.float32)
+        return TimeStep(self._obs(), reward, self.t >= self.lengths)
+
+
+def test_sampler_masks_and_zero_pads_after_each_episode_ends(make_policy):
+    dist = Countdown()
+    check_task_distribution(dist)
+    policy = make_policy(hidden=(4,), obs_dim=2, act_dim=1)
+    tasks = [{"length": 1}, {"length": 4}, {"length": 6}]
+    batch = Sampler(dist, policy, 3).sample(policy.parameters, tasks, seed=0)
+    assert batch.mask.shape == (3, 3, 6)
+    for i, task in enumerate(tasks):
+        for e in range(3):
+            length = min(task["length"] + e, dist.horizon)
+            expected_mask = (np.arange(6) < length).astype(np.float32)
+            np.testing.assert_array_equal(batch.mask[i, e], expected_mask, err_msg=f"{i}, {e}")
+            np.testing.assert_array_equal(batch.rewards[i, e], (np.arange(6) + 1) * expected_mask)
+            np.testing.assert_array_equal(batch.observations[i, e, :length, 0], np.arange(length))
+    np.testing.assert_array_equal(batch.episode_returns[0], [1, 3, 6])
 
 
 def test_mask_covers_the_terminating_step_and_padding_is_zero(make_policy):

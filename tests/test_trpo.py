@@ -280,6 +280,45 @@ def test_trpo_meta_step_respects_kl_bound_and_improves_surrogate(make_policy, me
     if meta_sgd:
         assert any(not np.allclose(s.numpy(), 0.1) for s in sizes), "step sizes were not updated"
 
+    # The step s is the natural-gradient step scaled to the trust region: ½ sᵀ H s = max_kl for
+    # the full step (H the exact KL Hessian through the adaptation), times the line search's
+    # shrink factor squared; and H s is parallel to −∇(surrogate through the adaptation).
+    variables = theta_before + (alphas_before if meta_sgd else [])
+    after = [tf.constant(p) for p in policy.get_parameters()] + (new_sizes if meta_sgd else [])
+    step_vec = [a - b for a, b in zip(after, variables, strict=True)]
+    old_mean, old_log_std = policy.forward(old_params, batch.outer_episodes.observations)
+
+    def through_adaptation(values):
+        th, al = values[: len(theta_before)], values[len(theta_before) :]
+        return adapt(
+            policy, th, al if meta_sgd else sizes, batch.inner_episodes, batch.inner_advantages
+        ).params
+
+    with tf.GradientTape() as outer_tape:
+        outer_tape.watch(variables)
+        with tf.GradientTape() as inner_tape:
+            inner_tape.watch(variables)
+            adapted = through_adaptation(variables)
+            kl0 = reference_mean_kl(policy, adapted, batch.outer_episodes, old_mean, old_log_std)
+        kl_grad = inner_tape.gradient(kl0, variables)
+        grad_dot_s = tf.add_n(
+            [tf.reduce_sum(g * x) for g, x in zip(kl_grad, step_vec, strict=True)]
+        )
+    h_s = np.concatenate([h.numpy().ravel() for h in outer_tape.gradient(grad_dot_s, variables)])
+    with tf.GradientTape() as tape:
+        tape.watch(variables)
+        surrogate = surrogate_loss(
+            policy, through_adaptation(variables), batch.outer_episodes, batch.outer_advantages,
+            tf.constant(old_logp, tf.float32),
+        )  # fmt: skip
+    loss_grad = np.concatenate([g.numpy().ravel() for g in tape.gradient(surrogate, variables)])
+    s_flat = np.concatenate([x.numpy().ravel() for x in step_vec])
+    shrink = 0.8 ** (stats["line_search_steps"] - 1)
+    quadratic_kl = 0.5 * s_flat @ h_s + 0.5 * 1e-5 * s_flat @ s_flat  # with CG's damping
+    assert quadratic_kl == pytest.approx(shrink**2 * max_kl, rel=2e-2)
+    cosine = -(h_s @ loss_grad) / np.linalg.norm(h_s) / np.linalg.norm(loss_grad)
+    assert cosine > 0.99
+
 
 @pytest.mark.slow
 def test_trpo_meta_step_without_an_acceptable_step_keeps_the_parameters(make_policy):
