@@ -6,12 +6,12 @@ loops, numpy, TF-Agents, finite differences, autodiff through the public functio
 calling the function being checked.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import metarl_tf  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 # isort: split
-import metarl_tf  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads, just below
 
 # isort: split
 import keras
@@ -107,14 +107,12 @@ def policy():
 
 
 @pytest.fixture(scope="session")
-def tiny_run():
+def tiny_run(tmp_path_factory):
     """The ``tiny`` preset trained for 4 iterations, with a checkpoint after iteration 2.
 
     Yields a dict: the trainer, the trace counts after 2 and 4 iterations, the checkpoint
     directory, the parameters at the checkpoint, and the metrics of iterations 3 and 4.
     """
-    import tempfile
-
     from metarl_tf.config import get_preset
     from metarl_tf.trainer import MetaTrainer
 
@@ -129,20 +127,19 @@ def tiny_run():
             if hasattr(value, "experimental_get_tracing_count")
         }
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = MetaTrainer(get_preset("tiny").replace(iterations=4))
-        for _ in range(2):
-            trainer.train_iteration()
-        counts_2 = trace_counts(trainer)
-        ckpt = trainer.save_checkpoint(os.path.join(tmp, "checkpoint"))
-        params_2 = _values_of(trainer.policy.parameters)
-        later = [trainer.train_iteration() for _ in range(2)]
-        yield {
-            "trainer": trainer,
-            "counts_2": counts_2,
-            "counts_4": trace_counts(trainer),
-            "checkpoint": ckpt,
-            "params_2": params_2,
-            "params_4": _values_of(trainer.policy.parameters),
-            "metrics_3_4": later,
-        }
+    trainer = MetaTrainer(get_preset("tiny").replace(iterations=4))
+    for _ in range(2):
+        trainer.train_iteration()
+    counts_2 = trace_counts(trainer)
+    ckpt = trainer.save_checkpoint(tmp_path_factory.mktemp("tiny_run") / "checkpoint")
+    params_2 = _values_of(trainer.policy.parameters)
+    later = [trainer.train_iteration() for _ in range(2)]
+    return {
+        "trainer": trainer,
+        "counts_2": counts_2,
+        "counts_4": trace_counts(trainer),
+        "checkpoint": ckpt,
+        "params_2": params_2,
+        "params_4": _values_of(trainer.policy.parameters),
+        "metrics_3_4": later,
+    }

@@ -29,7 +29,10 @@ def assert_close(got, expected, rtol=1e-4):
     assert err < rtol, f"relative error {err:.2e}"
 
 
-@pytest.fixture(params=[("tanh", (8, 3)), ("relu", (8, 3)), ("tanh", (4,))], ids=str)
+@pytest.fixture(
+    params=[("tanh", (8, 3)), ("relu", (8, 3)), ("tanh", (4,))],
+    ids=lambda p: f"{p[0]}-{'x'.join(map(str, p[1]))}",
+)
 def per_task_setup(request, make_policy, synthetic_batch, to_tensors):
     activation, hidden = request.param
     policy = make_policy(hidden=hidden, activation=activation)
