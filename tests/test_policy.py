@@ -227,3 +227,27 @@ def test_config_round_trip(make_policy):
     obs = np.ones((2, 2), np.float32)
     np.testing.assert_allclose(clone(obs)[0].numpy(), policy(obs)[0].numpy(), rtol=1e-6)
     assert isinstance(clone, keras.Model)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_library_numpy_forward_equals_the_tensorflow_forward(make_policy, activation):
+    from metarl_tf.policy import numpy_forward as library_numpy_forward
+
+    policy = make_policy(hidden=(8, 3), obs_dim=2, act_dim=2, activation=activation)
+    obs = np.random.default_rng(9).normal(size=(5, 2)).astype(np.float32)
+    params = policy.get_parameters()
+    mean, log_std = library_numpy_forward(params, obs, activation)
+    ref_mean, ref_log_std = gaussian_mlp_forward(params, obs, activation)
+    np.testing.assert_allclose(mean, ref_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(log_std, ref_log_std.numpy())
+    # per-task parameters [tasks, *shape] with observations [tasks, N, obs_dim]
+    per_task = [random_params(policy, seed=20 + i) for i in range(3)]
+    batched = [np.stack(ps) for ps in zip(*per_task, strict=True)]
+    obs3 = np.random.default_rng(10).normal(size=(3, 4, 2)).astype(np.float32)
+    mean, log_std = library_numpy_forward(batched, obs3, activation)
+    assert mean.shape == log_std.shape == (3, 4, 2)
+    for i in range(3):
+        np.testing.assert_allclose(
+            mean[i], numpy_forward(per_task[i], obs3[i], activation)[0], rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(log_std[i], np.broadcast_to(per_task[i][-1], (4, 2)))
