@@ -35,7 +35,9 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--inner-step-size", type=float, help="inner step size α (initial α with --meta-sgd)"
     )
-    p.add_argument("--init-log-std", type=float, help="initial log standard deviation of the policy")
+    p.add_argument(
+        "--init-log-std", type=float, help="initial log standard deviation of the policy"
+    )
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     p.add_argument(
