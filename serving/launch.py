@@ -39,7 +39,8 @@ class ServiceProcess:
         bundle: bundle directory (``METARL_BUNDLE``).
         port: port to listen on (default: a free one).
         env: extra environment variables (``METARL_*`` limits, ...).
-        log_path: where the server's output goes (default: a temporary file).
+        log_path: where the server's output goes (default: a temporary file, deleted by
+            :meth:`stop` unless start-up failed).
         ready_timeout: seconds to wait for ``/readyz``.
     """
 
@@ -59,10 +60,12 @@ class ServiceProcess:
             self.env["METARL_BUNDLE"] = str(bundle)
         self.env.setdefault("BENTOML_DO_NOT_TRACK", "True")
         self.ready_timeout = ready_timeout
+        self._own_log = log_path is None
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="metarl-serve-", suffix=".log")
             os.close(fd)
         self.log_path = Path(log_path)
+        self._failed = False
         self.process: subprocess.Popen | None = None
         self.startup_probes: list[tuple[float, int | None, int | None]] = []
 
@@ -97,12 +100,14 @@ class ServiceProcess:
             while True:
                 elapsed = time.monotonic() - start
                 if self.process.poll() is not None or self._startup_failed():
+                    self._failed = True
                     self.stop()
                     raise RuntimeError(
                         f"the service failed to start (exit code {self.process.returncode}); "
                         f"log {self.log_path}:\n{self.log_tail()}"
                     )
                 if elapsed > self.ready_timeout:
+                    self._failed = True
                     self.stop()
                     raise RuntimeError(
                         f"the service was not ready after {self.ready_timeout:g} s; "
@@ -136,6 +141,7 @@ class ServiceProcess:
         """SIGTERM to the server's process group (BentoML's arbiter then stops its workers);
         SIGKILL to whatever of the server's process tree is still there after ``timeout``."""
         if self.process is None or self.process.poll() is not None:
+            self._remove_own_log()
             return
         import psutil  # a BentoML dependency
 
@@ -154,9 +160,15 @@ class ServiceProcess:
         for child in alive:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+        self._remove_own_log()
+
+    def _remove_own_log(self) -> None:
+        if self._own_log and not self._failed:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ServiceProcess:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._failed = self._failed or exc_type is not None  # keep the log for the post-mortem
         self.stop()
