@@ -685,7 +685,7 @@ def test_settings_from_env_names_a_bad_variable(monkeypatch):
 
 
 def test_missing_bundle_fails_fast_with_the_reason(tmp_path):
-    proc = ServiceProcess(bundle=tmp_path / "nope", ready_timeout=60)
+    proc = ServiceProcess(bundle=tmp_path / "nope", ready_timeout=60, log_path=tmp_path / "log")
     with pytest.raises(RuntimeError, match="not a bundle directory"):
         proc.start()
 
