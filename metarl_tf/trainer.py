@@ -4,6 +4,7 @@ checkpoints, resume, and a bundle at the end (or on Ctrl-C)."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ from metarl_tf.outer import MetaBatch, adam_meta_step, trpo_meta_step
 from metarl_tf.policy import GaussianMLPPolicy
 from metarl_tf.rollout import EpisodeBatch, Sampler
 
+# XLA (jit_compile) helps Eigen's kernels but runs slower than TensorFlow's oneDNN kernels for this
+# step (bench/train_speed.py: 3.1 s vs 1.7 s per nav2d iteration); METARL_JIT=1 opts in.
+_JIT = os.environ.get("METARL_JIT", "0") == "1"
 CHECKPOINT_ARRAYS = "state.npz"
 CHECKPOINT_STATE = "state.json"
 
@@ -69,7 +73,7 @@ class MetaTrainer:
         self.optimizer = keras.optimizers.Adam(c.outer_learning_rate) if c.outer == "adam" else None
         if self.optimizer is not None:
             self.optimizer.build(self._meta_variables)
-        self._meta_step = tf.function(self._meta_step_fn, jit_compile=True)
+        self._meta_step = tf.function(self._meta_step_fn, jit_compile=_JIT)
         self._outer_advantages = tf.function(
             lambda e: compute_advantages(e, c.gamma, c.gae_lambda, c.baseline)
         )
