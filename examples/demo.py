@@ -145,13 +145,19 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 
     tasks, paths = result["tasks"], result["paths"]
     steps = len(result["mean_return"]) - 1
-    colors = ["tab:gray", "tab:orange", "tab:red", "tab:purple", "tab:brown"]
+    # Later steps drawn thinner on top, so overlapping paths stay visible.
+    styles = [
+        {"color": "tab:gray", "lw": 3.0, "ls": "-"},
+        {"color": "tab:orange", "lw": 2.0, "ls": "-"},
+        {"color": "tab:red", "lw": 1.2, "ls": "--"},
+        {"color": "tab:purple", "lw": 1.0, "ls": ":"},
+    ]
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.1 * len(tasks), 3.4), squeeze=False)
     for i, ax in enumerate(axes[0]):
         for k in range(steps + 1):
             xy = paths[i][k]
             label = "pre-update" if k == 0 else f"{k} step{'s' if k > 1 else ''}"
-            ax.plot(xy[:, 0], xy[:, 1], "-", color=colors[k % len(colors)], lw=1.5, label=label)
+            ax.plot(xy[:, 0], xy[:, 1], label=label, **styles[min(k, len(styles) - 1)])
         gx, gy = tasks[i]["goal"]
         ax.plot([gx], [gy], marker="*", ms=15, color="gold", mec="k", ls="", label="goal")
         ax.plot([0], [0], marker="o", color="k", ms=4, ls="")
