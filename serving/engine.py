@@ -13,6 +13,7 @@ checks the served actions against the Keras policy.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -139,6 +140,10 @@ class AdaptationEngine:
                     self.warmup["compiled"].append([bucket, steps])
         self.numpy_act(self.meta_parameters, np.zeros((1, self.obs_dim), np.float32), True, None)
         self.warmup.update(done=True, seconds=round(time.perf_counter() - start, 3))
+        # Move everything alive now (TensorFlow, Keras, the bundle: millions of objects) out of
+        # the collector's reach, so the full collections that request garbage triggers stay short.
+        gc.collect()
+        gc.freeze()
         self.ready = True
 
     def tracing_count(self) -> int | None:
