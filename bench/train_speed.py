@@ -46,7 +46,7 @@ def main() -> None:
     import tensorflow as tf
 
     from metarl_tf.config import get_preset
-    from metarl_tf.outer import MetaBatch, trpo_meta_step
+    from metarl_tf.outer import MetaBatch
     from metarl_tf.trainer import MetaTrainer, _to_tensors, peak_rss_mb
 
     config = get_preset(args.preset)
@@ -72,20 +72,7 @@ def main() -> None:
 
     def phase(stop_after):
         f = tf.function(
-            lambda b: trpo_meta_step(
-                trainer.policy,
-                trainer.step_sizes,
-                b,
-                learn_step_sizes=config.meta_sgd,
-                inner_steps=config.inner_steps,
-                first_order=config.first_order,
-                max_kl=config.max_kl,
-                cg_iterations=config.cg_iterations,
-                cg_damping=config.cg_damping,
-                ls_max_steps=config.ls_max_steps,
-                ls_backtrack_ratio=config.ls_backtrack_ratio,
-                stop_after=stop_after,
-            ),  # fmt: skip
+            lambda b: trainer._meta_step_fn(b, stop_after=stop_after),
             jit_compile=trainer._meta_step._jit_compile,
         )
         return lambda: [v.numpy() for v in f(batch).values()]

@@ -88,7 +88,8 @@ class MetaTrainer:
             list(self.step_sizes) if self.config.meta_sgd else []
         )
 
-    def _meta_step_fn(self, batch: MetaBatch):
+    def _meta_step_fn(self, batch: MetaBatch, stop_after: str | None = None):
+        """The outer update; ``stop_after`` (TRPO only) is for bench/train_speed.py's breakdown."""
         c = self.config
         if c.outer == "trpo":
             return trpo_meta_step(
@@ -96,6 +97,7 @@ class MetaTrainer:
                 learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
                 max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
                 ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
+                stop_after=stop_after,
             )  # fmt: skip
         return adam_meta_step(
             self.policy, self.step_sizes, self.optimizer, batch,
