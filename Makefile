@@ -8,7 +8,7 @@ PRESET ?= nav2d
 BUNDLE ?= saved_models/nav2d-maml
 PORT ?= 3000
 
-.PHONY: venv test test-fast lint format train evaluate demo serve bench clean
+.PHONY: venv test test-fast lint format train evaluate demo serve bench bento docker clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ serve: venv  ## the adaptation service on http://127.0.0.1:$(PORT)
 bench: venv
 	$(PY) bench/train_speed.py
 	$(PY) bench/serve_latency.py
+
+bento: venv  ## Bento of the service with the shipped bundle
+	$(VENV)/bin/bentoml build -f serving/bentofile.yaml .
+
+docker:  ## needs a Docker engine (none runs on the development machines)
+	docker build -t metarl-adaptation .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -29,7 +29,7 @@ def _timed(fn, repeats: int) -> float:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)  # least disturbed by the shared machine
 
 
 def main() -> None:
@@ -77,9 +77,19 @@ def main() -> None:
         )
         return lambda: [v.numpy() for v in f(batch).values()]
 
-    gradient_s = _timed(phase("gradient"), 3)
-    direction_s = _timed(phase("direction"), 3)
-    full_s = _timed(phase(None), 3)  # the whole step (updates the policy; fine in a benchmark)
+    gradient_s = _timed(phase("gradient"), 5)
+    direction_s = _timed(phase("direction"), 5)
+    # The whole step, undone after each call so every repeat does the same work (the same
+    # number of line-search steps) as the first.
+    saved = [v.numpy() for v in trainer._meta_variables]
+    full = phase(None)
+
+    def full_and_restore():
+        full()
+        for v, value in zip(trainer._meta_variables, saved, strict=True):
+            v.assign(value)
+
+    full_s = _timed(full_and_restore, 5)
     figures = {
         "preset": args.preset,
         "iterations_measured": args.iterations,
