@@ -212,6 +212,11 @@ class Adapter:
         result = adapt(self.policy, params, self.step_sizes, episodes, advantages, steps)
         return result.params, result.losses, advantages
 
+    @property
+    def tracing_count(self) -> int:
+        """How many times the compiled adaptation was traced (one per input shape and step count)."""
+        return int(self._compiled.experimental_get_tracing_count())
+
     def __call__(self, params, episodes, steps: int = 1):
         """Adapts ``params`` (shared ``[*shape]`` or per-task ``[tasks, *shape]``) on ``episodes``.
 

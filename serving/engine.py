@@ -146,12 +146,9 @@ class AdaptationEngine:
         gc.freeze()
         self.ready = True
 
-    def tracing_count(self) -> int | None:
-        """How many times the adapter's ``tf.function`` has been traced (constant once warm);
-        ``None`` if the adapter does not expose it."""
-        compiled = getattr(self.adapter, "_compiled", None)
-        counter = getattr(compiled, "experimental_get_tracing_count", None)
-        return int(counter()) if counter else None
+    def tracing_count(self) -> int:
+        """How many times the adapter's ``tf.function`` has been traced (constant once warm)."""
+        return self.adapter.tracing_count
 
     # -- policies ------------------------------------------------------------------------------
 
