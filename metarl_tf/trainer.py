@@ -114,11 +114,13 @@ class MetaTrainer:
         task_seed, inner_seed, outer_seed = self._seeds(self.iteration)
         t0 = time.perf_counter()
         tasks = self.dist.sample_tasks(c.meta_batch_size, task_seed)
-        inner = _to_tensors(self.sampler.sample(self.policy.parameters, tasks, inner_seed))
+        inner_np = self.sampler.sample(self.policy.parameters, tasks, inner_seed)
+        inner = _to_tensors(inner_np)
         t1 = time.perf_counter()
         adapted, _, inner_adv = self.adapter(self.policy.parameters, inner, c.inner_steps)
         t2 = time.perf_counter()
-        outer = _to_tensors(self.sampler.sample(adapted, tasks, outer_seed))
+        outer_np = self.sampler.sample(adapted, tasks, outer_seed)
+        outer = _to_tensors(outer_np)
         outer_adv = self._outer_advantages(outer)
         t3 = time.perf_counter()
         stats = self._meta_step(MetaBatch(inner, inner_adv, outer, outer_adv))
@@ -126,8 +128,8 @@ class MetaTrainer:
         t4 = time.perf_counter()
         self.iteration += 1
         self.elapsed += t4 - t0
-        pre = float(np.mean(EpisodeBatch(*[x.numpy() for x in inner]).episode_returns))
-        post = float(np.mean(EpisodeBatch(*[x.numpy() for x in outer]).episode_returns))
+        pre = float(np.mean(inner_np.episode_returns))
+        post = float(np.mean(outer_np.episode_returns))
         metrics = {
             "iteration": self.iteration,
             "returns/pre_adaptation": pre,
@@ -138,7 +140,7 @@ class MetaTrainer:
             "time/meta_step_s": t4 - t3,
             "time/iteration_s": t4 - t0,
             "time/elapsed_s": self.elapsed,
-            "charts/env_steps": float(inner.mask.numpy().sum() + outer.mask.numpy().sum()),
+            "charts/env_steps": float(inner_np.num_steps + outer_np.num_steps),
             "charts/peak_rss_mb": peak_rss_mb(),
         }
         if c.meta_sgd:
