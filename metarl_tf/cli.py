@@ -31,7 +31,18 @@ def _add_train(sub) -> None:
         "--meta-sgd", action="store_true", default=None, help="learn per-parameter step sizes"
     )
     p.add_argument("--first-order", action="store_true", default=None, help="first-order MAML")
-    p.add_argument("--outer", choices=["trpo", "adam"], help="outer update (overrides the preset)")
+    p.add_argument(
+        "--outer", choices=["trpo", "ppo", "adam"], help="outer update (overrides the preset)"
+    )
+    p.add_argument(
+        "--inner-steps", type=int,
+        help="inner steps during meta-training, each on freshly collected episodes",
+    )  # fmt: skip
+    p.add_argument("--ppo-epochs", type=int, help="Adam epochs per iteration with --outer ppo")
+    p.add_argument("--ppo-clip", type=float, help="PPO clip range ε with --outer ppo")
+    p.add_argument(
+        "--outer-learning-rate", type=float, help="Adam learning rate with --outer ppo/adam"
+    )
     p.add_argument(
         "--inner-step-size", type=float, help="inner step size α (initial α with --meta-sgd)"
     )
@@ -86,6 +97,8 @@ def _train_config(args):
         "iterations": args.iterations, "seed": args.seed, "meta_sgd": args.meta_sgd,
         "first_order": args.first_order, "outer": args.outer, "inner_step_size": args.inner_step_size,
         "checkpoint_every": args.checkpoint_every, "init_log_std": args.init_log_std,
+        "inner_steps": args.inner_steps, "ppo_epochs": args.ppo_epochs, "ppo_clip": args.ppo_clip,
+        "outer_learning_rate": args.outer_learning_rate,
     }  # fmt: skip
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 

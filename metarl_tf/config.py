@@ -20,20 +20,24 @@ class TrainConfig:
         meta_batch_size: tasks per meta-iteration.
         episodes_per_task: episodes collected per task, before and after adaptation.
         horizon: maximum episode length.
-        inner_steps: inner gradient steps during meta-training.
+        inner_steps: inner gradient steps during meta-training, each on freshly collected
+            episodes (batch ``j`` sampled by the policy adapted ``j`` times).
         inner_step_size: inner step size α (initial value when ``meta_sgd``).
         meta_sgd: learn one step size per parameter entry (Meta-SGD).
         first_order: drop second-order terms of the meta-gradient (FOMAML).
         gamma: discount factor.
         gae_lambda: GAE λ (1.0 = Monte Carlo returns minus baseline).
         baseline: ``linear`` (rllab's linear feature baseline) or ``none``.
-        outer: outer update, ``trpo`` or ``adam``.
+        outer: outer update, ``trpo``, ``ppo`` (clipped surrogate, several Adam epochs) or
+            ``adam`` (one Adam step on the surrogate).
         max_kl: TRPO trust-region size (mean KL over tasks).
         cg_iterations: conjugate-gradient iterations of TRPO.
         cg_damping: damping added to the Fisher-vector product.
         ls_max_steps: maximum backtracking line-search steps.
         ls_backtrack_ratio: step shrink factor of the line search.
-        outer_learning_rate: Adam learning rate (``outer="adam"``).
+        outer_learning_rate: Adam learning rate (``outer="adam"`` or ``"ppo"``).
+        ppo_epochs: Adam steps on the clipped surrogate per meta-iteration (``outer="ppo"``).
+        ppo_clip: PPO's clip range ``ε`` on the likelihood ratio (``outer="ppo"``).
         iterations: meta-iterations.
         seed: seeds tasks, action noise and initialization.
         checkpoint_every: write a checkpoint every N iterations.
@@ -61,13 +65,17 @@ class TrainConfig:
     ls_max_steps: int = 15
     ls_backtrack_ratio: float = 0.8
     outer_learning_rate: float = 3e-4
+    ppo_epochs: int = 5
+    ppo_clip: float = 0.2
     iterations: int = 500
     seed: int = 0
     checkpoint_every: int = 10
 
     def __post_init__(self):
-        if self.outer not in ("trpo", "adam"):
-            raise ValueError(f"outer must be 'trpo' or 'adam', got {self.outer!r}")
+        if self.outer not in ("trpo", "adam", "ppo"):
+            raise ValueError(f"outer must be 'trpo', 'ppo' or 'adam', got {self.outer!r}")
+        if not 0.0 < self.ppo_clip < 1.0:
+            raise ValueError(f"ppo_clip must be in (0, 1), got {self.ppo_clip}")
         if self.baseline not in ("linear", "none"):
             raise ValueError(f"baseline must be 'linear' or 'none', got {self.baseline!r}")
         for name in (
@@ -76,6 +84,7 @@ class TrainConfig:
             "horizon",
             "inner_steps",
             "iterations",
+            "ppo_epochs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -9,6 +9,12 @@ with the policy-gradient loss ``L = −Σ mask·log π(a|s)·Â / Σ mask`` and 
 one step size per parameter entry (Meta-SGD). All tasks adapt in one batched computation:
 parameters carry a leading ``[tasks]`` axis.
 
+Several steps run either on one batch (the service: the client sends one batch and asks for
+``steps``) or on one batch per step (meta-training and evaluation: step ``j`` on fresh episodes
+``D_i^j`` collected by ``π_θ_{j−1}``, so ``θ_j = θ_{j−1} − α ⊙ ∇L(θ_{j−1}; D_i^j)``). Every function
+below that takes ``episodes, advantages`` accepts both: one ``EpisodeBatch`` and its advantages, or
+a sequence of them, one per step (:func:`per_step_batches`).
+
 Besides :func:`adapt`, this module gives the Jacobian-vector and vector-Jacobian products of the
 adaptation map ``(θ, α) ↦ θ'`` (:func:`adaptation_jvp`, :func:`adaptation_vjp`), built from
 forward-over-reverse Hessian-vector products of the inner loss. The TRPO outer step uses them for
@@ -76,6 +82,31 @@ class AdaptResult(NamedTuple):
     trace: list
 
 
+def per_step_batches(episodes, advantages, steps: int | None = None) -> tuple[list, list]:
+    """The episodes and advantages of every inner step, as two lists of length ``steps``.
+
+    Args:
+        episodes: one ``EpisodeBatch`` (reused by every step) or a sequence of them, one per step.
+        advantages: its advantages ``[tasks, episodes, T]``, or a sequence, one per step.
+        steps: the number of steps; ``None`` means 1 for one batch, the sequence's length otherwise.
+
+    Raises:
+        ValueError: if the sequences' lengths differ from each other or from ``steps``.
+    """
+    if hasattr(episodes, "mask"):  # one EpisodeBatch (itself a NamedTuple, hence this test)
+        steps = 1 if steps is None else int(steps)
+        return [episodes] * steps, [advantages] * steps
+    episodes, advantages = list(episodes), list(advantages)
+    steps = len(episodes) if steps is None else int(steps)
+    if not (len(episodes) == len(advantages) == steps) or steps < 1:
+        raise ValueError(
+            f"one inner batch per step: got {len(episodes)} episode batches and "
+            f"{len(advantages)} advantage tensors for {steps} inner steps; pass one EpisodeBatch "
+            "(reused by every step) or exactly one batch and one advantage tensor per step"
+        )
+    return episodes, advantages
+
+
 def _scale(step_sizes, i):
     return step_sizes[i] if isinstance(step_sizes, (list, tuple)) else step_sizes
 
@@ -86,10 +117,10 @@ def adapt(
     step_sizes,
     episodes,
     advantages,
-    steps: int = 1,
+    steps: int | None = None,
     first_order: bool = False,
 ) -> AdaptResult:
-    """``steps`` inner gradient steps ``θ ← θ − α ⊙ ∇L(θ; D)`` for every task.
+    """``steps`` inner gradient steps ``θ_j = θ_{j−1} − α ⊙ ∇L(θ_{j−1}; D^j)`` for every task.
 
     Differentiable: called under a ``GradientTape``, gradients flow through the inner step
     (second order) unless ``first_order=True`` (the inner gradient is then a constant).
@@ -98,18 +129,21 @@ def adapt(
         policy: provides ``forward(params, observations)``.
         params: weights ``[tasks, *shape]`` or shared ``[*shape]`` (tiled to every task).
         step_sizes: scalar ``α`` or, for Meta-SGD, one tensor per parameter with its shape.
-        episodes: ``EpisodeBatch`` ``[tasks, episodes, T, ...]`` collected by ``params``.
-        advantages: ``[tasks, episodes, T]`` from :func:`metarl_tf.advantages.compute_advantages`.
-        steps: number of inner steps (on the same episodes).
+        episodes: ``EpisodeBatch`` ``[tasks, episodes, T, ...]`` collected by ``params`` (every
+            step uses it), or a sequence of them, one per step (``D^j`` collected by ``θ_{j−1}``).
+        advantages: ``[tasks, episodes, T]`` from :func:`metarl_tf.advantages.compute_advantages`,
+            or a sequence, one per step.
+        steps: number of inner steps; default 1 for one batch, the number of batches otherwise.
         first_order: drop the second-order terms (FOMAML).
     """
-    tasks = episodes.mask.shape[0]
+    episodes, advantages = per_step_batches(episodes, advantages, steps)
+    tasks = episodes[0].mask.shape[0]
     params = list(params)
     if len(params[0].shape) == len(policy.parameter_shapes[0]):
         params = tile_parameters(params, tasks)
     losses, trace = [], []
-    for _ in range(steps):
-        loss, grads = inner_gradients(policy, params, episodes, advantages)
+    for batch, adv in zip(episodes, advantages, strict=True):
+        loss, grads = inner_gradients(policy, params, batch, adv)
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]
         trace.append((params, grads))
@@ -133,7 +167,7 @@ def adaptation_jvp(
 ):  # fmt: skip
     """``dθ' = J_θ v_θ + J_α v_α`` for the map ``(θ, α) ↦ θ'`` traced in ``result``.
 
-    Per step: ``dθ_j = (I − α ⊙ H_j) dθ_{j−1} − g_j ⊙ dα`` with ``H_j = ∇²L(θ_{j−1})``.
+    Per step: ``dθ_j = (I − α ⊙ H_j) dθ_{j−1} − g_j ⊙ dα`` with ``H_j = ∇²L(θ_{j−1}; D^j)``.
 
     Args:
         v_params: tangent of the shared ``θ`` (``[*shape]`` each).
@@ -144,13 +178,14 @@ def adaptation_jvp(
     Returns:
         per-task tangents ``[tasks, *shape]``.
     """
-    tasks = episodes.mask.shape[0]
-    u = tile_parameters(v_params, tasks)
+    episodes, advantages = per_step_batches(episodes, advantages, len(result.trace))
+    u = tile_parameters(v_params, episodes[0].mask.shape[0])
     for j, (point, grads) in enumerate(result.trace):
         if first_order:
             hu = [tf.zeros_like(x) for x in u]
         else:
-            hu = _hvp_fn(policy, point, episodes, advantages, hessians and hessians[j])(u)
+            hvp = _hvp_fn(policy, point, episodes[j], advantages[j], hessians and hessians[j])
+            hu = hvp(u)
         u = [ui - _scale(step_sizes, i) * h for i, (ui, h) in enumerate(zip(u, hu, strict=True))]
         if v_steps is not None:
             u = [ui - g * dv for ui, g, dv in zip(u, grads, v_steps, strict=True)]
@@ -170,6 +205,7 @@ def adaptation_vjp(
         ``(cotangent of θ [*shape] each, cotangent of α [*shape] each or None)``; the task axis is
         summed because ``θ`` and ``α`` are shared by all tasks.
     """
+    episodes, advantages = per_step_batches(episodes, advantages, len(result.trace))
     w = list(w)
     w_steps = [tf.zeros_like(x[0]) for x in w] if with_steps else None
     for j in reversed(range(len(result.trace))):
@@ -181,7 +217,8 @@ def adaptation_vjp(
             ]
         if not first_order:
             aw = [_scale(step_sizes, i) * wi for i, wi in enumerate(w)]
-            haw = _hvp_fn(policy, point, episodes, advantages, hessians and hessians[j])(aw)
+            hvp = _hvp_fn(policy, point, episodes[j], advantages[j], hessians and hessians[j])
+            haw = hvp(aw)
             w = [wi - h for wi, h in zip(w, haw, strict=True)]
     return [tf.reduce_sum(wi, axis=0) for wi in w], w_steps
 

@@ -1,5 +1,6 @@
-"""The meta-training loop: sample → adapt → sample → compiled outer step, with logging,
-checkpoints, resume, and a bundle at the end (or on Ctrl-C)."""
+"""The meta-training loop: sample → adapt (→ sample → adapt, k inner steps on fresh episodes) →
+sample → compiled outer step, with logging, checkpoints, resume, and a bundle at the end (or on
+Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from metarl_tf.bundle import save_bundle
 from metarl_tf.config import TrainConfig
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.maml import Adapter
-from metarl_tf.outer import MetaBatch, adam_meta_step, trpo_meta_step
+from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
 from metarl_tf.policy import GaussianMLPPolicy
 from metarl_tf.rollout import EpisodeBatch, Sampler
 
@@ -70,7 +71,9 @@ class MetaTrainer:
             self.step_sizes = float(c.inner_step_size)
         self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task)
         self.adapter = Adapter(self.policy, self.step_sizes, c.gamma, c.gae_lambda, c.baseline)
-        self.optimizer = keras.optimizers.Adam(c.outer_learning_rate) if c.outer == "adam" else None
+        self.optimizer = (
+            keras.optimizers.Adam(c.outer_learning_rate) if c.outer in ("adam", "ppo") else None
+        )
         if self.optimizer is not None:
             self.optimizer.build(self._meta_variables)
         self._meta_step = tf.function(self._meta_step_fn, jit_compile=_JIT)
@@ -99,48 +102,95 @@ class MetaTrainer:
                 ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
                 stop_after=stop_after,
             )  # fmt: skip
+        if c.outer == "ppo":
+            return ppo_meta_step(
+                self.policy, self.step_sizes, self.optimizer, batch,
+                learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
+                epochs=c.ppo_epochs, clip=c.ppo_clip,
+            )  # fmt: skip
         return adam_meta_step(
             self.policy, self.step_sizes, self.optimizer, batch,
             learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
         )  # fmt: skip
 
-    def _seeds(self, iteration: int) -> tuple[int, int, int]:
+    def _seeds(self, iteration: int) -> tuple[int, list[int], int]:
+        """``(task seed, one sampling seed per inner batch, outer sampling seed)``."""
         s = np.random.SeedSequence([self.config.seed, iteration]).generate_state(3)
-        return int(s[0]), int(s[1]), int(s[2])
+        # the first inner batch keeps the seed it had before multi-step inner adaptation existed
+        extra = [
+            int(np.random.SeedSequence([self.config.seed, iteration, j]).generate_state(1)[0])
+            for j in range(1, self.config.inner_steps)
+        ]
+        return int(s[0]), [int(s[1]), *extra], int(s[2])
+
+    def sample_meta_batch(self, tasks, inner_seeds, outer_seed) -> tuple[MetaBatch, dict]:
+        """Collects what one meta-step consumes: for ``j = 1..k`` the inner batch ``D^j`` with the
+        policy adapted ``j − 1`` times and one inner step on it (the compiled :class:`Adapter`),
+        then the outer batch ``D'`` with the policy adapted ``k`` times.
+
+        Returns:
+            ``(MetaBatch with k-tuples of inner batches and advantages, info)``; ``info`` holds the
+            numpy batches (``inner_np``, ``outer_np``) and the seconds spent sampling / adapting.
+        """
+        params = self.policy.parameters
+        inner_np, inner, inner_adv = [], [], []
+        sampling_s = adapt_s = 0.0
+        for seed in inner_seeds:
+            t0 = time.perf_counter()
+            batch_np = self.sampler.sample(params, tasks, seed)
+            batch = _to_tensors(batch_np)
+            t1 = time.perf_counter()
+            params, _, adv = self.adapter(params, batch, 1)
+            adapt_s += time.perf_counter() - t1
+            sampling_s += t1 - t0
+            inner_np.append(batch_np)
+            inner.append(batch)
+            inner_adv.append(adv)
+        t0 = time.perf_counter()
+        outer_np = self.sampler.sample(params, tasks, outer_seed)
+        outer = _to_tensors(outer_np)
+        outer_adv = self._outer_advantages(outer)
+        sampling_s += time.perf_counter() - t0
+        batch = MetaBatch(tuple(inner), tuple(inner_adv), outer, outer_adv)
+        info = {
+            "inner_np": inner_np,
+            "outer_np": outer_np,
+            "sampling_s": sampling_s,
+            "adapt_s": adapt_s,
+        }
+        return batch, info
 
     def train_iteration(self) -> dict[str, float]:
         """One meta-iteration; returns its metrics (also appended to ``history``)."""
         c = self.config
-        task_seed, inner_seed, outer_seed = self._seeds(self.iteration)
+        task_seed, inner_seeds, outer_seed = self._seeds(self.iteration)
         t0 = time.perf_counter()
         tasks = self.dist.sample_tasks(c.meta_batch_size, task_seed)
-        inner_np = self.sampler.sample(self.policy.parameters, tasks, inner_seed)
-        inner = _to_tensors(inner_np)
-        t1 = time.perf_counter()
-        adapted, _, inner_adv = self.adapter(self.policy.parameters, inner, c.inner_steps)
-        t2 = time.perf_counter()
-        outer_np = self.sampler.sample(adapted, tasks, outer_seed)
-        outer = _to_tensors(outer_np)
-        outer_adv = self._outer_advantages(outer)
+        batch, info = self.sample_meta_batch(tasks, inner_seeds, outer_seed)
         t3 = time.perf_counter()
-        stats = self._meta_step(MetaBatch(inner, inner_adv, outer, outer_adv))
+        stats = self._meta_step(batch)
         stats = {k: float(v) for k, v in stats.items()}
         t4 = time.perf_counter()
         self.iteration += 1
         self.elapsed += t4 - t0
-        pre = float(np.mean(inner_np.episode_returns))
+        inner_np, outer_np = info["inner_np"], info["outer_np"]
+        pre = float(np.mean(inner_np[0].episode_returns))
         post = float(np.mean(outer_np.episode_returns))
         metrics = {
             "iteration": self.iteration,
             "returns/pre_adaptation": pre,
+            **{
+                f"returns/after_{j}_inner_steps": float(np.mean(b.episode_returns))
+                for j, b in enumerate(inner_np[1:], start=1)
+            },
             "returns/post_adaptation": post,
             **{f"losses/{k}": v for k, v in stats.items()},
-            "time/sampling_s": (t1 - t0) + (t3 - t2),
-            "time/adapt_s": t2 - t1,
+            "time/sampling_s": (t3 - t0) - info["adapt_s"],
+            "time/adapt_s": info["adapt_s"],
             "time/meta_step_s": t4 - t3,
             "time/iteration_s": t4 - t0,
             "time/elapsed_s": self.elapsed,
-            "charts/env_steps": float(inner_np.num_steps + outer_np.num_steps),
+            "charts/env_steps": float(sum(b.num_steps for b in [*inner_np, outer_np])),
             "charts/peak_rss_mb": peak_rss_mb(),
         }
         if c.meta_sgd:

@@ -14,7 +14,10 @@ class MetaBatch(NamedTuple):
 
     Attributes:
         inner_episodes: ``D_i``, collected by ``π_θ``; ``EpisodeBatch`` ``[tasks, episodes, T, ...]``.
-        inner_advantages: ``Â`` of ``D_i``, ``[tasks, episodes, T]``.
+            With ``k > 1`` inner steps, a tuple of ``k`` batches: ``D_i^j`` collected by
+            ``π_θ_{j−1}`` (``θ_0 = θ``), step ``j`` adapts on it (see ``maml.per_step_batches``).
+        inner_advantages: ``Â`` of ``D_i``, ``[tasks, episodes, T]`` (a tuple, one per batch, with
+            several inner batches).
         outer_episodes: ``D'_i``, collected by the adapted ``π_θ'_i``.
         outer_advantages: ``Â`` of ``D'_i``.
     """

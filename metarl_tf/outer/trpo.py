@@ -12,6 +12,10 @@ policy at ``θ'`` (``diag(1/σ²)`` on the mean, 2 on ``log σ``), applied throu
 the network. This is the same product a reverse-over-reverse HVP gives, without third-order terms
 (``tests/test_trpo.py`` checks both agree).
 
+With several inner steps, each on its own batch (``MetaBatch.inner_episodes`` a sequence), ``J`` is
+the product of the per-step Jacobians ``I − α ⊙ H_j``, every ``H_j`` the inner-loss Hessian on
+step ``j``'s batch at ``θ_{j−1}``: second order through the whole chain.
+
 Meta-SGD step sizes, when learned, are meta-parameters too: they get their part of the gradient and
 of ``J`` (``∂θ'/∂α = −g``), so TRPO updates ``θ`` and ``α`` under one KL bound.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from metarl_tf.curvature import GaussianFisher, InnerLossHessian
-from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp
+from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp, per_step_batches
 from metarl_tf.outer.common import MetaBatch, mean_kl, surrogate_loss
 from metarl_tf.policy import gaussian_log_prob
 
@@ -127,8 +131,12 @@ def trpo_meta_step(
     # The products below run ~2 * (cg_iterations + 1) times at the same points: cache the
     # network's forward/backward passes there (metarl_tf.curvature) instead of autodiff.
     if analytic_curvature:
+        step_batches = zip(
+            result.trace, *per_step_batches(inner, inner_adv, inner_steps), strict=True
+        )
         hessians = None if first_order else [
-            InnerLossHessian(point, inner, inner_adv, policy.activation) for point, _ in result.trace
+            InnerLossHessian(point, episodes, adv, policy.activation)
+            for (point, _), episodes, adv in step_batches
         ]  # fmt: skip
         fisher = GaussianFisher(params, outer, policy.activation)
     else:
