@@ -72,8 +72,7 @@ def ppo_meta_step(
 ):
     """``epochs`` Adam steps on the clipped surrogate through the inner adaptation (see module
     docstring). Updates ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
-    ``learn_step_sizes``) in place. Meant to run inside a ``tf.function``; ``epochs`` is a Python
-    int (the epochs are unrolled at trace time).
+    ``learn_step_sizes``) in place. Meant to run inside a ``tf.function``.
 
     Returns:
         dict of scalar tensors: ``loss_before`` (first epoch, ``r = 1``: minus the mean advantage),
@@ -94,22 +93,24 @@ def ppo_meta_step(
             policy, policy.parameters, step_sizes, inner, inner_adv, inner_steps, first_order
         )
 
-    old_log_prob = old_mean = old_log_std = None
-    for epoch in range(epochs):
-        with tf.GradientTape() as tape:
-            result = adapted()
-            mean, log_std = policy.forward(result.params, outer.observations)
-            log_prob = gaussian_log_prob(mean, log_std, outer.actions)
-            if epoch == 0:  # θ = θ_old: this adapted policy collected D'
-                old_log_prob = tf.stop_gradient(log_prob)
-                old_mean, old_log_std = tf.stop_gradient(mean), tf.stop_gradient(log_std)
-                inner_loss = tf.reduce_mean(result.losses[0])
-            loss, _ = _clipped_objective(log_prob, old_log_prob, outer_adv, outer.mask, clip)
-        if epoch == 0:
-            loss_before = loss
-        grads = tape.gradient(loss, variables)
-        optimizer.apply(grads, variables)
+    # π_old: the policy adapted from the current θ, the one that collected D'.
+    result = adapted()
+    old_mean, old_log_std = (
+        tf.stop_gradient(x) for x in policy.forward(result.params, outer.observations)
+    )
+    old_log_prob = gaussian_log_prob(old_mean, old_log_std, outer.actions)
 
+    def epoch(i, loss_before):
+        with tf.GradientTape() as tape:
+            params = adapted().params
+            loss = clipped_surrogate_loss(policy, params, outer, outer_adv, old_log_prob, clip)
+        optimizer.apply(tape.gradient(loss, variables), variables)
+        return i + 1, tf.where(tf.equal(i, 0), loss, loss_before)
+
+    # A loop in the graph (not unrolled): one epoch's second-order graph, traced once.
+    _, loss_before = tf.while_loop(
+        lambda i, _: i < epochs, epoch, [tf.constant(0), tf.zeros([], old_log_prob.dtype)]
+    )
     params = adapted().params
     mean, log_std = policy.forward(params, outer.observations)
     log_prob = gaussian_log_prob(mean, log_std, outer.actions)
@@ -121,5 +122,5 @@ def ppo_meta_step(
         "loss_after": loss_after,
         "kl": mean_kl(policy, params, outer, old_mean, old_log_std),
         "clip_fraction": tf.reduce_sum(clipped) / tf.reduce_sum(mask),
-        "inner_loss": inner_loss,
+        "inner_loss": tf.reduce_mean(result.losses[0]),
     }
