@@ -1,0 +1,353 @@
+"""Multi-step inner adaptation on fresh episodes (one batch per inner step): the chain against
+single steps composed by hand; the k = 2 meta-gradient against finite differences (float64); the
+chain's JVP/VJP against autodiff; TRPO's Gauss-Newton product through two steps against the exact
+KL Hessian; k = 1 equal to the single-batch path; the trainer samples k + 1 batches, batch j with
+the policy adapted on batches 1..j−1."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metarl_tf.config import get_preset
+from metarl_tf.curvature import GaussianFisher, InnerLossHessian
+from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp, per_step_batches
+from metarl_tf.outer import MetaBatch, trpo_meta_step
+from metarl_tf.outer.trpo import fisher_vector_product
+from metarl_tf.trainer import MetaTrainer
+
+
+def reference_loss(params, obs, act, mask, adv):
+    """ONE task's inner loss, written out for a one-hidden-layer tanh MLP (unbatched params)."""
+    k0, b0, k1, b1, log_std = params
+    mean = tf.tensordot(tf.tanh(tf.tensordot(obs, k0, axes=1) + b0), k1, axes=1) + b1
+    z = (act - mean) / tf.exp(log_std)
+    log_prob = tf.reduce_sum(-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi), axis=-1)
+    return -tf.reduce_sum(mask * log_prob * adv) / tf.reduce_sum(mask)
+
+
+def task(batch, adv, i):
+    return batch.observations[i], batch.actions[i], batch.mask[i], adv[i]
+
+
+@pytest.fixture
+def chain(make_policy, synthetic_batch, to_tensors):
+    """hidden (4,), 2 tasks × 2 episodes × horizon 4; inner batches D¹, D² and outer D' all
+    different; float64."""
+    policy = make_policy(hidden=(4,))
+    rng = np.random.default_rng(3)
+    batches, advs = [], []
+    for seed in (1, 2, 5):
+        b = synthetic_batch(tasks=2, episodes=2, horizon=4, seed=seed, dtype=np.float64)
+        batches.append(to_tensors(b, tf.float64))
+        advs.append(tf.constant(rng.normal(size=b.mask.shape) * b.mask))
+    return {
+        "policy": policy,
+        "inner": tuple(batches[:2]),
+        "inner_adv": tuple(advs[:2]),
+        "outer": batches[2],
+        "outer_adv": advs[2],
+        "theta": [tf.constant(p, tf.float64) for p in policy.get_parameters()],
+        "alphas": [
+            tf.constant(rng.uniform(0.1, 0.6, p.shape), tf.float64) for p in policy.get_parameters()
+        ],
+    }
+
+
+def test_chain_equals_hand_written_steps_each_on_its_own_batch(chain, run_mode):
+    c = chain
+    fn = run_mode(lambda th: adapt(c["policy"], th, c["alphas"], c["inner"], c["inner_adv"]))
+    result = fn(c["theta"])
+    assert result.losses.shape == (2, 2)
+    for i in range(2):
+        theta = list(c["theta"])
+        for j in range(2):
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                loss = reference_loss(theta, *task(c["inner"][j], c["inner_adv"][j], i))
+            grads = tape.gradient(loss, theta)
+            np.testing.assert_allclose(result.losses[j, i].numpy(), loss.numpy(), rtol=1e-10)
+            theta = [p - a * g for p, a, g in zip(theta, c["alphas"], grads, strict=True)]
+        for got, ref in zip(result.params, theta, strict=True):
+            np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+    # and it is not the old behaviour (both steps on the first batch)
+    same = adapt(c["policy"], c["theta"], c["alphas"], c["inner"][0], c["inner_adv"][0], 2)
+    assert not np.allclose(same.params[0].numpy(), result.params[0].numpy())
+
+
+def test_per_step_batches_checks_lengths(chain):
+    c = chain
+    episodes, advs = per_step_batches(c["inner"][0], c["inner_adv"][0], 3)
+    assert len(episodes) == len(advs) == 3 and episodes[2] is c["inner"][0]
+    with pytest.raises(ValueError, match="2 episode batches and 2 advantage tensors for 3 inner"):
+        adapt(c["policy"], c["theta"], 0.1, c["inner"], c["inner_adv"], 3)
+    with pytest.raises(ValueError, match="one batch and one advantage tensor per step"):
+        per_step_batches(c["inner"], c["inner_adv"][:1])
+
+
+def outer_objective(c, theta, sizes, first_order=False):
+    """``Σ_i L(θ²_i; D'_i)`` after two inner steps on D¹ then D² (written with the reference)."""
+    params = adapt(c["policy"], theta, sizes, c["inner"], c["inner_adv"], 2, first_order).params
+    return tf.add_n(
+        [
+            reference_loss([p[i] for p in params], *task(c["outer"], c["outer_adv"], i))
+            for i in range(2)
+        ]
+    )
+
+
+def central_differences(fn, values, eps=1e-6):
+    grads = []
+    for j, v in enumerate(values):
+        flat = v.numpy().ravel()
+        g = np.zeros_like(flat)
+        for k in range(flat.size):
+            out = []
+            for sign in (1.0, -1.0):
+                x = flat.copy()
+                x[k] += sign * eps
+                out.append(
+                    float(fn([*values[:j], tf.constant(x.reshape(v.shape)), *values[j + 1 :]]))
+                )
+            g[k] = (out[0] - out[1]) / (2 * eps)
+        grads.append(g.reshape(v.shape))
+    return grads
+
+
+@pytest.mark.parametrize(
+    "meta_sgd", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["maml", "meta-sgd"]
+)
+def test_two_step_meta_gradient_matches_finite_differences(chain, meta_sgd):
+    c = chain
+    sizes = c["alphas"] if meta_sgd else 0.5
+    variables = c["theta"] + (c["alphas"] if meta_sgd else [])
+    n = len(c["theta"])
+
+    def objective(values):
+        return outer_objective(c, values[:n], values[n:] if meta_sgd else sizes)
+
+    with tf.GradientTape() as tape:
+        tape.watch(variables)
+        loss = objective(variables)
+    grads = tape.gradient(loss, variables)
+    fd = central_differences(objective, variables)
+    for g, e in zip(grads, fd, strict=True):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-6, atol=1e-8)
+    # second order matters here: the first-order gradient is another vector
+    with tf.GradientTape() as tape:
+        tape.watch(variables)
+        fo = outer_objective(c, variables[:n], variables[n:] if meta_sgd else sizes, True)
+    fo_grads = tape.gradient(fo, variables)
+    diff = np.sqrt(sum(np.sum((a.numpy() - b) ** 2) for a, b in zip(fo_grads, fd, strict=True)))
+    assert diff > 1e-2 * np.sqrt(sum(np.sum(b**2) for b in fd))
+
+
+@pytest.mark.parametrize("meta_sgd", [False, True], ids=["maml", "meta-sgd"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
+def test_chain_jvp_and_vjp_match_autodiff(chain, meta_sgd, first_order):
+    c = chain
+    sizes = c["alphas"] if meta_sgd else 0.4
+    rng = np.random.default_rng(7)
+    v_theta = [tf.constant(rng.normal(size=t.shape)) for t in c["theta"]]
+    v_alpha = [tf.constant(rng.normal(size=t.shape)) for t in c["alphas"]] if meta_sgd else None
+    w = [tf.constant(rng.normal(size=(2, *t.shape))) for t in c["theta"]]
+    primals = c["theta"] + (c["alphas"] if meta_sgd else [])
+    with (
+        tf.autodiff.ForwardAccumulator(primals, v_theta + (v_alpha or [])) as acc,
+        tf.GradientTape() as tape,
+    ):
+        tape.watch(primals)
+        result = adapt(c["policy"], c["theta"], sizes, c["inner"], c["inner_adv"], 2, first_order)
+    expected_jvp = [acc.jvp(p) for p in result.params]
+    expected_vjp = tape.gradient(result.params, primals, output_gradients=w)
+    args = (c["policy"], result, sizes, c["inner"], c["inner_adv"])
+    got_jvp = adaptation_jvp(*args, v_theta, v_alpha, first_order)
+    got_theta, got_alpha = adaptation_vjp(*args, w, meta_sgd, first_order)
+    for g, e in zip(got_jvp, expected_jvp, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
+    for g, e in zip(got_theta + (got_alpha or []), expected_vjp, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
+
+
+def reference_mean_kl(policy, params, episodes, old_mean, old_log_std):
+    mean, log_std = policy.forward(params, episodes.observations)
+    kl = tf.reduce_sum(
+        log_std
+        - old_log_std
+        + (tf.exp(2 * old_log_std) + tf.square(old_mean - mean)) / (2 * tf.exp(2 * log_std))
+        - 0.5,
+        axis=-1,
+    )
+    m = episodes.mask
+    return tf.reduce_mean(tf.reduce_sum(kl * m, [1, 2]) / tf.reduce_sum(m, [1, 2]))
+
+
+@pytest.mark.parametrize("meta_sgd", [False, True], ids=["maml", "meta-sgd"])
+@pytest.mark.parametrize(
+    "analytic", [pytest.param(False, marks=pytest.mark.slow), True], ids=["autodiff", "analytic"]
+)
+def test_gauss_newton_product_through_two_fresh_batches_equals_exact_kl_hessian(
+    make_policy, synthetic_batch, to_tensors, meta_sgd, analytic
+):
+    policy = make_policy(hidden=(4,))
+    rng = np.random.default_rng(3)
+    inner = tuple(to_tensors(synthetic_batch(2, 2, 4, seed=s)) for s in (1, 2))
+    inner_adv = tuple(
+        tf.constant(rng.normal(size=b.mask.shape) * b.mask.numpy(), tf.float32) for b in inner
+    )
+    outer = to_tensors(synthetic_batch(2, 2, 4, seed=6))
+    theta = [tf.constant(p) for p in policy.get_parameters()]
+    alphas = [tf.constant(rng.uniform(0.1, 0.6, p.shape), tf.float32) for p in theta]
+    sizes = alphas if meta_sgd else 0.4
+    variables = theta + (alphas if meta_sgd else [])
+    v = [tf.constant(rng.normal(size=x.shape), tf.float32) for x in variables]
+    n = len(theta)
+
+    result = adapt(policy, theta, sizes, inner, inner_adv)
+    old_mean, old_log_std = policy.forward(result.params, outer.observations)
+    with tf.GradientTape() as outer_tape:
+        outer_tape.watch(variables)
+        with tf.GradientTape() as inner_tape:
+            inner_tape.watch(variables)
+            adapted = adapt(
+                policy, variables[:n], variables[n:] if meta_sgd else sizes, inner, inner_adv
+            ).params
+            kl = reference_mean_kl(policy, adapted, outer, old_mean, old_log_std)
+        grad = inner_tape.gradient(kl, variables)
+        grad_dot_v = tf.add_n([tf.reduce_sum(g * x) for g, x in zip(grad, v, strict=True)])
+    expected = np.concatenate(
+        [e.numpy().ravel() for e in outer_tape.gradient(grad_dot_v, variables)]
+    )
+
+    if analytic:
+        hessians = [
+            InnerLossHessian(p, b, a, "tanh")
+            for (p, _), b, a in zip(result.trace, inner, inner_adv, strict=True)
+        ]
+        fisher = GaussianFisher(result.params, outer, "tanh")
+    else:
+        hessians = None
+
+        def fisher(u):
+            return fisher_vector_product(policy, result.params, outer, u)
+
+    args = (policy, result, sizes, inner, inner_adv)
+    u = adaptation_jvp(*args, v[:n], v[n:] if meta_sgd else None, False, hessians)
+    h_theta, h_alpha = adaptation_vjp(*args, fisher(u), meta_sgd, False, hessians)
+    got = np.concatenate([g.numpy().ravel() for g in h_theta + (h_alpha or [])])
+    err = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert err < 1e-4, f"relative error {err:.2e}"
+    # the same product with both steps on the first batch is a different matrix
+    same = adapt(policy, theta, sizes, inner[0], inner_adv[0], 2)
+    u0 = adaptation_jvp(
+        policy, same, sizes, inner[0], inner_adv[0], v[:n], v[n:] if meta_sgd else None
+    )
+    h0 = adaptation_vjp(
+        policy, same, sizes, inner[0], inner_adv[0],
+        fisher_vector_product(policy, same.params, outer, u0), meta_sgd,
+    )  # fmt: skip
+    other = np.concatenate([g.numpy().ravel() for g in h0[0] + (h0[1] or [])])
+    assert np.linalg.norm(other - expected) > 1e-2 * np.linalg.norm(expected)
+
+
+# -- k = 1 is the single-batch path; the trainer's sampling ------------------------------------
+
+
+@pytest.mark.slow
+def test_trpo_step_with_a_one_batch_chain_equals_the_single_batch_step(
+    make_policy, synthetic_batch, to_tensors
+):
+    rng = np.random.default_rng(0)
+    inner = to_tensors(synthetic_batch(2, 2, 5, seed=1))
+    outer = to_tensors(synthetic_batch(2, 2, 5, seed=2))
+    inner_adv = tf.constant(rng.normal(size=inner.mask.shape) * inner.mask.numpy(), tf.float32)
+    outer_adv = tf.constant(rng.normal(size=outer.mask.shape) * outer.mask.numpy(), tf.float32)
+    results = []
+    for batch in (
+        MetaBatch(inner, inner_adv, outer, outer_adv),
+        MetaBatch((inner,), (inner_adv,), outer, outer_adv),
+    ):
+        policy = make_policy(hidden=(8,))
+        stats = trpo_meta_step(
+            policy, 0.1, batch, learn_step_sizes=False, inner_steps=1, first_order=False,
+            max_kl=0.01, cg_iterations=3, cg_damping=1e-5, ls_max_steps=5, ls_backtrack_ratio=0.8,
+        )  # fmt: skip
+        results.append(({k: float(x) for k, x in stats.items()}, policy.get_parameters()))
+    assert results[0][0] == results[1][0]
+    assert results[0][0]["accepted"] == 1.0
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class CountingSampler:
+    """Wraps the trainer's sampler; records the weights and seed of every call."""
+
+    def __init__(self, sampler):
+        self.sampler, self.calls = sampler, []
+
+    def sample(self, params, tasks, seed):
+        self.calls.append(([np.array(p) for p in params], seed))
+        return self.sampler.sample(params, tasks, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_trainer_samples_k_plus_one_batches_each_with_the_policy_adapted_so_far(k):
+    config = get_preset("tiny").replace(inner_steps=k)
+    trainer = MetaTrainer(config)
+    trainer.sampler = counting = CountingSampler(trainer.sampler)
+    theta = trainer.policy.get_parameters()
+    task_seed, inner_seeds, outer_seed = trainer._seeds(0)
+    metrics = trainer.train_iteration()
+    assert len(counting.calls) == k + 1
+    assert [seed for _, seed in counting.calls] == [*inner_seeds, outer_seed]
+    assert len(set(inner_seeds + [outer_seed])) == k + 1
+    # the seeds of k = 1 are those the trainer always used: SeedSequence([seed, iteration])
+    assert (task_seed, inner_seeds[0], outer_seed) == tuple(
+        int(x) for x in np.random.SeedSequence([config.seed, 0]).generate_state(3)
+    )
+    tasks = trainer.dist.sample_tasks(config.meta_batch_size, task_seed)
+    # replay: batch j must have been collected by θ adapted on batches 1..j−1, one step each
+    params = [tf.constant(p) for p in theta]
+    for j in range(k + 1):
+        used, _ = counting.calls[j]
+        for a, b in zip(used, params, strict=True):
+            np.testing.assert_allclose(a, np.array(b), rtol=1e-6, atol=1e-7)
+        if j < k:
+            batch = trainer.sampler.sampler.sample(params, tasks, inner_seeds[j])
+            params, _, _ = trainer.adapter(params, batch, 1)
+    expected_steps = sum(
+        int(trainer.sampler.sampler.sample(p, tasks, s).mask.sum()) for p, s in counting.calls
+    )
+    assert metrics["charts/env_steps"] == expected_steps <= config.env_steps_per_iteration
+    assert [key for key in metrics if key.startswith("returns/after_")] == [
+        f"returns/after_{j}_inner_steps" for j in range(1, k)
+    ]
+    assert trainer._meta_step.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.slow
+def test_trainer_with_one_inner_step_equals_the_single_batch_iteration():
+    """k = 1 through the chain code equals sample → adapt → sample → meta-step written out."""
+    config = get_preset("tiny")
+    trainer = MetaTrainer(config)
+    metrics = trainer.train_iteration()
+
+    ref = MetaTrainer(config)
+    task_seed, inner_seed, outer_seed = (
+        int(x) for x in np.random.SeedSequence([config.seed, 0]).generate_state(3)
+    )
+    tasks = ref.dist.sample_tasks(config.meta_batch_size, task_seed)
+    inner = ref.sampler.sample(ref.policy.parameters, tasks, inner_seed)
+    inner_t = type(inner)(*[tf.constant(x) for x in inner])
+    adapted, _, inner_adv = ref.adapter(ref.policy.parameters, inner_t, 1)
+    outer = ref.sampler.sample(adapted, tasks, outer_seed)
+    outer_t = type(outer)(*[tf.constant(x) for x in outer])
+    stats = ref._meta_step(MetaBatch(inner_t, inner_adv, outer_t, ref._outer_advantages(outer_t)))
+    for key, value in stats.items():
+        assert metrics[f"losses/{key}"] == float(value), key
+    assert metrics["returns/pre_adaptation"] == float(np.mean(inner.episode_returns))
+    assert metrics["returns/post_adaptation"] == float(np.mean(outer.episode_returns))
+    for a, b in zip(trainer.policy.get_parameters(), ref.policy.get_parameters(), strict=True):
+        np.testing.assert_array_equal(a, b)
