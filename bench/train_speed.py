@@ -3,6 +3,10 @@ search), after warm-up: seconds per meta-iteration, environment steps per second
 time goes. Prints figures; asserts nothing.
 
     python bench/train_speed.py [--iterations 8] [--warmup 2] [--preset nav2d] [--json PATH]
+    python bench/train_speed.py --outer trpo ppo     # both outer steps, one after the other
+
+With several ``--outer`` values the same preset is measured once per outer step in this process
+(the meta-step breakdown is TRPO's only) and the JSON holds one entry per outer step.
 
 Reference (from issue 2, measured on this machine kind by the issue's author, not re-run here):
 pytorch-maml-rl on the same configuration takes 4.2 s per meta-iteration in its fastest setting
@@ -14,9 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import metarl_tf  # noqa: F401  (environment for TensorFlow)
+# Measure this checkout's package (e.g. a git worktree), not whichever copy is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import metarl_tf  # noqa: E402, F401  (environment for TensorFlow)
 
 PYTORCH_MAML_RL_BEST_S = 4.2
 PYTORCH_MAML_RL_DEFAULT_S = 14.2
@@ -32,24 +41,12 @@ def _timed(fn, repeats: int) -> float:
     return min(times)  # least disturbed by the shared machine
 
 
-def main() -> None:
-    """Runs the benchmark and prints (and optionally writes) its figures."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="nav2d")
-    parser.add_argument("--iterations", type=int, default=8, help="measured iterations")
-    parser.add_argument("--warmup", type=int, default=2, help="iterations before measuring")
-    parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args()
-
+def measure(config, args) -> dict:
+    """Trains ``args.warmup + args.iterations`` iterations of ``config`` and returns the figures."""
     import tensorflow as tf
 
-    from metarl_tf.config import get_preset
-    from metarl_tf.outer import MetaBatch
-    from metarl_tf.trainer import MetaTrainer, _to_tensors, peak_rss_mb
+    from metarl_tf.trainer import MetaTrainer, peak_rss_mb
 
-    config = get_preset(args.preset)
     trainer = MetaTrainer(config)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -62,70 +59,113 @@ def main() -> None:
     sampling = statistics.median(r["time/sampling_s"] for r in rows)
     adapt = statistics.median(r["time/adapt_s"] for r in rows)
     meta_step = statistics.median(r["time/meta_step_s"] for r in rows)
+    breakdown = {
+        "sampling": round(sampling, 4),
+        "adapt_for_sampling": round(adapt, 4),
+        "meta_step": round(meta_step, 4),
+    }
+    if config.outer == "trpo":
+        # Split the meta-step: the same step compiled to stop after the meta-gradient, after CG.
+        tasks = trainer.dist.sample_tasks(config.meta_batch_size, 123)
+        batch, _ = trainer.sample_meta_batch(tasks, list(range(1, config.inner_steps + 1)), 0)
 
-    # Split the meta-step: the same step compiled to stop after the meta-gradient, after CG.
-    tasks = trainer.dist.sample_tasks(config.meta_batch_size, 123)
-    inner = _to_tensors(trainer.sampler.sample(trainer.policy.parameters, tasks, 1))
-    adapted, _, inner_adv = trainer.adapter(trainer.policy.parameters, inner, config.inner_steps)
-    outer = _to_tensors(trainer.sampler.sample(adapted, tasks, 2))
-    batch = MetaBatch(inner, inner_adv, outer, trainer._outer_advantages(outer))
+        def phase(stop_after):
+            f = tf.function(
+                lambda b: trainer._meta_step_fn(b, stop_after=stop_after),
+                jit_compile=trainer._meta_step._jit_compile,
+            )
+            return lambda: [v.numpy() for v in f(batch).values()]
 
-    def phase(stop_after):
-        f = tf.function(
-            lambda b: trainer._meta_step_fn(b, stop_after=stop_after),
-            jit_compile=trainer._meta_step._jit_compile,
+        gradient_s = _timed(phase("gradient"), 5)
+        direction_s = _timed(phase("direction"), 5)
+        # The whole step, undone after each call so every repeat does the same work (the same
+        # number of line-search steps) as the first.
+        saved = [v.numpy() for v in trainer._meta_variables]
+        full = phase(None)
+
+        def full_and_restore():
+            full()
+            for v, value in zip(trainer._meta_variables, saved, strict=True):
+                v.assign(value)
+
+        full_s = _timed(full_and_restore, 5)
+        breakdown.update(
+            {
+                "meta_step/meta_gradient": round(gradient_s, 4),
+                "meta_step/conjugate_gradient": round(direction_s - gradient_s, 4),
+                "meta_step/line_search_and_update": round(full_s - direction_s, 4),
+            }
         )
-        return lambda: [v.numpy() for v in f(batch).values()]
-
-    gradient_s = _timed(phase("gradient"), 5)
-    direction_s = _timed(phase("direction"), 5)
-    # The whole step, undone after each call so every repeat does the same work (the same
-    # number of line-search steps) as the first.
-    saved = [v.numpy() for v in trainer._meta_variables]
-    full = phase(None)
-
-    def full_and_restore():
-        full()
-        for v, value in zip(trainer._meta_variables, saved, strict=True):
-            v.assign(value)
-
-    full_s = _timed(full_and_restore, 5)
-    figures = {
+    return {
         "preset": args.preset,
+        "outer": config.outer,
         "iterations_measured": args.iterations,
         "seconds_per_iteration": round(per_it, 4),
         "env_steps_per_iteration": int(env_steps),
         "env_steps_per_second": round(env_steps / per_it, 1),
-        "breakdown_s": {
-            "sampling": round(sampling, 4),
-            "adapt_for_sampling": round(adapt, 4),
-            "meta_step": round(meta_step, 4),
-            "meta_step/meta_gradient": round(gradient_s, 4),
-            "meta_step/conjugate_gradient": round(direction_s - gradient_s, 4),
-            "meta_step/line_search_and_update": round(full_s - direction_s, 4),
-        },
+        "breakdown_s": breakdown,
         "warmup_s": round(warmup_s, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "speedup_vs_pytorch_maml_rl_best": round(PYTORCH_MAML_RL_BEST_S / per_it, 2),
         "speedup_vs_pytorch_maml_rl_default": round(PYTORCH_MAML_RL_DEFAULT_S / per_it, 2),
     }
-    print(f"preset {args.preset}: {config.meta_batch_size} tasks x {config.episodes_per_task} episodes x "
-          f"horizon {config.horizon}, TRPO ({config.cg_iterations} CG iterations, line search), "
-          f"{'first' if config.first_order else 'second'} order")  # fmt: skip
-    print(f"seconds per meta-iteration (median of {args.iterations}): {per_it:.3f}")
-    print(
-        f"environment steps per second: {env_steps / per_it:,.0f} ({int(env_steps):,} steps/iteration)"
+
+
+def describe(config) -> str:
+    if config.outer == "trpo":
+        outer = f"TRPO ({config.cg_iterations} CG iterations, line search)"
+    elif config.outer == "ppo":
+        outer = f"PPO-clip ({config.ppo_epochs} Adam epochs, clip {config.ppo_clip})"
+    else:
+        outer = "Adam (one step)"
+    return (
+        f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x horizon "
+        f"{config.horizon}, {config.inner_steps} inner step(s), {outer}, "
+        f"{'first' if config.first_order else 'second'} order"
     )
-    for k, v in figures["breakdown_s"].items():
-        print(f"  {k:<36} {v:8.3f} s")
-    print(
-        f"peak RSS: {figures['peak_rss_mb']:.0f} MiB; warm-up ({args.warmup} it incl. tracing): {warmup_s:.1f} s"
+
+
+def main() -> None:
+    """Runs the benchmark and prints (and optionally writes) its figures."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    print(f"vs pytorch-maml-rl reference (4.2 s best, 14.2 s default): "
-          f"{figures['speedup_vs_pytorch_maml_rl_best']}x / {figures['speedup_vs_pytorch_maml_rl_default']}x")  # fmt: skip
+    parser.add_argument("--preset", default="nav2d")
+    parser.add_argument(
+        "--outer", nargs="+", choices=["trpo", "ppo", "adam"],
+        help="outer step(s) to measure (default: the preset's)",
+    )  # fmt: skip
+    parser.add_argument("--iterations", type=int, default=8, help="measured iterations")
+    parser.add_argument("--warmup", type=int, default=2, help="iterations before measuring")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+
+    from metarl_tf.config import get_preset
+
+    preset = get_preset(args.preset)
+    results = []
+    for outer in args.outer or [preset.outer]:
+        config = preset.replace(outer=outer)
+        figures = measure(config, args)
+        results.append(figures)
+        per_it, env_steps = figures["seconds_per_iteration"], figures["env_steps_per_iteration"]
+        print(f"preset {args.preset}: {describe(config)}")
+        print(f"seconds per meta-iteration (median of {args.iterations}): {per_it:.3f}")
+        print(
+            f"environment steps per second: {env_steps / per_it:,.0f} ({env_steps:,} steps/iteration)"
+        )
+        for k, v in figures["breakdown_s"].items():
+            print(f"  {k:<36} {v:8.3f} s")
+        print(
+            f"peak RSS: {figures['peak_rss_mb']:.0f} MiB; warm-up ({args.warmup} it incl. tracing): "
+            f"{figures['warmup_s']:.1f} s"
+        )
+        print(f"vs pytorch-maml-rl reference (4.2 s best, 14.2 s default): "
+              f"{figures['speedup_vs_pytorch_maml_rl_best']}x / {figures['speedup_vs_pytorch_maml_rl_default']}x")  # fmt: skip
     if args.json:
+        out = results[0] if len(results) == 1 else {"preset": args.preset, "runs": results}
         with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+            json.dump(out, f, indent=2)
             f.write("\n")
 
 
