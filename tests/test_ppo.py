@@ -254,3 +254,19 @@ def test_trainer_with_ppo_does_not_retrace_and_restores_its_optimizer(tmp_path):
         resumed.policy.get_parameters(), MetaTrainer(config).policy.get_parameters(), strict=True
     ):
         assert not np.array_equal(a, b)  # trained, not the initialization
+
+
+def test_cli_flags_reach_the_config():
+    from metarl_tf.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--preset", "nav2d-fo", "--outer", "ppo", "--inner-steps", "2",
+         "--ppo-epochs", "3", "--ppo-clip", "0.1", "--outer-learning-rate", "1e-3", "--meta-sgd"]
+    )  # fmt: skip
+    config = _train_config(args)
+    assert (config.outer, config.inner_steps, config.ppo_epochs) == ("ppo", 2, 3)
+    assert (config.ppo_clip, config.outer_learning_rate) == (0.1, 1e-3)
+    assert config.first_order and config.meta_sgd  # preset + flag combine
+    assert config.env_steps_per_iteration == 3 * 20 * 20 * 100
+    default = _train_config(build_parser().parse_args(["train", "--preset", "nav2d-2step"]))
+    assert (default.outer, default.inner_steps) == ("trpo", 2)
