@@ -351,3 +351,66 @@ def test_trainer_with_one_inner_step_equals_the_single_batch_iteration():
     assert metrics["returns/post_adaptation"] == float(np.mean(outer.episode_returns))
     for a, b in zip(trainer.policy.get_parameters(), ref.policy.get_parameters(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "meta_sgd", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["maml", "meta-sgd"]
+)
+def test_trpo_and_adam_steps_through_two_fresh_batches(
+    make_policy, synthetic_batch, to_tensors, meta_sgd
+):
+    """TRPO through a 2-batch chain: the KL bound and the improvement, re-checked from the updated
+    variables; Adam (as plain SGD) through the chain: θ − lr ∇surrogate."""
+    import keras
+
+    from metarl_tf.outer import adam_meta_step, mean_kl, surrogate_loss
+    from metarl_tf.policy import gaussian_log_prob
+
+    rng = np.random.default_rng(0)
+    inner = tuple(to_tensors(synthetic_batch(2, 2, 5, seed=s)) for s in (1, 2))
+    inner_adv = tuple(
+        tf.constant(rng.normal(size=b.mask.shape) * b.mask.numpy(), tf.float32) for b in inner
+    )
+    outer = to_tensors(synthetic_batch(2, 2, 5, seed=3))
+    outer_adv = tf.constant(rng.normal(size=outer.mask.shape) * outer.mask.numpy(), tf.float32)
+    batch = MetaBatch(inner, inner_adv, outer, outer_adv)
+
+    def setup():
+        policy = make_policy(hidden=(8,))
+        sizes = [tf.Variable(tf.fill(s, 0.1)) for s in policy.parameter_shapes] if meta_sgd else 0.1
+        return policy, sizes, list(policy.parameters) + (sizes if meta_sgd else [])
+
+    def adapted(policy, sizes):
+        frozen = [tf.constant(s.numpy()) for s in sizes] if meta_sgd else sizes
+        return adapt(policy, policy.get_parameters(), frozen, inner, inner_adv).params
+
+    policy, sizes, _ = setup()
+    old = adapted(policy, sizes)
+    old_mean, old_log_std = policy.forward(old, outer.observations)
+    old_logp = gaussian_log_prob(old_mean, old_log_std, outer.actions)
+    stats = trpo_meta_step(
+        policy, sizes, batch, learn_step_sizes=meta_sgd, inner_steps=2, first_order=False,
+        max_kl=0.01, cg_iterations=5, cg_damping=1e-5, ls_max_steps=10, ls_backtrack_ratio=0.8,
+    )  # fmt: skip
+    assert float(stats["accepted"]) == 1.0
+    new = adapted(policy, sizes)
+    kl = float(mean_kl(policy, new, outer, old_mean, old_log_std))
+    assert 0 < kl <= 0.01 and kl == pytest.approx(float(stats["kl"]), rel=1e-3)
+    loss_after = float(surrogate_loss(policy, new, outer, outer_adv, old_logp))
+    assert loss_after == pytest.approx(float(stats["loss_after"]), rel=1e-4, abs=1e-6)
+    assert loss_after < float(stats["loss_before"])
+
+    policy, sizes, variables = setup()
+    with tf.GradientTape() as tape:
+        params = adapt(policy, policy.parameters, sizes, inner, inner_adv).params
+        mean, log_std = policy.forward(params, outer.observations)
+        logp = tf.stop_gradient(gaussian_log_prob(mean, log_std, outer.actions))
+        loss = surrogate_loss(policy, params, outer, outer_adv, logp)
+    grads = tape.gradient(loss, variables)
+    before = [v.numpy() for v in variables]
+    adam_meta_step(
+        policy, sizes, keras.optimizers.SGD(0.05), batch, learn_step_sizes=meta_sgd,
+        inner_steps=2, first_order=False,
+    )  # fmt: skip
+    for v, b, g in zip(variables, before, grads, strict=True):
+        np.testing.assert_allclose(v.numpy(), b - 0.05 * g.numpy(), rtol=1e-5, atol=1e-7)
