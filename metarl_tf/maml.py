@@ -170,6 +170,7 @@ def adaptation_jvp(
     Per step: ``dθ_j = (I − α ⊙ H_j) dθ_{j−1} − g_j ⊙ dα`` with ``H_j = ∇²L(θ_{j−1}; D^j)``.
 
     Args:
+        episodes, advantages: as given to :func:`adapt` for ``result`` (one batch, or one per step).
         v_params: tangent of the shared ``θ`` (``[*shape]`` each).
         v_steps: tangent of Meta-SGD step sizes (``[*shape]`` each), or ``None``.
         hessians: optional ``v ↦ H_j v`` callables per step (e.g. the cached
@@ -199,7 +200,8 @@ def adaptation_vjp(
     """``(J_θᵀ w, J_αᵀ w)`` for per-task cotangents ``w`` ``[tasks, *shape]`` of ``θ'``.
 
     Reverse of :func:`adaptation_jvp`, using the symmetry of the Hessians:
-    ``w_{j−1} = w_j − H_j (α ⊙ w_j)`` and ``w_α += −Σ_tasks g_j ⊙ w_j``.
+    ``w_{j−1} = w_j − H_j (α ⊙ w_j)`` and ``w_α += −Σ_tasks g_j ⊙ w_j``, ``H_j`` on step ``j``'s
+    batch (``episodes, advantages`` as given to :func:`adapt`: one batch, or one per step).
 
     Returns:
         ``(cotangent of θ [*shape] each, cotangent of α [*shape] each or None)``; the task axis is
