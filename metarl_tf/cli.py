@@ -20,7 +20,16 @@ def _add_train(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default="nav2d", choices=sorted(PRESETS), help="named configuration")
-    p.add_argument("--out", help="bundle directory (default: saved_models/<preset>-maml)")
+    p.add_argument(
+        "--algo", choices=["maml", "pretrain"],
+        help="maml: meta-train (the default of most presets); pretrain: one policy trained jointly "
+        "on all tasks without adaptation (the pretrained/oracle baselines of evaluate --baselines)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out",
+        help="bundle directory (default: saved_models/<preset>-maml; with --algo pretrain "
+        "saved_models/<task distribution>-pretrained, or saved_models/<dist> for an oracle one)",
+    )
     p.add_argument(
         "--run-dir", help="checkpoints, metrics.jsonl, TensorBoard (default: runs/<bundle name>)"
     )
@@ -86,6 +95,7 @@ def _train_config(args):
         "iterations": args.iterations, "seed": args.seed, "meta_sgd": args.meta_sgd,
         "first_order": args.first_order, "outer": args.outer, "inner_step_size": args.inner_step_size,
         "checkpoint_every": args.checkpoint_every, "init_log_std": args.init_log_std,
+        "algo": args.algo,
     }  # fmt: skip
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -93,10 +103,16 @@ def _train_config(args):
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.pretrain import default_bundle_path
+    from metarl_tf.trainer import make_trainer
 
     config = _train_config(args)
-    out = Path(args.out or f"saved_models/{args.preset}-maml")
+    default_out = (
+        default_bundle_path(config)
+        if config.algo == "pretrain"
+        else f"saved_models/{args.preset}-maml"
+    )
+    out = Path(args.out or default_out)
     run_dir = Path(args.run_dir or f"runs/{out.name}")
     ckpt_dir = run_dir / "checkpoint"
     metrics_path = run_dir / "metrics.jsonl"
@@ -105,7 +121,8 @@ def cmd_train(args) -> int:
               f"or choose another --run-dir", file=sys.stderr)  # fmt: skip
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = MetaTrainer(config, run_dir)
+    trainer = make_trainer(config, run_dir)
+    config = trainer.config  # pretrain switches Meta-SGD off
     if args.resume and trainer.restore_checkpoint(ckpt_dir):
         print(f"resumed from {ckpt_dir} at iteration {trainer.iteration}")
         # keep metrics of the iterations the checkpoint covers, drop any written after it
@@ -120,7 +137,7 @@ def cmd_train(args) -> int:
     import tensorflow as tf
 
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-    print(f"meta-training {args.preset}: {config.iterations} iterations, "
+    print(f"{'meta-training' if config.algo == 'maml' else 'pretraining'} {args.preset}: {config.iterations} iterations, "
           f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x {config.horizon} steps, "
           f"outer={config.outer}{' meta-sgd' if config.meta_sgd else ''}"
           f"{' first-order' if config.first_order else ''} -> {out}")  # fmt: skip
@@ -185,7 +202,8 @@ def _track_best(trainer, best_dir: Path) -> None:
     recent = trainer.history[-BEST_WINDOW:]
     if len(recent) < BEST_WINDOW:
         return
-    value = sum(m["returns/post_adaptation"] for m in recent) / len(recent)
+    key = trainer.selection_metric  # post-adaptation return; pre-adaptation for --algo pretrain
+    value = sum(m[key] for m in recent) / len(recent)
     record = best_dir / "best.json"
     if record.exists() and json.loads(record.read_text())["post_return_ma10"] >= value:
         return
@@ -226,7 +244,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     from metarl_tf.config import TrainConfig
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.trainer import make_trainer
 
     run_dir = Path(args.run_dir)
     state = run_dir / "checkpoint" / "state.json"
@@ -234,7 +252,7 @@ def cmd_export(args) -> int:
         print(f"error: no checkpoint in {run_dir / 'checkpoint'}", file=sys.stderr)
         return 2
     config = TrainConfig.from_dict(json.loads(state.read_text())["config"])
-    trainer = MetaTrainer(config, run_dir)
+    trainer = make_trainer(config, run_dir)
     if args.select == "best":
         if not (run_dir / "best" / "state.json").exists():
             print(f"error: no best snapshot in {run_dir / 'best'}", file=sys.stderr)
