@@ -67,6 +67,26 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--episodes", type=int, default=20, help="episodes per task and step")
     p.add_argument("--steps", type=int, default=3, help="inner steps (each on fresh episodes)")
     p.add_argument("--seed", type=int, default=0, help="seed of test tasks and noise")
+    p.add_argument(
+        "--seeds", help="several seeds, e.g. 0,1,2 (overrides --seed): results per seed and "
+        "aggregated over all tasks x seeds",
+    )  # fmt: skip
+    p.add_argument(
+        "--baselines", default="",
+        help="evaluate beside the bundle, comma-separated: random, pretrained, oracle",
+    )  # fmt: skip
+    p.add_argument(
+        "--pretrained",
+        help="pretrained bundle (default: saved_models/<dist>-pretrained beside the bundle)",
+    )
+    p.add_argument(
+        "--oracle", help="oracle bundle (default: saved_models/<dist>-oracle beside the bundle)"
+    )
+    p.add_argument(
+        "--baseline-step-size", default="grid",
+        help="inner step size of the baselines: 'grid' (best of 0.01,0.03,0.1,0.3,1 on separate "
+        "validation tasks) or a number",
+    )  # fmt: skip
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write PNG plots with this path prefix (curve, trajectories)")
 
@@ -214,19 +234,54 @@ def _track_best(trainer, best_dir: Path) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from metarl_tf.baselines import parse_baselines
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.evaluation import evaluate, format_table, plot_curve, plot_trajectories
+    from metarl_tf.evaluation import (
+        evaluate,
+        format_paired,
+        format_table,
+        plot_curve,
+        plot_trajectories,
+    )  # fmt: skip
 
     if args.tasks < 2 or args.episodes < 1 or args.steps < 0:
         print("error: need --tasks >= 2, --episodes >= 1, --steps >= 0", file=sys.stderr)
         return 2
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise ValueError("--seeds needs at least one integer, e.g. --seeds 0,1,2")
+    baselines = parse_baselines(args.baselines)
+    if args.baseline_step_size == "grid":
+        step_size = None
+    else:
+        try:
+            step_size = float(args.baseline_step_size)
+        except ValueError:
+            raise ValueError(
+                f"--baseline-step-size takes 'grid' or a number, got {args.baseline_step_size!r}"
+            ) from None
     bundle = load_bundle(args.bundle)
     t0 = time.perf_counter()
-    result = evaluate(bundle, args.tasks, args.episodes, args.steps, args.seed)
-    print(f"{bundle.name}: {args.tasks} fresh tasks, {args.episodes} episodes per step, seed {args.seed} "
+    result = evaluate(
+        bundle, args.tasks, args.episodes, args.steps, seeds=seeds, baselines=baselines,
+        pretrained=args.pretrained, oracle=args.oracle, baseline_step_size=step_size,
+    )  # fmt: skip
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {','.join(map(str, seeds))}"
+    print(f"{bundle.name}: {args.tasks} fresh tasks, {args.episodes} episodes per step, {seed_text} "
           f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
-    print("mean return ± 95% CI after k inner steps")
+    print("mean return ± 95% CI after k inner steps"
+          + (f" (over {args.tasks} tasks x {len(seeds)} seeds)" if len(seeds) > 1 else ""))  # fmt: skip
     print(format_table(result))
+    for name, m in result["methods"].items():
+        sel = m.get("step_size_selection", {})
+        how = f", chosen by {sel['criterion']}" if "grid" in sel else ""
+        print(f"  {name}: step size {m['step_size']}{how}; {m['source']}")
+    if baselines:
+        print("maml minus baseline, paired over the same tasks and noise (mean ± 95% CI)")
+        print(format_paired(result))
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
