@@ -194,8 +194,8 @@ def cmd_train(args) -> int:
         final_iteration = trainer.iteration
         trainer.restore_checkpoint(run_dir / "best")
         best = json.loads((run_dir / "best" / "best.json").read_text())
-        print(f"selected iteration {trainer.iteration} of {final_iteration} (best moving-average training "
-              f"post-adaptation return {best['post_return_ma10']:.2f})")  # fmt: skip
+        print(f"selected iteration {trainer.iteration} of {final_iteration} (best 10-iteration moving average "
+              f"of {trainer.selection_metric}: {best['post_return_ma10']:.2f})")  # fmt: skip
         trainer.selection = {"select": "best", "trained_iterations": final_iteration, **best}
     trainer.export_bundle(out, extra_files={"metrics.jsonl": metrics_path})
     last = trainer.history[-10:]
@@ -241,6 +241,7 @@ def cmd_evaluate(args) -> int:
         format_paired,
         format_table,
         plot_curve,
+        plot_method_trajectories,
         plot_trajectories,
     )  # fmt: skip
 
@@ -294,6 +295,9 @@ def cmd_evaluate(args) -> int:
         if bundle.task_distribution.name == "nav2d":
             plot_trajectories(result, f"{args.plot}_trajectories.png")
             print(f"wrote {args.plot}_trajectories.png")
+            if baselines:
+                plot_method_trajectories(result, f"{args.plot}_trajectories_methods.png")
+                print(f"wrote {args.plot}_trajectories_methods.png")
     return 0
 
 

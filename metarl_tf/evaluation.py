@@ -269,12 +269,20 @@ def plot_curve(result: dict[str, Any], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for name, m in result["methods"].items():
         r, c = np.array(m["mean_return"]), np.array(m["ci95"])
         x = np.arange(len(r))
-        ax.plot(x, r, marker="o", label=name)
+        size = m.get("step_size")
+        label = f"{name} (α = {size:g})" if isinstance(size, float) else name
+        ax.plot(x, r, marker="o", label=label)
         ax.fill_between(x, r - c, r + c, alpha=0.2)
+    seeds = result.get("seeds", [result.get("seed")])
+    ax.set_title(
+        f"{result.get('tasks')} test tasks x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
+        "mean ± 95% CI",
+        fontsize=9,
+    )
     ax.set_xlabel("inner gradient steps")
     ax.set_ylabel("mean return")
     ax.set_xticks(range(len(r)))
@@ -282,4 +290,45 @@ def plot_curve(result: dict[str, Any], path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_method_trajectories(result: dict[str, Any], path, max_tasks: int = 3) -> None:
+    """Nav2D: one row per method, one column per task; trajectories before (gray) and after the
+    last inner step (red), goal marked. Uses the first seed's episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves, tasks = result["_curves"], result["_tasks"]
+    n = min(max_tasks, len(tasks))
+    fig, axes = plt.subplots(len(curves), n, figsize=(2.6 * n, 2.6 * len(curves)), squeeze=False)
+    for row, (name, curve) in enumerate(curves.items()):
+        before, after = curve["batches"][0], curve["batches"][-1]
+        for i in range(n):
+            ax = axes[row, i]
+            for batch, color in ((before, "tab:gray"), (after, "tab:red")):
+                for e in range(min(3, batch.observations.shape[1])):
+                    t = int(batch.mask[i, e].sum())
+                    xy = batch.observations[i, e, :t, :2]
+                    ax.plot(xy[:, 0], xy[:, 1], color=color, lw=1, alpha=0.8)
+            gx, gy = tasks[i]["goal"]
+            ax.plot([gx], [gy], marker="*", ms=12, color="gold", mec="k")
+            ax.plot([0], [0], marker="o", color="k", ms=3)
+            ax.set_xlim(-0.6, 0.6)
+            ax.set_ylim(-0.6, 0.6)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(name)
+            if row == 0:
+                ax.set_title(f"task {i}", fontsize=9)
+    steps = len(next(iter(curves.values()))["batches"]) - 1
+    fig.suptitle(
+        f"Nav2D: before (gray) and after {steps} inner step{'s' if steps != 1 else ''} (red)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

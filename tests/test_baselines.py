@@ -156,6 +156,7 @@ def test_evaluate_with_baselines_and_seeds_writes_the_documented_json(tiny_bundl
     assert result["methods"]["oracle"]["source"] == str(tiny_bundles / "nav2d-oracle")
     assert (tmp_path / "p_curve.png").stat().st_size > 0
     assert (tmp_path / "p_trajectories.png").stat().st_size > 0
+    assert (tmp_path / "p_trajectories_methods.png").stat().st_size > 0
     assert "maml - oracle" in format_paired(result)
 
     # maml per seed = the plain single-seed evaluation; the random baseline = a fresh seeded
