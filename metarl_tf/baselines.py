@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 BASELINES = ("random", "pretrained", "oracle")
-STEP_SIZE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+STEP_SIZE_GRID = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 VALIDATION_SEED = (
     6_133_001  # validation tasks for the step-size grid, apart from test/training seeds
 )

@@ -84,7 +84,7 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument(
         "--baseline-step-size", default="grid",
-        help="inner step size of the baselines: 'grid' (best of 0.01,0.03,0.1,0.3,1 on separate "
+        help="inner step size of the baselines: 'grid' (best of 0 (no adaptation),0.001,0.003,...,1 on separate "
         "validation tasks) or a number",
     )  # fmt: skip
     p.add_argument("--json", help="write the results as JSON here")
