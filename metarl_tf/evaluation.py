@@ -126,6 +126,8 @@ def evaluate(
     from metarl_tf.baselines import RANDOM_INIT_SALT, build_methods, random_parameters
 
     seeds = list(seeds) if seeds else [seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct (each draws its own test tasks), got {seeds}")
     methods = build_methods(
         bundle, list(baselines), pretrained=pretrained, oracle=oracle,
         step_size=baseline_step_size, validation_tasks=n_tasks, episodes=episodes, steps=steps,
