@@ -41,6 +41,9 @@ class TrainConfig:
         iterations: meta-iterations.
         seed: seeds tasks, action noise and initialization.
         checkpoint_every: write a checkpoint every N iterations.
+        algo: ``maml`` (meta-training) or ``pretrain`` (one policy trained jointly on all tasks
+            with the outer update and no inner step: the *pretrained* / *oracle* baselines of
+            ``metarl_tf.pretrain``).
     """
 
     task_distribution: str = "nav2d"
@@ -70,6 +73,7 @@ class TrainConfig:
     iterations: int = 500
     seed: int = 0
     checkpoint_every: int = 10
+    algo: str = "maml"
 
     def __post_init__(self):
         if self.outer not in ("trpo", "adam", "ppo"):
@@ -78,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"ppo_clip must be in (0, 1), got {self.ppo_clip}")
         if self.baseline not in ("linear", "none"):
             raise ValueError(f"baseline must be 'linear' or 'none', got {self.baseline!r}")
+        if self.algo not in ("maml", "pretrain"):
+            raise ValueError(f"algo must be 'maml' or 'pretrain', got {self.algo!r}")
         for name in (
             "meta_batch_size",
             "episodes_per_task",
@@ -134,6 +140,12 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d-ppo": TrainConfig(outer="ppo", outer_learning_rate=3e-3, ppo_epochs=5, ppo_clip=0.2),
     # `nav2d` with two inner steps during meta-training, each on freshly collected episodes.
     "nav2d-2step": TrainConfig(inner_steps=2),
+    # Baselines (python -m metarl_tf train --algo pretrain): the shipped nav2d-maml's network and
+    # initial sigma, trained jointly on all tasks without adaptation (TRPO); the oracle sees the goal.
+    "nav2d-pretrain": TrainConfig(algo="pretrain", init_log_std=-1.6, inner_step_size=0.05),
+    "nav2d-oracle": TrainConfig(
+        task_distribution="nav2d-oracle", algo="pretrain", init_log_std=-1.6, inner_step_size=0.05
+    ),
     # Seconds-long smoke run for tests and CI.
     "tiny": TrainConfig(
         hidden_sizes=(8,),

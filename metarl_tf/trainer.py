@@ -48,6 +48,8 @@ class MetaTrainer:
         run_dir: where checkpoints, ``metrics.jsonl`` and TensorBoard events go.
     """
 
+    selection_metric = "returns/post_adaptation"  # what --select best maximizes
+
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None):
         self.config = c = config
         self.run_dir = Path(run_dir) if run_dir else None
@@ -113,15 +115,16 @@ class MetaTrainer:
             learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
         )  # fmt: skip
 
-    def _seeds(self, iteration: int) -> tuple[int, list[int], int]:
-        """``(task seed, one sampling seed per inner batch, outer sampling seed)``."""
+    def _seeds(self, iteration: int) -> tuple[int, int, int]:
         s = np.random.SeedSequence([self.config.seed, iteration]).generate_state(3)
-        # the first inner batch keeps the seed it had before multi-step inner adaptation existed
-        extra = [
+        return int(s[0]), int(s[1]), int(s[2])
+
+    def _inner_seeds(self, iteration: int, first: int) -> list[int]:
+        """One sampling seed per inner batch; the first is ``_seeds``'s (as with one inner step)."""
+        return [first] + [
             int(np.random.SeedSequence([self.config.seed, iteration, j]).generate_state(1)[0])
             for j in range(1, self.config.inner_steps)
         ]
-        return int(s[0]), [int(s[1]), *extra], int(s[2])
 
     def sample_meta_batch(self, tasks, inner_seeds, outer_seed) -> tuple[MetaBatch, dict]:
         """Collects what one meta-step consumes: for ``j = 1..k`` the inner batch ``D^j`` with the
@@ -163,7 +166,8 @@ class MetaTrainer:
     def train_iteration(self) -> dict[str, float]:
         """One meta-iteration; returns its metrics (also appended to ``history``)."""
         c = self.config
-        task_seed, inner_seeds, outer_seed = self._seeds(self.iteration)
+        task_seed, inner_seed, outer_seed = self._seeds(self.iteration)
+        inner_seeds = self._inner_seeds(self.iteration, inner_seed)
         t0 = time.perf_counter()
         tasks = self.dist.sample_tasks(c.meta_batch_size, task_seed)
         batch, info = self.sample_meta_batch(tasks, inner_seeds, outer_seed)
@@ -260,6 +264,7 @@ class MetaTrainer:
         recent = [m for m in self.history if m["iteration"] <= self.iteration][-10:]
         c = self.config
         summary = {
+            "algo": c.algo,
             "config": c.to_dict(),
             "iterations": self.iteration,
             "selection": self.selection,
@@ -285,3 +290,13 @@ class MetaTrainer:
             path, self.policy, self.step_size_values(), self.dist,
             adaptation=adaptation, training=summary, extra_files=extra_files,
         )  # fmt: skip
+
+
+def make_trainer(config: TrainConfig, run_dir: str | Path | None = None) -> MetaTrainer:
+    """The trainer of ``config.algo``: :class:`MetaTrainer` (``maml``) or
+    :class:`metarl_tf.pretrain.PretrainTrainer` (``pretrain``)."""
+    if config.algo == "pretrain":
+        from metarl_tf.pretrain import PretrainTrainer
+
+        return PretrainTrainer(config, run_dir)
+    return MetaTrainer(config, run_dir)

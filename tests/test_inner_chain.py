@@ -298,7 +298,8 @@ def test_trainer_samples_k_plus_one_batches_each_with_the_policy_adapted_so_far(
     trainer = MetaTrainer(config)
     trainer.sampler = counting = CountingSampler(trainer.sampler)
     theta = trainer.policy.get_parameters()
-    task_seed, inner_seeds, outer_seed = trainer._seeds(0)
+    task_seed, inner_seed, outer_seed = trainer._seeds(0)
+    inner_seeds = trainer._inner_seeds(0, inner_seed)
     metrics = trainer.train_iteration()
     assert len(counting.calls) == k + 1
     assert [seed for _, seed in counting.calls] == [*inner_seeds, outer_seed]
