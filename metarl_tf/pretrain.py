@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from metarl_tf.config import TrainConfig
-from metarl_tf.outer import MetaBatch, adam_meta_step, trpo_meta_step
+from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
 from metarl_tf.trainer import MetaTrainer, _to_tensors, peak_rss_mb
 
 
@@ -41,7 +41,8 @@ def pretrain_step(
     policy, episodes, advantages, config: TrainConfig, optimizer=None, stop_after=None
 ):
     """One joint update of ``policy.parameters`` on ``episodes`` ``[tasks, episodes, T, ...]``:
-    TRPO (``config.outer == "trpo"``, with its ``max_kl``, CG and line-search settings) or Adam.
+    TRPO (``config.outer == "trpo"``, with its ``max_kl``, CG and line-search settings), PPO-clip
+    (``"ppo"``, ``ppo_epochs`` Adam epochs) or Adam.
 
     It is the meta-step with a zero inner step size on a batch whose inner and outer halves are
     ``episodes``: ``θ' = θ``, so the meta-objective is the plain surrogate of ``θ`` and the
@@ -59,6 +60,11 @@ def pretrain_step(
             max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
             ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
             stop_after=stop_after,
+        )  # fmt: skip
+    if c.outer == "ppo":  # plain PPO-clip: θ' = θ, π_old = the policy that collected the batch
+        return ppo_meta_step(
+            policy, 0.0, optimizer, batch, learn_step_sizes=False, inner_steps=1,
+            first_order=True, epochs=c.ppo_epochs, clip=c.ppo_clip,
         )  # fmt: skip
     return adam_meta_step(
         policy, 0.0, optimizer, batch, learn_step_sizes=False, inner_steps=1, first_order=True

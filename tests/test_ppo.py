@@ -270,3 +270,24 @@ def test_cli_flags_reach_the_config():
     assert config.env_steps_per_iteration == 3 * 20 * 20 * 100
     default = _train_config(build_parser().parse_args(["train", "--preset", "nav2d-2step"]))
     assert (default.outer, default.inner_steps) == ("trpo", 2)
+
+
+def test_pretrain_with_ppo_is_plain_ppo_on_the_joint_surrogate(toy):
+    """``--algo pretrain --outer ppo``: θ' = θ, so one epoch with SGD is θ − lr ∇surrogate(θ)."""
+    from metarl_tf.policy import gaussian_log_prob, tile_parameters
+    from metarl_tf.pretrain import pretrain_step
+
+    policy, _, _, outer, outer_adv = toy
+    config = get_preset("tiny").replace(outer="ppo", ppo_epochs=1)
+    variables = list(policy.parameters)
+    with tf.GradientTape() as tape:
+        params = tile_parameters(variables, 2)
+        mean, log_std = policy.forward(params, outer.observations)
+        old = tf.stop_gradient(gaussian_log_prob(mean, log_std, outer.actions))
+        loss = surrogate_loss(policy, params, outer, outer_adv, old)
+    grads = tape.gradient(loss, variables)
+    before = [v.numpy() for v in variables]
+    stats = pretrain_step(policy, outer, outer_adv, config, keras.optimizers.SGD(0.1))
+    assert "clip_fraction" in stats
+    for v, b, g in zip(variables, before, grads, strict=True):
+        np.testing.assert_allclose(v.numpy(), b - 0.1 * g.numpy(), rtol=1e-5, atol=1e-7)
