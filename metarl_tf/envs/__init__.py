@@ -6,6 +6,7 @@ from typing import Any
 
 import gymnasium
 
+from metarl_tf.envs.bandits import BernoulliBandit, BernoulliBanditEnv
 from metarl_tf.envs.base import (
     BatchedEnv,
     Task,
@@ -13,9 +14,12 @@ from metarl_tf.envs.base import (
     TimeStep,
     check_task_distribution,
 )
+from metarl_tf.envs.cartpole import CartPoleVaried, CartPoleVariedEnv
 from metarl_tf.envs.navigation import Navigation2D, Navigation2DEnv
 
 TASK_DISTRIBUTIONS: dict[str, type[TaskDistribution]] = {"nav2d": Navigation2D}
+TASK_DISTRIBUTIONS["bandit"] = BernoulliBandit  # discrete: k-armed Bernoulli bandits
+TASK_DISTRIBUTIONS["cartpole"] = CartPoleVaried  # discrete: CartPole with varied physics
 
 
 def make_task_distribution(name: str, **kwargs: Any) -> TaskDistribution:
@@ -35,8 +39,19 @@ if "metarl_tf/Navigation2D-v0" not in gymnasium.registry:
         max_episode_steps=None,
     )
 
+for _id, _entry in (
+    ("metarl_tf/BernoulliBandit-v0", "metarl_tf.envs.bandits:BernoulliBanditEnv"),
+    ("metarl_tf/CartPoleVaried-v0", "metarl_tf.envs.cartpole:CartPoleVariedEnv"),
+):
+    if _id not in gymnasium.registry:
+        gymnasium.register(id=_id, entry_point=_entry, max_episode_steps=None)
+
 __all__ = [
     "BatchedEnv",
+    "BernoulliBandit",
+    "BernoulliBanditEnv",
+    "CartPoleVaried",
+    "CartPoleVariedEnv",
     "Navigation2D",
     "Navigation2DEnv",
     "TASK_DISTRIBUTIONS",
