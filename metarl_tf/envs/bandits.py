@@ -122,7 +122,7 @@ class BernoulliBanditEnv(gymnasium.Env):
         self.task = task
         self.k = len(task["means"]) if task is not None else int(k)
         self.horizon = int(horizon)
-        self.observation_space = gymnasium.spaces.Box(1.0, 1.0, (1,), np.float32)
+        self.observation_space = gymnasium.spaces.Box(0.0, 1.0, (1,), np.float32)
         self.action_space = gymnasium.spaces.Discrete(self.k)
         self._batch: BernoulliBanditBatch | None = None
 
