@@ -370,3 +370,33 @@ def test_tile_parameters_categorical():
     obs = np.ones((2, 3, 3), np.float32)
     logits = policy.forward(tiled, obs).numpy()
     np.testing.assert_allclose(logits[0], logits[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "outer", "meta_sgd"),
+    [("bandit", "trpo", False), ("bandit", "adam", True), ("cartpole", "trpo", True)],
+)
+def test_trainer_checkpoint_bundle_and_evaluation_on_discrete_tasks(
+    task, outer, meta_sgd, tmp_path
+):
+    from metarl_tf.config import get_preset
+    from metarl_tf.evaluation import evaluate
+    from metarl_tf.trainer import MetaTrainer
+
+    config = get_preset("tiny").replace(
+        task_distribution=task, outer=outer, meta_sgd=meta_sgd, horizon=6, iterations=2
+    )
+    trainer = MetaTrainer(config)
+    assert isinstance(trainer.policy, CategoricalMLPPolicy)
+    metrics = [trainer.train_iteration() for _ in range(2)]
+    assert all(np.isfinite(m["returns/post_adaptation"]) for m in metrics)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    clone = MetaTrainer(config)
+    assert clone.restore_checkpoint(tmp_path / "ckpt")
+    for a, b in zip(clone.policy.get_parameters(), trainer.policy.get_parameters(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    bundle = load_bundle(trainer.export_bundle(tmp_path / f"{task}-maml"))
+    assert bundle.learned_step_sizes == meta_sgd
+    result = evaluate(bundle, n_tasks=2, episodes=2, steps=1, seed=0)
+    assert len(result["methods"]["maml"]["mean_return"]) == 2

@@ -7,9 +7,9 @@ improvement and the KL bound.
 
 The Hessian-vector product. At the current point the KL and its gradient vanish, so its Hessian
 is exactly the Gauss-Newton form ``Jᵀ F J``: ``J`` the Jacobian of the adaptation ``θ ↦ θ'``
-(:func:`metarl_tf.maml.adaptation_jvp` / ``adaptation_vjp``), ``F`` the Fisher of the Gaussian
-policy at ``θ'`` (``diag(1/σ²)`` on the mean, 2 on ``log σ``), applied through one JVP and one VJP of
-the network. This is the same product a reverse-over-reverse HVP gives, without third-order terms
+(:func:`metarl_tf.maml.adaptation_jvp` / ``adaptation_vjp``), ``F`` the Fisher of the policy at
+``θ'`` (Gaussian: ``diag(1/σ²)`` on the mean, 2 on ``log σ``; categorical: ``diag(p) − ppᵀ`` on the
+logits), applied through one JVP and one VJP of the network. This is the same product a reverse-over-reverse HVP gives, without third-order terms
 (``tests/test_trpo.py`` checks both agree).
 
 Meta-SGD step sizes, when learned, are meta-parameters too: they get their part of the gradient and
