@@ -20,7 +20,16 @@ def _add_train(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default="nav2d", choices=sorted(PRESETS), help="named configuration")
-    p.add_argument("--out", help="bundle directory (default: saved_models/<preset>-maml)")
+    p.add_argument(
+        "--algo", choices=["maml", "pretrain"],
+        help="maml: meta-train (the default of most presets); pretrain: one policy trained jointly "
+        "on all tasks without adaptation (the pretrained/oracle baselines of evaluate --baselines)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out",
+        help="bundle directory (default: saved_models/<preset>-maml; with --algo pretrain "
+        "saved_models/<task distribution>-pretrained, or saved_models/<dist> for an oracle one)",
+    )
     p.add_argument(
         "--run-dir", help="checkpoints, metrics.jsonl, TensorBoard (default: runs/<bundle name>)"
     )
@@ -58,6 +67,26 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--episodes", type=int, default=20, help="episodes per task and step")
     p.add_argument("--steps", type=int, default=3, help="inner steps (each on fresh episodes)")
     p.add_argument("--seed", type=int, default=0, help="seed of test tasks and noise")
+    p.add_argument(
+        "--seeds", help="several seeds, e.g. 0,1,2 (overrides --seed): results per seed and "
+        "aggregated over all tasks x seeds",
+    )  # fmt: skip
+    p.add_argument(
+        "--baselines", default="",
+        help="evaluate beside the bundle, comma-separated: random, pretrained, oracle",
+    )  # fmt: skip
+    p.add_argument(
+        "--pretrained",
+        help="pretrained bundle (default: saved_models/<dist>-pretrained beside the bundle)",
+    )
+    p.add_argument(
+        "--oracle", help="oracle bundle (default: saved_models/<dist>-oracle beside the bundle)"
+    )
+    p.add_argument(
+        "--baseline-step-size", default="grid",
+        help="inner step size of the baselines: 'grid' (best of 0 (no adaptation),0.001,0.003,...,1 on separate "
+        "validation tasks) or a number",
+    )  # fmt: skip
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write PNG plots with this path prefix (curve, trajectories)")
 
@@ -86,6 +115,7 @@ def _train_config(args):
         "iterations": args.iterations, "seed": args.seed, "meta_sgd": args.meta_sgd,
         "first_order": args.first_order, "outer": args.outer, "inner_step_size": args.inner_step_size,
         "checkpoint_every": args.checkpoint_every, "init_log_std": args.init_log_std,
+        "algo": args.algo,
     }  # fmt: skip
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -93,10 +123,16 @@ def _train_config(args):
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.pretrain import default_bundle_path
+    from metarl_tf.trainer import make_trainer
 
     config = _train_config(args)
-    out = Path(args.out or f"saved_models/{args.preset}-maml")
+    default_out = (
+        default_bundle_path(config)
+        if config.algo == "pretrain"
+        else f"saved_models/{args.preset}-maml"
+    )
+    out = Path(args.out or default_out)
     run_dir = Path(args.run_dir or f"runs/{out.name}")
     ckpt_dir = run_dir / "checkpoint"
     metrics_path = run_dir / "metrics.jsonl"
@@ -105,7 +141,8 @@ def cmd_train(args) -> int:
               f"or choose another --run-dir", file=sys.stderr)  # fmt: skip
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = MetaTrainer(config, run_dir)
+    trainer = make_trainer(config, run_dir)
+    config = trainer.config  # pretrain switches Meta-SGD off
     if args.resume and trainer.restore_checkpoint(ckpt_dir):
         print(f"resumed from {ckpt_dir} at iteration {trainer.iteration}")
         # keep metrics of the iterations the checkpoint covers, drop any written after it
@@ -120,7 +157,7 @@ def cmd_train(args) -> int:
     import tensorflow as tf
 
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-    print(f"meta-training {args.preset}: {config.iterations} iterations, "
+    print(f"{'meta-training' if config.algo == 'maml' else 'pretraining'} {args.preset}: {config.iterations} iterations, "
           f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x {config.horizon} steps, "
           f"outer={config.outer}{' meta-sgd' if config.meta_sgd else ''}"
           f"{' first-order' if config.first_order else ''} -> {out}")  # fmt: skip
@@ -157,8 +194,8 @@ def cmd_train(args) -> int:
         final_iteration = trainer.iteration
         trainer.restore_checkpoint(run_dir / "best")
         best = json.loads((run_dir / "best" / "best.json").read_text())
-        print(f"selected iteration {trainer.iteration} of {final_iteration} (best moving-average training "
-              f"post-adaptation return {best['post_return_ma10']:.2f})")  # fmt: skip
+        print(f"selected iteration {trainer.iteration} of {final_iteration} (best 10-iteration moving average "
+              f"of {trainer.selection_metric}: {best['post_return_ma10']:.2f})")  # fmt: skip
         trainer.selection = {"select": "best", "trained_iterations": final_iteration, **best}
     trainer.export_bundle(out, extra_files={"metrics.jsonl": metrics_path})
     last = trainer.history[-10:]
@@ -185,7 +222,8 @@ def _track_best(trainer, best_dir: Path) -> None:
     recent = trainer.history[-BEST_WINDOW:]
     if len(recent) < BEST_WINDOW:
         return
-    value = sum(m["returns/post_adaptation"] for m in recent) / len(recent)
+    key = trainer.selection_metric  # post-adaptation return; pre-adaptation for --algo pretrain
+    value = sum(m[key] for m in recent) / len(recent)
     record = best_dir / "best.json"
     if record.exists() and json.loads(record.read_text())["post_return_ma10"] >= value:
         return
@@ -196,19 +234,55 @@ def _track_best(trainer, best_dir: Path) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from metarl_tf.baselines import parse_baselines
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.evaluation import evaluate, format_table, plot_curve, plot_trajectories
+    from metarl_tf.evaluation import (
+        evaluate,
+        format_paired,
+        format_table,
+        plot_curve,
+        plot_method_trajectories,
+        plot_trajectories,
+    )  # fmt: skip
 
     if args.tasks < 2 or args.episodes < 1 or args.steps < 0:
         print("error: need --tasks >= 2, --episodes >= 1, --steps >= 0", file=sys.stderr)
         return 2
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise ValueError("--seeds needs at least one integer, e.g. --seeds 0,1,2")
+    baselines = parse_baselines(args.baselines)
+    if args.baseline_step_size == "grid":
+        step_size = None
+    else:
+        try:
+            step_size = float(args.baseline_step_size)
+        except ValueError:
+            raise ValueError(
+                f"--baseline-step-size takes 'grid' or a number, got {args.baseline_step_size!r}"
+            ) from None
     bundle = load_bundle(args.bundle)
     t0 = time.perf_counter()
-    result = evaluate(bundle, args.tasks, args.episodes, args.steps, args.seed)
-    print(f"{bundle.name}: {args.tasks} fresh tasks, {args.episodes} episodes per step, seed {args.seed} "
+    result = evaluate(
+        bundle, args.tasks, args.episodes, args.steps, seeds=seeds, baselines=baselines,
+        pretrained=args.pretrained, oracle=args.oracle, baseline_step_size=step_size,
+    )  # fmt: skip
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {','.join(map(str, seeds))}"
+    print(f"{bundle.name}: {args.tasks} fresh tasks, {args.episodes} episodes per step, {seed_text} "
           f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
-    print("mean return ± 95% CI after k inner steps")
+    print("mean return ± 95% CI after k inner steps"
+          + (f" (over {args.tasks} tasks x {len(seeds)} seeds)" if len(seeds) > 1 else ""))  # fmt: skip
     print(format_table(result))
+    for name, m in result["methods"].items():
+        sel = m.get("step_size_selection", {})
+        how = f", chosen by {sel['criterion']}" if "grid" in sel else ""
+        print(f"  {name}: step size {m['step_size']}{how}; {m['source']}")
+    if baselines:
+        print("maml minus baseline, paired over the same tasks and noise (mean ± 95% CI)")
+        print(format_paired(result))
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -221,12 +295,15 @@ def cmd_evaluate(args) -> int:
         if bundle.task_distribution.name == "nav2d":
             plot_trajectories(result, f"{args.plot}_trajectories.png")
             print(f"wrote {args.plot}_trajectories.png")
+            if baselines:
+                plot_method_trajectories(result, f"{args.plot}_trajectories_methods.png")
+                print(f"wrote {args.plot}_trajectories_methods.png")
     return 0
 
 
 def cmd_export(args) -> int:
     from metarl_tf.config import TrainConfig
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.trainer import make_trainer
 
     run_dir = Path(args.run_dir)
     state = run_dir / "checkpoint" / "state.json"
@@ -234,7 +311,7 @@ def cmd_export(args) -> int:
         print(f"error: no checkpoint in {run_dir / 'checkpoint'}", file=sys.stderr)
         return 2
     config = TrainConfig.from_dict(json.loads(state.read_text())["config"])
-    trainer = MetaTrainer(config, run_dir)
+    trainer = make_trainer(config, run_dir)
     if args.select == "best":
         if not (run_dir / "best" / "state.json").exists():
             print(f"error: no best snapshot in {run_dir / 'best'}", file=sys.stderr)

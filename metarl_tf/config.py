@@ -37,6 +37,9 @@ class TrainConfig:
         iterations: meta-iterations.
         seed: seeds tasks, action noise and initialization.
         checkpoint_every: write a checkpoint every N iterations.
+        algo: ``maml`` (meta-training) or ``pretrain`` (one policy trained jointly on all tasks
+            with the outer update and no inner step: the *pretrained* / *oracle* baselines of
+            ``metarl_tf.pretrain``).
     """
 
     task_distribution: str = "nav2d"
@@ -64,12 +67,15 @@ class TrainConfig:
     iterations: int = 500
     seed: int = 0
     checkpoint_every: int = 10
+    algo: str = "maml"
 
     def __post_init__(self):
         if self.outer not in ("trpo", "adam"):
             raise ValueError(f"outer must be 'trpo' or 'adam', got {self.outer!r}")
         if self.baseline not in ("linear", "none"):
             raise ValueError(f"baseline must be 'linear' or 'none', got {self.baseline!r}")
+        if self.algo not in ("maml", "pretrain"):
+            raise ValueError(f"algo must be 'maml' or 'pretrain', got {self.algo!r}")
         for name in (
             "meta_batch_size",
             "episodes_per_task",
@@ -119,6 +125,12 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d-paper-net": TrainConfig(hidden_sizes=(100, 100), activation="relu"),
     # First-order MAML.
     "nav2d-fo": TrainConfig(first_order=True),
+    # Baselines (python -m metarl_tf train --algo pretrain): the shipped nav2d-maml's network and
+    # initial sigma, trained jointly on all tasks without adaptation (TRPO); the oracle sees the goal.
+    "nav2d-pretrain": TrainConfig(algo="pretrain", init_log_std=-1.6, inner_step_size=0.05),
+    "nav2d-oracle": TrainConfig(
+        task_distribution="nav2d-oracle", algo="pretrain", init_log_std=-1.6, inner_step_size=0.05
+    ),
     # Seconds-long smoke run for tests and CI.
     "tiny": TrainConfig(
         hidden_sizes=(8,),

@@ -19,7 +19,7 @@ reverse-mode autodiff through :func:`adapt` and against finite differences.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
@@ -204,6 +204,9 @@ class Adapter:
         self.step_sizes = step_sizes
         self.gamma, self.gae_lambda, self.baseline = gamma, gae_lambda, baseline
         self._compiled = tf.function(self._adapt)
+        # Concrete functions by (steps, input shapes): calling one skips tf.function's argument
+        # matching, about 0.6 ms of a ~4 ms service adaptation (bench/serve_latency.py).
+        self._concrete: dict[tuple, Any] = {}
 
     def _adapt(self, params, episodes, steps: int):
         from metarl_tf.advantages import compute_advantages
@@ -225,4 +228,9 @@ class Adapter:
         """
         episodes = type(episodes)(*[tf.convert_to_tensor(x, tf.float32) for x in episodes])
         params = [tf.convert_to_tensor(p, tf.float32) for p in params]
-        return self._compiled(params, episodes, int(steps))
+        steps = int(steps)
+        key = (steps, type(episodes), *(tuple(x.shape) for x in (*params, *episodes)))
+        fn = self._concrete.get(key)
+        if fn is None:
+            fn = self._concrete[key] = self._compiled.get_concrete_function(params, episodes, steps)
+        return fn(params, episodes, steps)

@@ -47,6 +47,8 @@ class MetaTrainer:
         run_dir: where checkpoints, ``metrics.jsonl`` and TensorBoard events go.
     """
 
+    selection_metric = "returns/post_adaptation"  # what --select best maximizes
+
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None):
         self.config = c = config
         self.run_dir = Path(run_dir) if run_dir else None
@@ -211,6 +213,7 @@ class MetaTrainer:
         recent = [m for m in self.history if m["iteration"] <= self.iteration][-10:]
         c = self.config
         summary = {
+            "algo": c.algo,
             "config": c.to_dict(),
             "iterations": self.iteration,
             "selection": self.selection,
@@ -236,3 +239,13 @@ class MetaTrainer:
             path, self.policy, self.step_size_values(), self.dist,
             adaptation=adaptation, training=summary, extra_files=extra_files,
         )  # fmt: skip
+
+
+def make_trainer(config: TrainConfig, run_dir: str | Path | None = None) -> MetaTrainer:
+    """The trainer of ``config.algo``: :class:`MetaTrainer` (``maml``) or
+    :class:`metarl_tf.pretrain.PretrainTrainer` (``pretrain``)."""
+    if config.algo == "pretrain":
+        from metarl_tf.pretrain import PretrainTrainer
+
+        return PretrainTrainer(config, run_dir)
+    return MetaTrainer(config, run_dir)

@@ -19,6 +19,7 @@ request ``field`` it concerns and what was ``expected``.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -114,7 +115,19 @@ def _as_list(x: Any) -> Any:
     return np.asarray(x).tolist()
 
 
-def _episode_json(episode: Any, index: int) -> dict[str, Any]:
+def pack_array(x: Any) -> dict[str, Any]:
+    """``x`` as the service's PackedArray: ``{"data": base64 of little-endian float32 bytes,
+    "shape": [...], "dtype": "float32"}`` (a quarter of the JSON-list size, parsed in
+    microseconds)."""
+    array = np.ascontiguousarray(x, dtype="<f4")
+    return {
+        "data": base64.b64encode(array.tobytes()).decode("ascii"),
+        "shape": list(array.shape),
+        "dtype": "float32",
+    }
+
+
+def _episode_json(episode: Any, index: int, packed: bool = False) -> dict[str, Any]:
     if isinstance(episode, Mapping):
         obs, act, rew = episode["observations"], episode["actions"], episode["rewards"]
     else:
@@ -125,7 +138,8 @@ def _episode_json(episode: Any, index: int) -> dict[str, Any]:
                 f"episodes[{index}] must be a mapping with observations/actions/rewards or a "
                 f"(observations, actions, rewards) tuple, got {type(episode).__name__}"
             ) from None
-    return {"observations": _as_list(obs), "actions": _as_list(act), "rewards": _as_list(rew)}
+    encode = pack_array if packed else _as_list
+    return {"observations": encode(obs), "actions": encode(act), "rewards": encode(rew)}
 
 
 class AdaptationClient:
@@ -135,10 +149,20 @@ class AdaptationClient:
         url: the service, e.g. ``http://127.0.0.1:3000``.
         timeout: seconds per request (connect, read, write each).
         transport: an ``httpx`` transport (tests, custom retries).
+        packed: send episode arrays to ``/adapt`` as base64 float32 (PackedArray) rather than
+            nested JSON lists: same values (float32 either way on the server), a body about a
+            quarter of the size and a faster request.
     """
 
-    def __init__(self, url: str = "http://127.0.0.1:3000", timeout: float = 30.0, transport=None):
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:3000",
+        timeout: float = 30.0,
+        transport=None,
+        packed: bool = True,
+    ):
         self.url = url.rstrip("/")
+        self.packed = packed
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
 
     def close(self) -> None:
@@ -234,7 +258,7 @@ class AdaptationClient:
             return_weights: also return the adapted weights.
         """
         payload: dict[str, Any] = {
-            "episodes": [_episode_json(e, i) for i, e in enumerate(episodes)],
+            "episodes": [_episode_json(e, i, self.packed) for i, e in enumerate(episodes)],
             "parent": parent,
             "return_weights": bool(return_weights),
         }

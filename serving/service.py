@@ -48,12 +48,34 @@ API_PATHS = ("/adapt", "/act", "/metadata")
 THREAD_ACT_ROWS = 256
 
 
+# pydantic names the member of a union (an episode array is nested lists or a PackedArray) in an
+# error's location; these are not request fields.
+_UNION_TAGS = {"list[float]", "list[list[float]]", "PackedArray"}
+
+
 def _format_loc(loc: Any) -> str:
     """pydantic ``("episodes", 2, "actions", 0)`` -> ``"episodes[2].actions[0]"``."""
     out = ""
     for part in loc or ():
+        if part in _UNION_TAGS:
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
+
+
+def _relevant(detail: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drops a union member's complaint that the value has the other member's form (a list sent
+    where a PackedArray object would go, or an object where lists would), keeping the problems
+    within the form the client chose."""
+    kept = [
+        d
+        for d in detail
+        if not (
+            set(d.get("loc") or ()) & _UNION_TAGS
+            and d.get("type") in ("model_type", "list_type", "model_attributes_type")
+        )
+    ]
+    return kept or detail
 
 
 _EXPECTED = {
@@ -68,7 +90,7 @@ _EXPECTED = {
 def reshape_validation_error(body: dict[str, Any]) -> dict[str, Any]:
     """BentoML's pydantic error body ``{"error", "detail": [{"type", "loc", "msg"}, ...]}`` in
     this service's form ``{"error", "field", "expected", "detail"}`` (first problem first)."""
-    detail = body.get("detail") or [{}]
+    detail = _relevant(body.get("detail") or [{}])
     first = detail[0]
     field = _format_loc(first.get("loc"))
     msg = first.get("msg", "invalid value")

@@ -8,7 +8,10 @@ episode, finiteness, and the configured limits. Field paths look like ``episodes
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,11 +36,91 @@ class RequestError(Exception):
         return {"error": self.error, "field": self.field, "expected": self.expected}
 
 
+_PACKED_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
+
+
+def _packed(value: Any) -> tuple[Any, Any, Any] | None:
+    """``(data, shape, dtype)`` of a packed array (``schemas.PackedArray`` or its dict), else
+    ``None`` (the value is in the nested-list form)."""
+    if isinstance(value, dict):
+        return (
+            (value["data"], value.get("shape"), value.get("dtype", "float32"))
+            if ("data" in value)
+            else None
+        )
+    data = getattr(value, "data", None)
+    return (
+        (data, getattr(value, "shape", None), getattr(value, "dtype", None))
+        if (isinstance(data, str))
+        else None
+    )
+
+
+def _num_rows(value: Any) -> int | None:
+    """Leading dimension of a nested list or a packed array, ``None`` if neither."""
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    packed = _packed(value)
+    if packed is not None and isinstance(packed[1], list) and packed[1]:
+        rows = packed[1][0]
+        return rows if isinstance(rows, int) else None
+    return None
+
+
+def _unpack(packed: tuple[Any, Any, Any], width: int | None, field: str) -> np.ndarray:
+    """A packed array as float32, shape ``[n, width]`` (``[n]`` when ``width`` is ``None``)."""
+    data, shape, dtype = packed
+    want = "[n]" if width is None else f"[n, {width}]"
+    expected = f"a PackedArray of shape {want}: base64 of n x {width or 1} little-endian floats"
+    if dtype not in _PACKED_DTYPES:
+        raise RequestError(
+            f"{field}.dtype is {dtype!r}", f"{field}.dtype", "'float32' or 'float64'"
+        )
+    rank = 1 if width is None else 2
+    if (
+        not isinstance(shape, list)
+        or len(shape) != rank
+        or not all(isinstance(n, int) and n >= 0 for n in shape)
+        or (width is not None and shape[1] != width)
+    ):
+        raise RequestError(f"{field}.shape is {shape}, expected {want}", f"{field}.shape", expected)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{field}.data is not valid base64", f"{field}.data", expected) from None
+    itemsize = _PACKED_DTYPES[dtype].itemsize
+    if len(raw) != math.prod(shape) * itemsize:
+        raise RequestError(
+            f"{field}.data holds {len(raw)} bytes; shape {shape} of {dtype} needs "
+            f"{math.prod(shape) * itemsize}",
+            f"{field}.data",
+            expected,
+        )
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: reported as inf later
+        return np.frombuffer(raw, _PACKED_DTYPES[dtype]).astype(np.float32).reshape(shape)
+
+
 def _matrix(
     rows: Any, width: int, field: str, what: str, max_rows: int | None = None
 ) -> np.ndarray:
-    """``rows`` (a list of equal-length number lists) as a float32 ``[n, width]`` array."""
+    """``rows`` (a list of equal-length number lists, or a packed array) as a float32
+    ``[n, width]`` array."""
     expected = f"a list of {what}, each a list of {width} finite numbers"
+    packed = _packed(rows)
+    if packed is not None:
+        n = _num_rows(rows)
+        if max_rows is not None and n is not None and n > max_rows:
+            raise RequestError(
+                f"{field} has {n} rows, more than the limit of {max_rows}",
+                field,
+                f"at most {max_rows} rows",
+                status=413,
+            )
+        array = _unpack(packed, width, field)
+        if len(array) == 0:
+            raise RequestError(f"{field} is empty", field, expected + " (at least one)")
+        _check_finite(array, field, expected)
+        return array
     if not isinstance(rows, (list, tuple)) or len(rows) == 0:
         raise RequestError(f"{field} is empty", field, expected + " (at least one)")
     if max_rows is not None and len(rows) > max_rows:
@@ -72,6 +155,17 @@ def _matrix(
 
 def _vector(values: Any, field: str, length: int) -> np.ndarray:
     expected = f"a list of {length} finite numbers (one per observation)"
+    packed = _packed(values)
+    if packed is not None:
+        array = _unpack(packed, None, field)
+        if len(array) != length:
+            raise RequestError(
+                f"{field} has {len(array)} values but the episode has {length} observations",
+                field,
+                expected,
+            )
+        _check_finite(array, field, expected)
+        return array
     if not isinstance(values, (list, tuple)):
         raise RequestError(f"{field} must be a list of numbers", field, expected)
     if len(values) != length:
@@ -140,9 +234,10 @@ def check_episodes(
         )
         field = f"episodes[{e}]"
         obs_rows = get("observations")
-        if isinstance(obs_rows, (list, tuple)) and len(obs_rows) > max_length:
+        n_obs = _num_rows(obs_rows)
+        if n_obs is not None and n_obs > max_length:
             raise RequestError(
-                f"{field} has {len(obs_rows)} steps, more than the limit of {max_length} "
+                f"{field} has {n_obs} steps, more than the limit of {max_length} "
                 "(the bundle's horizon / METARL_MAX_EPISODE_LENGTH)",
                 f"{field}.observations",
                 f"1 to {max_length} steps",
@@ -151,9 +246,10 @@ def check_episodes(
         obs = _matrix(obs_rows, obs_dim, f"{field}.observations", "observations")
         length = len(obs)
         act_rows = get("actions")
-        if isinstance(act_rows, (list, tuple)) and len(act_rows) != length:
+        n_act = _num_rows(act_rows)
+        if n_act is not None and n_act != length:
             raise RequestError(
-                f"{field}.actions has {len(act_rows)} rows but {field}.observations has {length}",
+                f"{field}.actions has {n_act} rows but {field}.observations has {length}",
                 f"{field}.actions",
                 f"{length} actions (one per observation), each a list of {act_dim} finite numbers",
             )

@@ -7,6 +7,7 @@ serves most tests; the improvement test starts a second one on the shipped bundl
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, policy_from_weights
-from serving.client import AdaptationClient, ServiceError, ServiceUnavailable
+from serving.client import AdaptationClient, ServiceError, ServiceUnavailable, pack_array
 from serving.launch import ServiceProcess, free_port
 from serving.settings import ServiceSettings, SettingsError
 from serving.store import PolicyNotFound, PolicyStore
@@ -586,6 +587,90 @@ def test_bad_request_is_4xx_naming_the_field(http, path, body, status, field):
     assert data["error"] and data["expected"], data
 
 
+def _packed_episode(t=5, **changes):
+    """``_episode`` with every array packed (base64 float32), then ``changes`` applied."""
+    ep = {k: pack_array(v) for k, v in _episode(t).items()}
+    for key, value in changes.items():
+        name, _, part = key.partition("__")
+        ep[name] = {**ep[name], part: value} if part else value
+    return {"episodes": [ep]}
+
+
+PACKED_BAD = [
+    ("bad-base64", dict(observations__data="not base64!"), 400, "episodes[0].observations.data"),
+    (
+        "byte-count",
+        dict(actions__data=pack_array(np.zeros((4, 2)))["data"]),
+        400,
+        "episodes[0].actions.data",
+    ),
+    (
+        "width",
+        dict(observations=pack_array(np.zeros((5, 3)))),
+        400,
+        "episodes[0].observations.shape",
+    ),
+    ("rank", dict(rewards=pack_array(np.zeros((5, 1)))), 400, "episodes[0].rewards.shape"),
+    ("dtype", dict(observations__dtype="int8"), 400, "episodes[0].observations.dtype"),
+    ("extra-key", dict(observations__order="F"), 400, "episodes[0].observations"),
+    ("nan", dict(actions=pack_array(np.full((5, 2), np.nan))), 400, "episodes[0].actions[0][0]"),
+    ("rows", dict(actions=pack_array(np.zeros((4, 2)))), 400, "episodes[0].actions"),
+    ("reward-count", dict(rewards=pack_array(np.zeros(6))), 400, "episodes[0].rewards"),
+    (
+        "too-long",
+        dict(
+            observations=pack_array(np.zeros((HORIZON + 1, 2))),
+            actions=pack_array(np.zeros((HORIZON + 1, 2))),
+            rewards=pack_array(np.zeros(HORIZON + 1)),
+        ),
+        413,
+        "episodes[0].observations",
+    ),
+    (
+        "empty",
+        dict(
+            observations=pack_array(np.zeros((0, 2))),
+            actions=pack_array(np.zeros((0, 2))),
+            rewards=pack_array(np.zeros(0)),
+        ),
+        400,
+        "episodes[0].observations",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "changes,status,field", [c[1:] for c in PACKED_BAD], ids=[c[0] for c in PACKED_BAD]
+)
+def test_bad_packed_array_is_4xx_naming_the_field(http, changes, status, field):
+    r = post(http, "/adapt", _packed_episode(**changes))
+    assert r.status_code == status, r.text
+    data = r.json()
+    assert data["field"].startswith(field), data
+    assert data["error"] and data["expected"], data
+
+
+def test_packed_episodes_adapt_exactly_like_json_lists(http, local):
+    episodes = nav_episodes(5, seed=11)
+    packed = [{k: pack_array(np.asarray(v, np.float32)) for k, v in e.items()} for e in episodes]
+    # float64 bytes are accepted too, and rounded to float32 like JSON numbers.
+    packed[0]["rewards"] = {
+        "data": base64.b64encode(np.asarray(episodes[0]["rewards"], "<f8").tobytes()).decode(),
+        "shape": [len(episodes[0]["rewards"])],
+        "dtype": "float64",
+    }
+    got = {}
+    for name, eps in (("lists", episodes), ("packed", packed)):
+        r = post(http, "/adapt", {"episodes": eps, "return_weights": True})
+        assert r.status_code == 200, r.text
+        got[name] = r.json()
+    assert got["lists"]["weights"] == got["packed"]["weights"]
+    assert got["lists"]["inner_losses"] == got["packed"]["inner_losses"]
+    expected, _ = local_adapt(local, local.policy.parameters, episodes, 1)
+    w = weights_list(local, got["packed"]["weights"])
+    assert max(float(np.max(np.abs(g - e))) for g, e in zip(w, expected, strict=True)) < 1e-5
+
+
 def test_weights_nan_is_refused(http):
     # NaN cannot be written by json.dumps(allow_nan=False); send it raw.
     w = _weights(NAMES_SHAPES)
@@ -721,6 +806,20 @@ def test_client_round_trip_and_errors(client, local):
         and err.value.field == "steps"
         and "1 to 3" in err.value.expected
     )
+
+
+def test_client_packed_and_json_encodings_give_the_same_adaptation(client, service):
+    episodes = [
+        (np.array(e["observations"]), np.array(e["actions"]), np.array(e["rewards"]))
+        for e in nav_episodes(4, seed=61)
+    ]
+    assert client.packed  # the default
+    with AdaptationClient(service.url, packed=False) as plain:
+        a = plain.adapt(episodes, return_weights=True)
+    b = client.adapt(episodes, return_weights=True)
+    assert a.inner_losses == b.inner_losses
+    for name in a.weights:
+        np.testing.assert_array_equal(a.weights[name], b.weights[name])
 
 
 def test_client_raises_service_unavailable_without_a_server():

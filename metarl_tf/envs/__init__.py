@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium
@@ -16,8 +17,13 @@ from metarl_tf.envs.base import (
 )
 from metarl_tf.envs.cartpole import CartPoleVaried, CartPoleVariedEnv
 from metarl_tf.envs.navigation import Navigation2D, Navigation2DEnv
+from metarl_tf.envs.oracle import OracleObservation, oracle_variant
 
-TASK_DISTRIBUTIONS: dict[str, type[TaskDistribution]] = {"nav2d": Navigation2D}
+TASK_DISTRIBUTIONS: dict[str, Callable[..., TaskDistribution]] = {"nav2d": Navigation2D}
+# Oracle variants (task parameters in the observation), see metarl_tf/envs/oracle.py.
+TASK_DISTRIBUTIONS["nav2d-oracle"] = oracle_variant(
+    "nav2d-oracle", Navigation2D, lambda t: t["goal"]
+)
 TASK_DISTRIBUTIONS["bandit"] = BernoulliBandit  # discrete: k-armed Bernoulli bandits
 TASK_DISTRIBUTIONS["cartpole"] = CartPoleVaried  # discrete: CartPole with varied physics
 
@@ -54,10 +60,12 @@ __all__ = [
     "CartPoleVariedEnv",
     "Navigation2D",
     "Navigation2DEnv",
+    "OracleObservation",
     "TASK_DISTRIBUTIONS",
     "Task",
     "TaskDistribution",
     "TimeStep",
     "check_task_distribution",
     "make_task_distribution",
+    "oracle_variant",
 ]
