@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from metarl_tf.envs import TaskDistribution, make_task_distribution
-from metarl_tf.policy import GaussianMLPPolicy
+from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 
 FORMAT_VERSION = 1
 POLICY_FILE = "policy.keras"
@@ -69,7 +69,7 @@ class Bundle:
     path: Path
     name: str
     meta: dict[str, Any]
-    policy: GaussianMLPPolicy
+    policy: GaussianMLPPolicy | CategoricalMLPPolicy
     step_sizes: float | list[np.ndarray]
     task_distribution: TaskDistribution
 
@@ -97,7 +97,7 @@ class Bundle:
 
 def save_bundle(
     path: str | os.PathLike,
-    policy: GaussianMLPPolicy,
+    policy: GaussianMLPPolicy | CategoricalMLPPolicy,
     step_sizes: float | list[np.ndarray],
     task_distribution: TaskDistribution,
     *,
@@ -145,7 +145,15 @@ def save_bundle(
             "config": {
                 k: v
                 for k, v in policy.get_config().items()
-                if k in ("obs_dim", "act_dim", "hidden_sizes", "activation", "init_log_std")
+                if k
+                in (
+                    "obs_dim",
+                    "act_dim",
+                    "num_actions",
+                    "hidden_sizes",
+                    "activation",
+                    "init_log_std",
+                )
             },
             "parameter_names": policy.parameter_names,
             "parameter_shapes": [list(s) for s in policy.parameter_shapes],

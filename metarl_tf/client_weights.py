@@ -84,18 +84,20 @@ def parameters_from_weights(
 
 
 def policy_from_weights(weights: Mapping[str, Any], policy_config: Mapping[str, Any]):
-    """A local Keras :class:`~metarl_tf.policy.GaussianMLPPolicy` holding ``weights``.
+    """A local Keras policy (:class:`~metarl_tf.policy.GaussianMLPPolicy`, or
+    :class:`~metarl_tf.policy.CategoricalMLPPolicy` for a discrete bundle) holding ``weights``.
 
     Args:
         weights: ``{name: array}`` as returned by the service (``/adapt`` with
             ``return_weights``), or by :func:`weights_to_json`.
         policy_config: the policy's constructor arguments: ``/metadata``'s ``policy.config``
             or a bundle's ``meta["policy"]["config"]`` (``obs_dim``, ``act_dim``,
-            ``hidden_sizes``, ``activation``, ``init_log_std``).
+            ``hidden_sizes``, ``activation``, ``init_log_std``; ``num_actions`` instead of
+            ``act_dim``/``init_log_std`` for a categorical policy).
     """
-    from metarl_tf.policy import GaussianMLPPolicy
+    from metarl_tf.policy import policy_from_config
 
-    policy = GaussianMLPPolicy(**dict(policy_config))
+    policy = policy_from_config(policy_config)
     policy.set_parameters(
         parameters_from_weights(weights, policy.parameter_names, policy.parameter_shapes)
     )

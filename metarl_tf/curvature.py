@@ -1,4 +1,4 @@
-"""Exact curvature products of the Gaussian MLP policy, with the forward/backward pass cached.
+"""Exact curvature products of the MLP policies, with the forward/backward pass cached.
 
 TRPO's conjugate gradient applies the same Hessians ~20 times per meta-iteration at a fixed point.
 Reverse/forward-mode autodiff recomputes the network's forward and backward pass for every
@@ -10,9 +10,14 @@ passes (Pearlmutter, 1994): directional derivatives of the forward and backward 
 - :class:`GaussianFisher` — ``F u`` of the mean-over-tasks KL of the policy at its own point
   (``diag(1/σ²)`` on the mean, 2 on ``log σ``).
 
-Both equal the autodiff products (``metarl_tf.maml.inner_hvp``,
+- :class:`CategoricalInnerLossHessian`, :class:`CategoricalFisher` — the same for the
+  categorical policy (``L = −Σ mask·Â·log softmax(z)[a] / Σ mask``; the Fisher is
+  ``diag(p) − ppᵀ`` per sample in logit space).
+
+All equal the autodiff products (``metarl_tf.maml.inner_hvp``,
 ``metarl_tf.outer.trpo.fisher_vector_product``) to float tolerance; ``tests/test_curvature.py``
-checks that. Parameters are per task (``[tasks, *shape]``), in ``GaussianMLPPolicy`` order.
+checks that. Parameters are per task (``[tasks, *shape]``), in the policy's parameter order.
+:func:`analytic_curvature_for` picks the pair for a policy.
 """
 
 from __future__ import annotations
@@ -27,13 +32,21 @@ def _flatten(x, trailing: int):
 
 
 class _MLP:
-    """Cached forward pass of the mean network at per-task ``params`` on ``x [tasks, n, obs]``."""
+    """Cached forward pass of the network at per-task ``params`` on ``x [tasks, n, obs]``.
 
-    def __init__(self, params, x, activation: str):
+    ``has_log_std``: the last parameter is the Gaussian's ``log_std`` (not a layer). ``output``
+    is the network's output: the Gaussian mean, or the categorical logits.
+    """
+
+    def __init__(self, params, x, activation: str, has_log_std: bool = True):
         if activation not in ("tanh", "relu"):
             raise ValueError(f"no analytic curvature for activation {activation!r}")
         self.activation = activation
-        *layers, self.log_std = params
+        self.has_log_std = has_log_std
+        if has_log_std:
+            *layers, self.log_std = params
+        else:
+            layers, self.log_std = list(params), None
         self.kernels, self.biases = layers[0::2], layers[1::2]
         self.inputs = [x]  # h_0 .. h_{L-1}: the input of every layer
         self.dact = []  # act'(z_l) of every hidden layer
@@ -47,12 +60,14 @@ class _MLP:
                 h = tf.nn.relu(z)
                 self.dact.append(tf.cast(z > 0, z.dtype))
             self.inputs.append(h)
-        self.mean = tf.matmul(h, self.kernels[-1]) + self.biases[-1][:, None, :]
-        self.inv_var = tf.exp(-2.0 * self.log_std)[:, None, :]  # [tasks, 1, A]
+        self.output = tf.matmul(h, self.kernels[-1]) + self.biases[-1][:, None, :]
+        if has_log_std:
+            self.inv_var = tf.exp(-2.0 * self.log_std)[:, None, :]  # [tasks, 1, A]
 
     def r_forward(self, tangent):
-        """``(R(h_l) for every layer input, R(μ))`` along ``tangent`` (same structure as params)."""
-        *layers, _ = tangent
+        """``(R(h_l) for every layer input, R(output))`` along ``tangent`` (same structure as
+        params)."""
+        layers = tangent[:-1] if self.has_log_std else tangent
         v_kernels, v_biases = layers[0::2], layers[1::2]
         r_inputs = [None]  # R(h_0) = 0: observations do not depend on θ
         r_h = None
@@ -66,11 +81,11 @@ class _MLP:
             r_inputs.append(r_h)
         raise AssertionError("unreachable")
 
-    def backward(self, d_mean):
-        """Gradients of ``Σ d_mean · μ`` w.r.t. every kernel and bias; also the ``δ_z`` and
+    def backward(self, d_output):
+        """Gradients of ``Σ d_output · output`` w.r.t. every kernel and bias; also the ``δ_z`` and
         ``δ_h`` of every layer (for R-backward)."""
         grads, deltas, delta_hs = [], [], []
-        delta = d_mean
+        delta = d_output
         for i in reversed(range(len(self.kernels))):
             deltas.append(delta)
             grads.append(
@@ -83,6 +98,24 @@ class _MLP:
             else:
                 delta_hs.append(None)
         return grads[::-1], deltas[::-1], delta_hs[::-1]
+
+    def r_backward(self, r_delta, r_inputs, deltas, delta_hs, v_kernels):
+        """R-operator of :meth:`backward`: given ``R(∂L/∂output)`` and the cached ``δ`` of the
+        loss's backward pass, the Hessian-vector product's kernel and bias parts (flat list)."""
+        out = []
+        for i in reversed(range(len(self.kernels))):
+            delta = deltas[i]
+            g_kernel = tf.matmul(self.inputs[i], r_delta, transpose_a=True)
+            if r_inputs[i] is not None:
+                g_kernel += tf.matmul(r_inputs[i], delta, transpose_a=True)
+            out.append((g_kernel, tf.reduce_sum(r_delta, 1)))
+            if i > 0:
+                r_delta_h = tf.matmul(r_delta, self.kernels[i], transpose_b=True) + tf.matmul(
+                    delta, v_kernels[i], transpose_b=True
+                )
+                r_dact = -2.0 * self.inputs[i] * r_inputs[i] if self.activation == "tanh" else 0.0
+                r_delta = r_delta_h * self.dact[i - 1] + delta_hs[i] * r_dact
+        return _flat_list(out[::-1])
 
 
 def _flat_list(grads):
@@ -108,7 +141,7 @@ class InnerLossHessian:
         self.weight = (mask * adv / tf.reduce_sum(mask, axis=1, keepdims=True))[
             ..., None
         ]  # [t, n, 1]
-        self.residual = a - net.mean  # r = a − μ
+        self.residual = a - net.output  # r = a − μ
         # ∂L/∂μ = −w r / σ²
         d_mean = -self.weight * self.residual * net.inv_var
         _, self.deltas, self.delta_hs = net.backward(d_mean)
@@ -120,22 +153,8 @@ class InnerLossHessian:
         # R(∂L/∂μ) = w/σ² (R(μ) + 2 r v_ls);  R(∂L/∂log σ) = 2 Σ_n w/σ² r (R(μ) + r v_ls)
         r_delta = w * net.inv_var * (r_mean + 2.0 * r * v_log_std)
         g_log_std = 2.0 * tf.reduce_sum(w * net.inv_var * r * (r_mean + r * v_log_std), axis=1)
-        *layers, _ = v
-        v_kernels = layers[0::2]
-        out = []
-        for i in reversed(range(len(net.kernels))):
-            delta = self.deltas[i]
-            g_kernel = tf.matmul(net.inputs[i], r_delta, transpose_a=True)
-            if r_inputs[i] is not None:
-                g_kernel += tf.matmul(r_inputs[i], delta, transpose_a=True)
-            out.append((g_kernel, tf.reduce_sum(r_delta, 1)))
-            if i > 0:
-                r_delta_h = tf.matmul(r_delta, net.kernels[i], transpose_b=True) + tf.matmul(
-                    delta, v_kernels[i], transpose_b=True
-                )
-                r_dact = -2.0 * net.inputs[i] * r_inputs[i] if net.activation == "tanh" else 0.0
-                r_delta = r_delta_h * net.dact[i - 1] + self.delta_hs[i] * r_dact
-        return [*_flat_list(out[::-1]), g_log_std]
+        grads = net.r_backward(r_delta, r_inputs, self.deltas, self.delta_hs, v[:-1][0::2])
+        return [*grads, g_log_std]
 
 
 class GaussianFisher:
@@ -160,3 +179,79 @@ class GaussianFisher:
         _, r_mean = net.r_forward(u)
         grads, _, _ = net.backward(self.weight * net.inv_var * r_mean)
         return [*_flat_list(grads), 2.0 * u[-1] / self.tasks]
+
+
+def _softmax_jvp(p, t):
+    """``(diag(p) − ppᵀ) t`` along the last axis (the softmax's Jacobian, symmetric)."""
+    return p * t - p * tf.reduce_sum(p * t, axis=-1, keepdims=True)
+
+
+class CategoricalInnerLossHessian:
+    """``v ↦ ∇²L_i(θ_i) v_i`` of the categorical policy's inner loss, at a fixed point ``params``.
+
+    ``∂L/∂z = w (p − onehot(a))`` per sample (``w = mask·Â / Σ mask``), so
+    ``R(∂L/∂z) = w (diag(p) − ppᵀ) R(z)``.
+
+    Args:
+        params: per-task weights ``[tasks, *shape]`` (``CategoricalMLPPolicy`` order).
+        episodes: ``EpisodeBatch`` ``[tasks, E, T, ...]`` with float-encoded actions ``[..., 1]``.
+        advantages: ``[tasks, E, T]``.
+        activation: the policy's hidden activation.
+    """
+
+    def __init__(self, params, episodes, advantages, activation: str):
+        x = _flatten(tf.convert_to_tensor(episodes.observations, tf.float32), 1)
+        a = _flatten(tf.convert_to_tensor(episodes.actions, tf.float32), 1)
+        mask = _flatten(tf.convert_to_tensor(episodes.mask, tf.float32), 0)
+        adv = _flatten(tf.convert_to_tensor(advantages, tf.float32), 0)
+        self.net = net = _MLP(params, x, activation, has_log_std=False)
+        self.weight = (mask * adv / tf.reduce_sum(mask, axis=1, keepdims=True))[..., None]
+        self.probs = tf.nn.softmax(net.output)
+        one_hot = tf.one_hot(tf.cast(tf.round(a[..., 0]), tf.int32), net.output.shape[-1])
+        _, self.deltas, self.delta_hs = net.backward(self.weight * (self.probs - one_hot))
+
+    def __call__(self, v):
+        net = self.net
+        r_inputs, r_logits = net.r_forward(v)
+        r_delta = self.weight * _softmax_jvp(self.probs, r_logits)
+        return net.r_backward(r_delta, r_inputs, self.deltas, self.delta_hs, v[0::2])
+
+
+class CategoricalFisher:
+    """``u ↦ F u`` for ``mean_i E_{s∈D_i} KL(π_i,old(·|s) || π_i(·|s))`` of the categorical
+    policy at ``params`` (= old): ``Jᵀ (diag(p) − ppᵀ) J`` per sample in logit space.
+
+    Args:
+        params: per-task weights ``[tasks, *shape]``.
+        episodes: ``EpisodeBatch`` (only observations and mask are used).
+        activation: the policy's hidden activation.
+    """
+
+    def __init__(self, params, episodes, activation: str):
+        x = _flatten(tf.convert_to_tensor(episodes.observations, tf.float32), 1)
+        mask = _flatten(tf.convert_to_tensor(episodes.mask, tf.float32), 0)
+        tasks = tf.cast(tf.shape(mask)[0], tf.float32)
+        self.net = _MLP(params, x, activation, has_log_std=False)
+        self.weight = (mask / tf.reduce_sum(mask, axis=1, keepdims=True) / tasks)[..., None]
+        self.probs = tf.nn.softmax(self.net.output)
+
+    def __call__(self, u):
+        _, r_logits = self.net.r_forward(u)
+        grads, _, _ = self.net.backward(self.weight * _softmax_jvp(self.probs, r_logits))
+        return _flat_list(grads)
+
+
+ANALYTIC_CURVATURE = {
+    "gaussian": (InnerLossHessian, GaussianFisher),
+    "categorical": (CategoricalInnerLossHessian, CategoricalFisher),
+}
+
+
+def analytic_curvature_for(policy):
+    """``(inner-loss Hessian class, Fisher class)`` for ``policy.distribution_type``."""
+    kind = getattr(policy, "distribution_type", None)
+    if kind not in ANALYTIC_CURVATURE:
+        raise ValueError(
+            f"no analytic curvature for distribution {kind!r}; pass analytic_curvature=False"
+        )
+    return ANALYTIC_CURVATURE[kind]

@@ -29,14 +29,15 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from metarl_tf.policy import gaussian_log_prob, tile_parameters
+from metarl_tf.policy import tile_parameters
 
 
 def policy_gradient_loss(policy, params, episodes, advantages):
     """The inner loss ``−Σ mask·log π(a|s)·Â / Σ mask`` of every task.
 
     Args:
-        policy: provides ``forward(params, observations)``.
+        policy: provides ``forward(params, observations)`` and ``log_prob(dist, actions)``
+            (Gaussian or categorical).
         params: per-task weights ``[tasks, *shape]``.
         episodes: ``EpisodeBatch`` ``[tasks, episodes, T, ...]``.
         advantages: ``[tasks, episodes, T]`` (constants).
@@ -44,8 +45,7 @@ def policy_gradient_loss(policy, params, episodes, advantages):
     Returns:
         ``[tasks]`` losses.
     """
-    mean, log_std = policy.forward(params, episodes.observations)
-    log_prob = gaussian_log_prob(mean, log_std, episodes.actions)
+    log_prob = policy.log_prob(policy.forward(params, episodes.observations), episodes.actions)
     mask = tf.cast(episodes.mask, log_prob.dtype)
     total = tf.reduce_sum(mask * log_prob * advantages, axis=[1, 2])
     return -total / tf.reduce_sum(mask, axis=[1, 2])

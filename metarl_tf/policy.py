@@ -7,6 +7,16 @@ adapted policies run in one computation instead of a loop of Keras calls).
 
 Parameter order (``GaussianMLPPolicy.parameter_names``): for each hidden layer its kernel and bias,
 then the output kernel and bias, then the state-independent ``log_std``.
+
+Discrete action spaces get :class:`CategoricalMLPPolicy` (same MLP, a ``logits`` head, no
+``log_std``). Both policies expose the same distribution interface (``forward`` → distribution
+parameters, ``log_prob``, ``kl``, ``entropy``, ``output_fisher``, and the sampler's numpy
+``sample_noise`` / ``numpy_act``), so the algorithm never branches on the policy type;
+:func:`make_policy` picks the class from the action spec.
+
+Actions in an ``EpisodeBatch`` are always float32 ``[..., act_dim]``: a Gaussian policy's raw
+(unclipped) action, or, for a categorical policy (``act_dim == 1``), the index of the chosen action
+stored as a float (exact for any index below 2**24).
 """
 
 from __future__ import annotations
@@ -18,7 +28,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from metarl_tf.envs.base import is_discrete_spec
+
 ACTIVATIONS = {"tanh": tf.tanh, "relu": tf.nn.relu}
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
 @keras.saving.register_keras_serializable(package="metarl_tf")
@@ -44,8 +61,7 @@ class GaussianMLPPolicy(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        _check_activation(activation)
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.activation = activation
@@ -118,6 +134,40 @@ class GaussianMLPPolicy(keras.Model):
         """``(mean, log_std)`` of the policy with weights ``params`` (see :func:`gaussian_mlp_forward`)."""
         return gaussian_mlp_forward(params, observations, self.activation)
 
+    # -- the distribution interface shared with CategoricalMLPPolicy --------------------------
+    distribution_type = "gaussian"
+
+    def log_prob(self, dist, actions):
+        """``log π(a|s)`` ``[...]`` from ``dist = forward(...)`` and ``actions [..., act_dim]``."""
+        mean, log_std = dist
+        return gaussian_log_prob(mean, log_std, actions)
+
+    def entropy(self, dist):
+        """Entropy of ``dist`` ``[...]``."""
+        return gaussian_entropy(dist[1])
+
+    def kl(self, dist_p, dist_q):
+        """``KL(p || q)`` ``[...]`` of two outputs of ``forward``."""
+        return gaussian_kl(dist_p[0], dist_p[1], dist_q[0], dist_q[1])
+
+    def output_fisher(self, dist, tangent):
+        """The Hessian of ``KL(dist || ·)`` at ``dist``, in the distribution parameters
+        ``(mean, log_std)``, applied to ``tangent``: ``(t_mean / σ², 2 t_log_std)``."""
+        _, log_std = dist
+        d_mean, d_log_std = tangent
+        return d_mean * tf.exp(-2.0 * log_std), 2.0 * d_log_std
+
+    def sample_noise(self, rng: np.random.Generator, lead_shape: tuple[int, ...]) -> np.ndarray:
+        """Standard normal noise ``[*lead_shape, act_dim]`` for :meth:`numpy_act`."""
+        return rng.standard_normal((*lead_shape, self.act_dim)).astype(np.float32)
+
+    def numpy_act(self, params, observations, noise, deterministic: bool = False) -> np.ndarray:
+        """Raw actions ``mean + σ·noise`` (or the mean) in numpy, ``[..., act_dim]`` float32."""
+        mean, log_std = numpy_forward(params, observations, self.activation)
+        if deterministic:
+            return mean
+        return mean + np.exp(log_std) * noise
+
 
 def check_parameter_shapes(values, shapes, names) -> None:
     """Raises ``ValueError`` naming the first parameter whose shape differs."""
@@ -130,19 +180,11 @@ def check_parameter_shapes(values, shapes, names) -> None:
             )
 
 
-def gaussian_mlp_forward(params, observations, activation: str = "tanh"):
-    """Functional forward pass of :class:`GaussianMLPPolicy`.
-
-    Args:
-        params: list ``[k_0, b_0, ..., k_out, b_out, log_std]``; either unbatched (``k_i``
-            ``[in, out]``) or with a leading task axis (``k_i`` ``[tasks, in, out]``).
-        observations: ``[..., obs_dim]`` unbatched, or ``[tasks, ..., obs_dim]`` batched.
-
-    Returns:
-        ``(mean, log_std)``, both ``[..., act_dim]`` (``log_std`` broadcast to ``mean``).
-    """
+def mlp_forward(layers, observations, activation: str = "tanh"):
+    """The MLP ``[k_0, b_0, ..., k_out, b_out]`` (hidden activation, linear output) on
+    ``observations [..., obs_dim]`` (``[tasks, ..., obs_dim]`` with per-task ``[tasks, ...]``
+    weights: one batched matmul). Returns ``[..., out]``."""
     act = ACTIVATIONS[activation]
-    *layers, log_std = params
     batched = len(layers[0].shape) == 3
     obs = tf.convert_to_tensor(observations)
     lead = tf.shape(obs)[:-1]
@@ -156,7 +198,23 @@ def gaussian_mlp_forward(params, observations, activation: str = "tanh"):
         x = tf.matmul(x, kernel) + (bias[:, None, :] if batched else bias)
         if i < n_layers - 1:
             x = act(x)
-    mean = tf.reshape(x, tf.concat([lead, tf.shape(x)[-1:]], 0))
+    return tf.reshape(x, tf.concat([lead, tf.shape(x)[-1:]], 0))
+
+
+def gaussian_mlp_forward(params, observations, activation: str = "tanh"):
+    """Functional forward pass of :class:`GaussianMLPPolicy`.
+
+    Args:
+        params: list ``[k_0, b_0, ..., k_out, b_out, log_std]``; either unbatched (``k_i``
+            ``[in, out]``) or with a leading task axis (``k_i`` ``[tasks, in, out]``).
+        observations: ``[..., obs_dim]`` unbatched, or ``[tasks, ..., obs_dim]`` batched.
+
+    Returns:
+        ``(mean, log_std)``, both ``[..., act_dim]`` (``log_std`` broadcast to ``mean``).
+    """
+    *layers, log_std = params
+    batched = len(layers[0].shape) == 3
+    mean = mlp_forward(layers, observations, activation)
     if batched:
         extra = len(mean.shape) - 2  # axes between task and action
         log_std = tf.reshape(log_std, [-1] + [1] * extra + [log_std.shape[-1]])
@@ -164,6 +222,21 @@ def gaussian_mlp_forward(params, observations, activation: str = "tanh"):
 
 
 NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
+
+
+def numpy_mlp(layers, observations, activation: str = "tanh") -> np.ndarray:
+    """:func:`mlp_forward` in numpy (``[N, obs_dim]``, or ``[tasks, N, obs_dim]`` with per-task
+    weights); float32."""
+    act = NUMPY_ACTIVATIONS[activation]
+    batched = np.ndim(layers[0]) == 3
+    x = np.asarray(observations, np.float32)
+    n_layers = len(layers) // 2
+    for i in range(n_layers):
+        bias = layers[2 * i + 1]
+        x = np.matmul(x, layers[2 * i]) + (bias[:, None, :] if batched else bias)
+        if i < n_layers - 1:
+            x = act(x)
+    return x
 
 
 def numpy_forward(params, observations, activation: str = "tanh"):
@@ -177,16 +250,9 @@ def numpy_forward(params, observations, activation: str = "tanh"):
     Returns:
         ``(mean, log_std)`` broadcast to ``[..., act_dim]``, float32.
     """
-    act = NUMPY_ACTIVATIONS[activation]
     *layers, log_std = params
     batched = np.ndim(layers[0]) == 3
-    x = np.asarray(observations, np.float32)
-    n_layers = len(layers) // 2
-    for i in range(n_layers):
-        bias = layers[2 * i + 1]
-        x = np.matmul(x, layers[2 * i]) + (bias[:, None, :] if batched else bias)
-        if i < n_layers - 1:
-            x = act(x)
+    x = numpy_mlp(layers, observations, activation)
     log_std = np.asarray(log_std)[:, None, :] if batched else log_std
     return x, np.broadcast_to(log_std, x.shape)
 
@@ -212,3 +278,197 @@ def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
 def tile_parameters(params, tasks: int):
     """One copy of every parameter per task: ``[*shape] -> [tasks, *shape]``."""
     return [tf.tile(tf.expand_dims(p, 0), [tasks] + [1] * len(p.shape)) for p in params]
+
+
+# -- discrete actions -----------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="metarl_tf")
+class CategoricalMLPPolicy(keras.Model):
+    """Categorical policy over ``num_actions`` discrete actions: ``π(·|s) = softmax(mlp(s))``.
+
+    Same MLP and parameter API as :class:`GaussianMLPPolicy` (``parameters``,
+    ``parameter_names``, ``parameter_shapes``, ``forward``); the output layer is ``logits`` and
+    there is no ``log_std``. Actions are stored as float32 ``[..., 1]`` holding the action index
+    (``act_dim == 1``; see the module docstring).
+
+    Args:
+        obs_dim: observation size.
+        num_actions: number of discrete actions ``k`` (actions ``0 .. k-1``).
+        hidden_sizes: widths of the hidden layers.
+        activation: ``"tanh"`` or ``"relu"``.
+    """
+
+    distribution_type = "categorical"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        num_actions: int,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_activation(activation)
+        if int(num_actions) < 2:
+            raise ValueError(f"num_actions must be >= 2, got {num_actions}")
+        self.obs_dim, self.num_actions = int(obs_dim), int(num_actions)
+        self.act_dim = 1  # the width of the (float-encoded index) action column
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.activation = activation
+        self.hidden = [
+            keras.layers.Dense(h, activation=activation, name=f"hidden_{i}")
+            for i, h in enumerate(self.hidden_sizes)
+        ]
+        self.logits_head = keras.layers.Dense(self.num_actions, name="logits")
+        self.build((None, self.obs_dim))
+
+    def build(self, input_shape):
+        shape = input_shape
+        for layer in self.hidden:
+            layer.build(shape)
+            shape = (None, layer.units)
+        self.logits_head.build(shape)
+        self.built = True
+
+    def call(self, observations):
+        x = observations
+        for layer in self.hidden:
+            x = layer(x)
+        return self.logits_head(x)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "obs_dim": self.obs_dim,
+            "num_actions": self.num_actions,
+            "hidden_sizes": list(self.hidden_sizes),
+            "activation": self.activation,
+        }
+
+    @property
+    def parameters(self) -> list[keras.Variable]:
+        """The meta-parameters θ: kernel and bias of every hidden layer, then of ``logits``."""
+        params = []
+        for layer in [*self.hidden, self.logits_head]:
+            params += [layer.kernel, layer.bias]
+        return params
+
+    @property
+    def parameter_names(self) -> list[str]:
+        names = []
+        for layer in [*self.hidden, self.logits_head]:
+            names += [f"{layer.name}/kernel", f"{layer.name}/bias"]
+        return names
+
+    @property
+    def parameter_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.parameters]
+
+    def get_parameters(self) -> list[np.ndarray]:
+        return [np.array(p.numpy()) for p in self.parameters]
+
+    def set_parameters(self, values: Sequence[np.ndarray]) -> None:
+        check_parameter_shapes(values, self.parameter_shapes, self.parameter_names)
+        for var, value in zip(self.parameters, values, strict=True):
+            var.assign(np.asarray(value, np.float32))
+
+    def forward(self, params, observations):
+        """``logits [..., num_actions]`` with weights ``params`` (unbatched or per task)."""
+        return mlp_forward(params, observations, self.activation)
+
+    def log_prob(self, dist, actions):
+        """``log π(a|s)`` ``[...]`` from ``logits`` and float-encoded ``actions [..., 1]``."""
+        return categorical_log_prob(dist, actions)
+
+    def entropy(self, dist):
+        return categorical_entropy(dist)
+
+    def kl(self, dist_p, dist_q):
+        return categorical_kl(dist_p, dist_q)
+
+    def output_fisher(self, dist, tangent):
+        """The Hessian of ``KL(dist || ·)`` at ``dist`` in logit space, ``diag(p) − ppᵀ``,
+        applied to ``tangent`` ``[..., k]``: ``p ⊙ t − p (pᵀt)``."""
+        p = tf.nn.softmax(dist)
+        return p * tangent - p * tf.reduce_sum(p * tangent, axis=-1, keepdims=True)
+
+    def sample_noise(self, rng: np.random.Generator, lead_shape: tuple[int, ...]) -> np.ndarray:
+        """Uniform ``[0, 1)`` numbers ``[*lead_shape]`` for inverse-CDF sampling in :meth:`numpy_act`."""
+        return rng.random(lead_shape)
+
+    def numpy_act(self, params, observations, noise, deterministic: bool = False) -> np.ndarray:
+        """Action indices (float32 ``[..., 1]``): the first ``i`` with ``CDF(i) > noise``, or the
+        most likely action when ``deterministic``."""
+        logits = numpy_mlp(params, observations, self.activation)
+        if deterministic:
+            index = np.argmax(logits, axis=-1)
+        else:
+            index = numpy_categorical_sample(logits, noise)
+        return index[..., None].astype(np.float32)
+
+
+def numpy_categorical_sample(logits, uniform) -> np.ndarray:
+    """Inverse-CDF sampling: ``logits [..., k]``, ``uniform [...]`` in ``[0, 1)`` -> int64 ``[...]``."""
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(p, axis=-1)
+    cdf /= cdf[..., -1:]
+    index = np.sum(cdf <= np.asarray(uniform)[..., None], axis=-1)
+    return np.minimum(index, z.shape[-1] - 1)
+
+
+def categorical_log_prob(logits, actions):
+    """``log softmax(logits)[a]`` with ``actions [..., 1]`` the float-encoded index ``a``."""
+    index = tf.cast(tf.round(actions[..., 0]), tf.int32)
+    one_hot = tf.one_hot(index, logits.shape[-1], dtype=logits.dtype)
+    return tf.reduce_sum(one_hot * tf.nn.log_softmax(logits), axis=-1)
+
+
+def categorical_entropy(logits):
+    """``−Σ p log p`` over the last axis."""
+    return -tf.reduce_sum(tf.nn.softmax(logits) * tf.nn.log_softmax(logits), axis=-1)
+
+
+def categorical_kl(logits_p, logits_q):
+    """``KL(p || q) = Σ p (log p − log q)`` over the last axis."""
+    log_p = tf.nn.log_softmax(logits_p)
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - tf.nn.log_softmax(logits_q)), axis=-1)
+
+
+def make_policy(
+    observation_spec,
+    action_spec,
+    hidden_sizes: Sequence[int] = (64, 64),
+    activation: str = "tanh",
+    init_log_std: float = 0.0,
+):
+    """The policy for an action spec: :class:`CategoricalMLPPolicy` for a scalar integer
+    ``BoundedTensorSpec((), int, 0, k-1)``, :class:`GaussianMLPPolicy` for a float vector spec
+    (``init_log_std`` applies to the Gaussian only)."""
+    if len(observation_spec.shape) != 1:
+        raise ValueError(f"observation spec must be rank 1 [obs_dim], got {observation_spec.shape}")
+    obs_dim = int(observation_spec.shape[0])
+    if is_discrete_spec(action_spec):
+        low, high = np.asarray(action_spec.minimum), np.asarray(action_spec.maximum)
+        if tuple(action_spec.shape) != () or low.size != 1 or int(low) != 0:
+            raise ValueError(
+                "a discrete action spec must be BoundedTensorSpec((), int, minimum=0, "
+                f"maximum=k-1), got shape {tuple(action_spec.shape)}, minimum {low.tolist()}"
+            )
+        return CategoricalMLPPolicy(obs_dim, int(high) + 1, hidden_sizes, activation)
+    if len(action_spec.shape) != 1:
+        raise ValueError(f"a continuous action spec must be rank 1, got {action_spec.shape}")
+    return GaussianMLPPolicy(
+        obs_dim, int(action_spec.shape[0]), hidden_sizes, activation, init_log_std
+    )
+
+
+def policy_from_config(config: dict):
+    """Rebuilds a policy from a bundle's ``meta["policy"]["config"]`` (``num_actions`` marks a
+    categorical policy)."""
+    config = dict(config)
+    if "num_actions" in config:
+        return CategoricalMLPPolicy(**config)
+    return GaussianMLPPolicy(**config)

@@ -2,10 +2,16 @@
 
 All ``tasks x episodes`` sub-environments step together; at every time step the policy runs ONE
 batched computation for all tasks, each task with its own weights (``[tasks, ...]`` parameters,
-a batched matmul). That per-step forward pass is :func:`metarl_tf.policy.numpy_forward`: for a
-few hundred observations a TensorFlow call costs ~1 ms of fixed overhead, 10x the arithmetic,
-and nothing is differentiated here (the losses recompute log-probabilities in TensorFlow from
-the stored actions).
+a batched matmul). That per-step forward pass is numpy (``policy.numpy_act``, built on
+:func:`metarl_tf.policy.numpy_forward` / ``numpy_mlp``): for a few hundred observations a
+TensorFlow call costs ~1 ms of fixed overhead, 10x the arithmetic, and nothing is differentiated
+here (the losses recompute log-probabilities in TensorFlow from
+the stored actions). The policy draws its own per-step noise (``sample_noise``: Gaussian
+noise, or uniform numbers for inverse-CDF sampling of a categorical policy) from the sampler's
+seeded RNG, and turns observations and noise into actions (``numpy_act``).
+
+Discrete actions are stored float-encoded (``[..., 1]`` float32 holding the index, see
+:mod:`metarl_tf.policy`) and handed to the env as integers ``[num_envs]``.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from metarl_tf.envs.base import Task, TaskDistribution
-from metarl_tf.policy import GaussianMLPPolicy, numpy_forward
+from metarl_tf.envs.base import Task, TaskDistribution, is_discrete_spec
+from metarl_tf.policy import GaussianMLPPolicy
 
 
 class EpisodeBatch(NamedTuple):
@@ -23,7 +29,8 @@ class EpisodeBatch(NamedTuple):
 
     Attributes:
         observations: ``[tasks, episodes, T, obs_dim]`` float32, the observation at step t.
-        actions: ``[tasks, episodes, T, act_dim]`` float32, the sampled (unclipped) action.
+        actions: ``[tasks, episodes, T, act_dim]`` float32, the sampled (unclipped) action; for
+            a discrete action space ``act_dim == 1`` and the value is the action index.
         rewards: ``[tasks, episodes, T]`` float32.
         mask: ``[tasks, episodes, T]`` float32, 1 for real steps, 0 for padding.
     """
@@ -54,6 +61,8 @@ class Sampler:
     """
 
     def __init__(self, dist: TaskDistribution, policy: GaussianMLPPolicy, episodes_per_task: int):
+        # policy: GaussianMLPPolicy or CategoricalMLPPolicy (anything with act_dim, sample_noise,
+        # numpy_act)
         self.dist = dist
         self.policy = policy
         self.episodes_per_task = int(episodes_per_task)
@@ -67,32 +76,36 @@ class Sampler:
         Args:
             params: per-task weights ``[tasks, *shape]``, or one shared set ``[*shape]``.
             tasks: the tasks, ``len(tasks)`` of them.
-            seed: seeds the action noise; the same inputs and seed give the same batch.
-            deterministic: take the mean action instead of sampling.
+            seed: seeds the action noise and the env's own randomness (``BatchedEnv.seed``); the
+                same inputs and seed give the same batch.
+            deterministic: take the mean (Gaussian) or most likely (categorical) action instead
+                of sampling.
         """
         n_tasks, n_eps, horizon = len(tasks), self.episodes_per_task, self.horizon
         params = [np.asarray(p, np.float32) for p in params]
         if params[0].ndim == 2:  # shared weights: one copy per task
             params = [np.broadcast_to(p, (n_tasks, *p.shape)) for p in params]
-        activation = self.policy.activation
+        policy = self.policy
         obs_dim = self.dist.observation_spec.shape[0]
-        act_dim = self.dist.action_spec.shape[0]
+        act_dim = policy.act_dim
+        discrete = is_discrete_spec(self.dist.action_spec)
         rng = np.random.default_rng(seed)
-        noise = rng.standard_normal((horizon, n_tasks, n_eps, act_dim)).astype(np.float32)
-        if deterministic:
-            noise[:] = 0.0
+        noise = policy.sample_noise(rng, (horizon, n_tasks, n_eps))
+        env_seed = int(rng.integers(2**31))  # drawn after the noise: the noise does not change
         observations = np.zeros((horizon, n_tasks * n_eps, obs_dim), np.float32)
         actions = np.zeros((horizon, n_tasks * n_eps, act_dim), np.float32)
         rewards = np.zeros((horizon, n_tasks * n_eps), np.float32)
         mask = np.zeros((horizon, n_tasks * n_eps), np.float32)
 
         env = self.dist.make_batched_env(tasks, n_eps)
+        env.seed(env_seed)
         obs = env.reset()
         active = np.ones(n_tasks * n_eps, bool)
         for t in range(horizon):
-            mean, log_std = numpy_forward(params, obs.reshape(n_tasks, n_eps, obs_dim), activation)
-            act = (mean + np.exp(log_std) * noise[t]).reshape(n_tasks * n_eps, act_dim)
-            step = env.step(act)
+            act = policy.numpy_act(
+                params, obs.reshape(n_tasks, n_eps, obs_dim), noise[t], deterministic
+            ).reshape(n_tasks * n_eps, act_dim)
+            step = env.step(act[:, 0].astype(np.int64) if discrete else act)
             observations[t], actions[t], mask[t] = obs, act, active
             rewards[t] = np.where(active, step.reward, 0.0)
             active = active & ~step.done

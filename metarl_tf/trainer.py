@@ -21,7 +21,7 @@ from metarl_tf.config import TrainConfig
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.maml import Adapter
 from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
-from metarl_tf.policy import GaussianMLPPolicy
+from metarl_tf.policy import make_policy
 from metarl_tf.rollout import EpisodeBatch, Sampler
 
 # XLA (jit_compile) helps Eigen's kernels but runs slower than TensorFlow's oneDNN kernels for this
@@ -55,9 +55,10 @@ class MetaTrainer:
         self.run_dir = Path(run_dir) if run_dir else None
         self.dist = make_task_distribution(c.task_distribution, horizon=c.horizon, **c.task_kwargs)
         keras.utils.set_random_seed(c.seed)
-        self.policy = GaussianMLPPolicy(
-            self.dist.observation_spec.shape[0],
-            self.dist.action_spec.shape[0],
+        # Gaussian for continuous action specs, categorical for discrete ones
+        self.policy = make_policy(
+            self.dist.observation_spec,
+            self.dist.action_spec,
             c.hidden_sizes,
             c.activation,
             c.init_log_std,

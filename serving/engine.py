@@ -27,7 +27,7 @@ from metarl_tf.bundle import Bundle
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, weights_to_json
 from metarl_tf.policy import numpy_forward
 from metarl_tf.rollout import pad_episodes
-from serving.settings import ServiceSettings
+from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
 from serving.store import PolicyNotFound, PolicyStore
 from serving.validation import RequestError
 
@@ -93,6 +93,9 @@ class AdaptationEngine:
     def __init__(self, bundle: Bundle, settings: ServiceSettings):
         self.bundle, self.settings = bundle, settings
         meta = bundle.meta
+        reason = unsupported_bundle_reason(meta)
+        if reason:
+            raise SettingsError(f"bundle {bundle.name!r}: {reason}")
         self.obs_dim = int(meta["observation_spec"]["shape"][0])
         self.act_dim = int(meta["action_spec"]["shape"][0])
         self.action_low = np.asarray(meta["action_spec"]["minimum"], np.float32)

@@ -27,7 +27,7 @@ import bentoml
 from starlette.responses import JSONResponse
 
 from serving.schemas import ActRequest, ActResponse, AdaptRequest, AdaptResponse
-from serving.settings import ServiceSettings, SettingsError
+from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
 from serving.validation import RequestError, check_episodes, check_observations, check_steps
 
 logger = logging.getLogger("metarl_tf.serving")
@@ -40,6 +40,9 @@ if not (SETTINGS.bundle / "meta.json").is_file():
         f"METARL_BUNDLE={str(SETTINGS.bundle)!r} is not a bundle directory (no meta.json); "
         "train one (python -m metarl_tf train --preset nav2d) or point METARL_BUNDLE at one"
     )
+_reason = unsupported_bundle_reason(json.loads((SETTINGS.bundle / "meta.json").read_text()))
+if _reason:
+    raise SettingsError(f"METARL_BUNDLE={str(SETTINGS.bundle)!r}: {_reason}")
 API_PATHS = ("/adapt", "/act", "/metadata")
 # Above this many observations, /act computes in a worker thread instead of on the event loop.
 THREAD_ACT_ROWS = 256

@@ -123,3 +123,22 @@ class ServiceSettings:
         d["bundle"] = str(self.bundle)
         d["warmup_steps"] = list(self.warmup_steps)
         return d
+
+
+def unsupported_bundle_reason(meta: dict[str, Any]) -> str | None:
+    """Why the service cannot serve a bundle (from its parsed ``meta.json``), or ``None``.
+
+    The service handles continuous actions only (Gaussian policy: ``[N, act_dim]`` float actions,
+    clipped to the bounds). A discrete-action bundle (``CategoricalMLPPolicy``, scalar integer
+    action spec, e.g. ``saved_models/bandit-k5-maml``) is refused at start-up with this reason
+    instead of failing on its first request.
+    """
+    policy_class = meta.get("policy", {}).get("class")
+    action_spec = meta.get("action_spec", {})
+    if policy_class == "GaussianMLPPolicy" and len(action_spec.get("shape", [])) == 1:
+        return None
+    return (
+        f"the bundle's policy is {policy_class} with action spec {action_spec}; the service "
+        "serves continuous-action (GaussianMLPPolicy) bundles only. Discrete-action bundles "
+        "(bandit, cartpole) adapt in-process: metarl_tf.bundle.load_bundle(path).make_adapter()"
+    )

@@ -415,3 +415,18 @@ def test_trpo_and_adam_steps_through_two_fresh_batches(
     )  # fmt: skip
     for v, b, g in zip(variables, before, grads, strict=True):
         np.testing.assert_allclose(v.numpy(), b - 0.05 * g.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outer", ["trpo", "ppo"])
+def test_two_fresh_inner_batches_with_a_categorical_policy(outer):
+    """The chain and both outer steps also run on a discrete task family (bandit, categorical)."""
+    config = get_preset("bandit-k5").replace(
+        outer=outer, inner_steps=2, meta_batch_size=2, episodes_per_task=2, hidden_sizes=(8,),
+        cg_iterations=2, ls_max_steps=3, iterations=3,
+    )  # fmt: skip
+    trainer = MetaTrainer(config)
+    rows = [trainer.train_iteration() for _ in range(3)]
+    assert all(np.isfinite(v) for m in rows for v in m.values())
+    assert "returns/after_1_inner_steps" in rows[-1]
+    assert trainer._meta_step.experimental_get_tracing_count() == 1

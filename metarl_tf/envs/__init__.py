@@ -7,6 +7,7 @@ from typing import Any
 
 import gymnasium
 
+from metarl_tf.envs.bandits import BernoulliBandit, BernoulliBanditEnv
 from metarl_tf.envs.base import (
     BatchedEnv,
     Task,
@@ -14,6 +15,7 @@ from metarl_tf.envs.base import (
     TimeStep,
     check_task_distribution,
 )
+from metarl_tf.envs.cartpole import CartPoleVaried, CartPoleVariedEnv
 from metarl_tf.envs.navigation import Navigation2D, Navigation2DEnv
 from metarl_tf.envs.oracle import OracleObservation, oracle_variant
 
@@ -22,6 +24,8 @@ TASK_DISTRIBUTIONS: dict[str, Callable[..., TaskDistribution]] = {"nav2d": Navig
 TASK_DISTRIBUTIONS["nav2d-oracle"] = oracle_variant(
     "nav2d-oracle", Navigation2D, lambda t: t["goal"]
 )
+TASK_DISTRIBUTIONS["bandit"] = BernoulliBandit  # discrete: k-armed Bernoulli bandits
+TASK_DISTRIBUTIONS["cartpole"] = CartPoleVaried  # discrete: CartPole with varied physics
 
 
 def make_task_distribution(name: str, **kwargs: Any) -> TaskDistribution:
@@ -41,8 +45,19 @@ if "metarl_tf/Navigation2D-v0" not in gymnasium.registry:
         max_episode_steps=None,
     )
 
+for _id, _entry in (
+    ("metarl_tf/BernoulliBandit-v0", "metarl_tf.envs.bandits:BernoulliBanditEnv"),
+    ("metarl_tf/CartPoleVaried-v0", "metarl_tf.envs.cartpole:CartPoleVariedEnv"),
+):
+    if _id not in gymnasium.registry:
+        gymnasium.register(id=_id, entry_point=_entry, max_episode_steps=None)
+
 __all__ = [
     "BatchedEnv",
+    "BernoulliBandit",
+    "BernoulliBanditEnv",
+    "CartPoleVaried",
+    "CartPoleVariedEnv",
     "Navigation2D",
     "Navigation2DEnv",
     "OracleObservation",

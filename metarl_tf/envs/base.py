@@ -17,6 +17,30 @@ import numpy as np
 Task = dict[str, Any]
 
 
+def is_discrete_spec(spec) -> bool:
+    """An integer-typed action spec: discrete actions ``0 .. maximum``."""
+    return np.issubdtype(np.dtype(getattr(spec.dtype, "as_numpy_dtype", spec.dtype)), np.integer)
+
+
+def discrete_actions(actions, num_envs: int, num_actions: int) -> np.ndarray:
+    """Checks and converts discrete ``actions`` (``[num_envs]`` or ``[num_envs, 1]``, integer
+    values, possibly float-encoded) to int64 ``[num_envs]``; ``ValueError`` otherwise."""
+    a = np.asarray(actions)
+    if a.size != num_envs:
+        raise ValueError(f"expected {num_envs} discrete actions, got shape {a.shape}")
+    a = a.reshape(num_envs)
+    if not np.issubdtype(a.dtype, np.integer):
+        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+            raise ValueError("discrete actions must be integers (action indices)")
+        a = np.round(a)
+    a = a.astype(np.int64)
+    if a.min() < 0 or a.max() >= num_actions:
+        raise ValueError(
+            f"discrete actions must be in [0, {num_actions - 1}], got {a.min()} .. {a.max()}"
+        )
+    return a
+
+
 class TimeStep(NamedTuple):
     """One step of a batched environment; every field has a leading ``[num_envs]`` axis.
 
@@ -43,7 +67,13 @@ class BatchedEnv(abc.ABC):
 
     @abc.abstractmethod
     def step(self, actions: np.ndarray) -> TimeStep:
-        """Applies ``actions [num_envs, act_dim]`` (unclipped; the env clips) to every sub-env."""
+        """Applies ``actions [num_envs, act_dim]`` (unclipped; the env clips) to every sub-env;
+        for a discrete action spec (scalar integer), integer ``actions [num_envs]``."""
+
+    def seed(self, seed: int | None) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """Seeds the env's own randomness (stochastic rewards, random initial states) for the
+        following episodes. Deterministic envs need not override it; the sampler calls it
+        before every ``reset``."""
 
 
 class TaskDistribution(abc.ABC):
@@ -94,7 +124,14 @@ def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: 
     obs_spec, act_spec = dist.observation_spec, dist.action_spec
     if len(obs_spec.shape) != 1:
         problems.append(f"observation_spec must be rank 1 [obs_dim], got shape {obs_spec.shape}")
-    if len(act_spec.shape) != 1:
+    discrete = is_discrete_spec(act_spec)
+    if discrete:
+        if tuple(act_spec.shape) != () or np.any(np.asarray(act_spec.minimum) != 0):
+            problems.append(
+                "a discrete action_spec must be a scalar BoundedTensorSpec((), int, minimum=0, "
+                f"maximum=k-1), got shape {act_spec.shape}, minimum {act_spec.minimum}"
+            )
+    elif len(act_spec.shape) != 1:
         problems.append(f"action_spec must be rank 1 [act_dim], got shape {act_spec.shape}")
     if not isinstance(getattr(dist, "horizon", None), int) or dist.horizon < 1:
         problems.append(f"horizon must be a positive int, got {getattr(dist, 'horizon', None)!r}")
@@ -130,7 +167,10 @@ def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: 
     high = np.broadcast_to(act_spec.maximum, act_spec.shape)
     rng = np.random.default_rng(0)
     for _ in range(min(dist.horizon, 5)):
-        actions = rng.uniform(low, high, size=(num_envs, *act_spec.shape)).astype(np.float32)
+        if discrete:  # integer actions [num_envs], every action index possible
+            actions = rng.integers(int(low), int(high) + 1, size=num_envs)
+        else:
+            actions = rng.uniform(low, high, size=(num_envs, *act_spec.shape)).astype(np.float32)
         ts = env.step(actions)
         if not isinstance(ts, TimeStep):
             problems.append(f"step() must return a TimeStep, got {type(ts).__name__}")

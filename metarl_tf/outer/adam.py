@@ -8,7 +8,6 @@ import tensorflow as tf
 
 from metarl_tf.maml import adapt
 from metarl_tf.outer.common import MetaBatch, surrogate_loss
-from metarl_tf.policy import gaussian_log_prob
 
 
 def adam_meta_step(
@@ -33,10 +32,8 @@ def adam_meta_step(
             inner_steps,
             first_order,
         )
-        mean, log_std = policy.forward(result.params, batch.outer_episodes.observations)
-        old_log_prob = tf.stop_gradient(
-            gaussian_log_prob(mean, log_std, batch.outer_episodes.actions)
-        )
+        dist = policy.forward(result.params, batch.outer_episodes.observations)
+        old_log_prob = tf.stop_gradient(policy.log_prob(dist, batch.outer_episodes.actions))
         loss = surrogate_loss(
             policy, result.params, batch.outer_episodes, batch.outer_advantages, old_log_prob
         )

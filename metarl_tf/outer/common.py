@@ -6,8 +6,6 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from metarl_tf.policy import gaussian_kl, gaussian_log_prob
-
 
 class MetaBatch(NamedTuple):
     """What one meta-step consumes.
@@ -38,12 +36,17 @@ def _masked_task_mean(x, mask):
 def surrogate_loss(policy, params, episodes, advantages, old_log_prob):
     """TRPO surrogate ``−E[π_new/π_old · Â]`` on the post-adaptation episodes (averaged per task,
     then over tasks)."""
-    mean, log_std = policy.forward(params, episodes.observations)
-    ratio = tf.exp(gaussian_log_prob(mean, log_std, episodes.actions) - old_log_prob)
+    log_prob = policy.log_prob(policy.forward(params, episodes.observations), episodes.actions)
+    ratio = tf.exp(log_prob - old_log_prob)
     return -_masked_task_mean(ratio * advantages, episodes.mask)
 
 
-def mean_kl(policy, params, episodes, old_mean, old_log_std):
-    """``mean_i E_{s∈D'_i} KL(π_old(·|s) || π_params(·|s))``."""
-    mean, log_std = policy.forward(params, episodes.observations)
-    return _masked_task_mean(gaussian_kl(old_mean, old_log_std, mean, log_std), episodes.mask)
+def mean_kl(policy, params, episodes, *old_dist):
+    """``mean_i E_{s∈D'_i} KL(π_old(·|s) || π_params(·|s))``.
+
+    ``old_dist`` is the old policy's ``forward`` output, unpacked: ``old_mean, old_log_std`` for a
+    Gaussian policy, ``old_logits`` for a categorical one.
+    """
+    old = old_dist[0] if len(old_dist) == 1 else tuple(old_dist)
+    kl = policy.kl(old, policy.forward(params, episodes.observations))
+    return _masked_task_mean(kl, episodes.mask)

@@ -28,7 +28,6 @@ import tensorflow as tf
 
 from metarl_tf.maml import adapt
 from metarl_tf.outer.common import MetaBatch, _masked_task_mean, mean_kl
-from metarl_tf.policy import gaussian_log_prob
 
 
 def _clipped_objective(log_prob, old_log_prob, advantages, mask, clip: float):
@@ -53,8 +52,7 @@ def clipped_surrogate_loss(policy, params, episodes, advantages, old_log_prob, c
     Returns:
         scalar loss, averaged per task over its valid steps and then over tasks.
     """
-    mean, log_std = policy.forward(params, episodes.observations)
-    log_prob = gaussian_log_prob(mean, log_std, episodes.actions)
+    log_prob = policy.log_prob(policy.forward(params, episodes.observations), episodes.actions)
     return _clipped_objective(log_prob, old_log_prob, advantages, episodes.mask, clip)[0]
 
 
@@ -95,10 +93,10 @@ def ppo_meta_step(
 
     # π_old: the policy adapted from the current θ, the one that collected D'.
     result = adapted()
-    old_mean, old_log_std = (
-        tf.stop_gradient(x) for x in policy.forward(result.params, outer.observations)
+    old_dist = tf.nest.map_structure(
+        tf.stop_gradient, policy.forward(result.params, outer.observations)
     )
-    old_log_prob = gaussian_log_prob(old_mean, old_log_std, outer.actions)
+    old_log_prob = policy.log_prob(old_dist, outer.actions)
 
     def epoch(i, loss_before):
         with tf.GradientTape() as tape:
@@ -112,15 +110,14 @@ def ppo_meta_step(
         lambda i, _: i < epochs, epoch, [tf.constant(0), tf.zeros([], old_log_prob.dtype)]
     )
     params = adapted().params
-    mean, log_std = policy.forward(params, outer.observations)
-    log_prob = gaussian_log_prob(mean, log_std, outer.actions)
+    log_prob = policy.log_prob(policy.forward(params, outer.observations), outer.actions)
     loss_after, ratio = _clipped_objective(log_prob, old_log_prob, outer_adv, outer.mask, clip)
     mask = tf.cast(outer.mask, ratio.dtype)
     clipped = tf.cast(tf.abs(ratio - 1.0) > clip, ratio.dtype) * mask
     return {
         "loss_before": loss_before,
         "loss_after": loss_after,
-        "kl": mean_kl(policy, params, outer, old_mean, old_log_std),
+        "kl": mean_kl(policy, params, outer, *tf.nest.flatten(old_dist)),
         "clip_fraction": tf.reduce_sum(clipped) / tf.reduce_sum(mask),
         "inner_loss": tf.reduce_mean(result.losses[0]),
     }

@@ -7,9 +7,9 @@ improvement and the KL bound.
 
 The Hessian-vector product. At the current point the KL and its gradient vanish, so its Hessian
 is exactly the Gauss-Newton form ``Jᵀ F J``: ``J`` the Jacobian of the adaptation ``θ ↦ θ'``
-(:func:`metarl_tf.maml.adaptation_jvp` / ``adaptation_vjp``), ``F`` the Fisher of the Gaussian
-policy at ``θ'`` (``diag(1/σ²)`` on the mean, 2 on ``log σ``), applied through one JVP and one VJP of
-the network. This is the same product a reverse-over-reverse HVP gives, without third-order terms
+(:func:`metarl_tf.maml.adaptation_jvp` / ``adaptation_vjp``), ``F`` the Fisher of the policy at
+``θ'`` (Gaussian: ``diag(1/σ²)`` on the mean, 2 on ``log σ``; categorical: ``diag(p) − ppᵀ`` on the
+logits), applied through one JVP and one VJP of the network. This is the same product a reverse-over-reverse HVP gives, without third-order terms
 (``tests/test_trpo.py`` checks both agree).
 
 With several inner steps, each on its own batch (``MetaBatch.inner_episodes`` a sequence), ``J`` is
@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from metarl_tf.curvature import GaussianFisher, InnerLossHessian
+from metarl_tf.curvature import analytic_curvature_for
 from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp, per_step_batches
 from metarl_tf.outer.common import MetaBatch, mean_kl, surrogate_loss
-from metarl_tf.policy import gaussian_log_prob
 
 
 def _dot(a, b):
@@ -61,7 +60,9 @@ def conjugate_gradient(matvec, b, iterations: int = 10, tolerance: float = 1e-10
 
 
 def fisher_vector_product(policy, params, episodes, u):
-    """``F u`` for the mean-over-tasks KL of the Gaussian policy at per-task ``params``.
+    """``F u`` for the mean-over-tasks KL of the policy (Gaussian or categorical) at per-task
+    ``params``, by autodiff: a JVP of the network, the policy's ``output_fisher`` (the KL's Hessian
+    in the distribution parameters), and a VJP.
 
     ``u`` and the result are per-task ``[tasks, *shape]``.
     """
@@ -71,12 +72,13 @@ def fisher_vector_product(policy, params, episodes, u):
     with tf.GradientTape() as tape:
         tape.watch(params)
         with tf.autodiff.ForwardAccumulator(params, u) as acc:
-            mean, log_std = policy.forward(params, episodes.observations)
-        d_mean, d_log_std = acc.jvp(mean), acc.jvp(log_std)
-    # Hessian of KL(old || new) in the new distribution's (mean, log σ) at new = old.
-    g_mean = tf.stop_gradient(weight[..., None] * d_mean * tf.exp(-2.0 * log_std))
-    g_log_std = tf.stop_gradient(weight[..., None] * 2.0 * d_log_std)
-    return tape.gradient([mean, log_std], params, output_gradients=[g_mean, g_log_std])
+            dist = policy.forward(params, episodes.observations)
+        d_dist = tf.nest.map_structure(acc.jvp, dist)
+    # Hessian of KL(old || new) in the new distribution's parameters at new = old.
+    out = tf.nest.map_structure(
+        lambda h: tf.stop_gradient(weight[..., None] * h), policy.output_fisher(dist, d_dist)
+    )
+    return tape.gradient(tf.nest.flatten(dist), params, output_gradients=tf.nest.flatten(out))
 
 
 def trpo_meta_step(
@@ -119,10 +121,8 @@ def trpo_meta_step(
     sizes = alphas if learn_step_sizes else step_sizes
     result = adapted(theta, alphas)
     params = [tf.stop_gradient(p) for p in result.params]
-    old_mean, old_log_std = (
-        tf.stop_gradient(x) for x in policy.forward(params, outer.observations)
-    )
-    old_log_prob = gaussian_log_prob(old_mean, old_log_std, outer.actions)
+    old_dist = tf.nest.map_structure(tf.stop_gradient, policy.forward(params, outer.observations))
+    old_log_prob = policy.log_prob(old_dist, outer.actions)
 
     with tf.GradientTape() as tape:
         tape.watch(params)
@@ -131,14 +131,15 @@ def trpo_meta_step(
     # The products below run ~2 * (cg_iterations + 1) times at the same points: cache the
     # network's forward/backward passes there (metarl_tf.curvature) instead of autodiff.
     if analytic_curvature:
+        hessian_cls, fisher_cls = analytic_curvature_for(policy)
         step_batches = zip(
             result.trace, *per_step_batches(inner, inner_adv, inner_steps), strict=True
         )
         hessians = None if first_order else [
-            InnerLossHessian(point, episodes, adv, policy.activation)
+            hessian_cls(point, episodes, adv, policy.activation)
             for (point, _), episodes, adv in step_batches
         ]  # fmt: skip
-        fisher = GaussianFisher(params, outer, policy.activation)
+        fisher = fisher_cls(params, outer, policy.activation)
     else:
         hessians = None
         fisher = lambda u: fisher_vector_product(policy, params, outer, u)  # noqa: E731
@@ -189,7 +190,7 @@ def trpo_meta_step(
         candidate = [v - scale * s for v, s in zip(old_values, full_step, strict=True)]
         cand_params = adapted(candidate[:n_theta], candidate[n_theta:]).params
         loss = surrogate_loss(policy, cand_params, outer, outer_adv, old_log_prob)
-        kl = mean_kl(policy, cand_params, outer, old_mean, old_log_std)
+        kl = mean_kl(policy, cand_params, outer, *tf.nest.flatten(old_dist))
         return loss, kl
 
     def cond(k, scale, accepted, loss, kl):
