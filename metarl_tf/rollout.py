@@ -87,6 +87,7 @@ class Sampler:
         mask = np.zeros((horizon, n_tasks * n_eps), np.float32)
 
         env = self.dist.make_batched_env(tasks, n_eps)
+        env.seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))  # initial states
         obs = env.reset()
         active = np.ones(n_tasks * n_eps, bool)
         for t in range(horizon):

@@ -13,9 +13,15 @@ from metarl_tf.envs.base import (
     TimeStep,
     check_task_distribution,
 )
+from metarl_tf.envs.gym_adapter import GymTaskDistribution
+from metarl_tf.envs.mujoco import AntDir, HalfCheetahDir, HalfCheetahVel, MuJoCoTaskEnv
 from metarl_tf.envs.navigation import Navigation2D, Navigation2DEnv
 
 TASK_DISTRIBUTIONS: dict[str, type[TaskDistribution]] = {"nav2d": Navigation2D}
+# MuJoCo locomotion families (gymnasium[mujoco]); see metarl_tf/envs/mujoco.py.
+TASK_DISTRIBUTIONS.update(
+    {"halfcheetah-vel": HalfCheetahVel, "halfcheetah-dir": HalfCheetahDir, "ant-dir": AntDir}
+)
 
 
 def make_task_distribution(name: str, **kwargs: Any) -> TaskDistribution:
@@ -35,7 +41,25 @@ if "metarl_tf/Navigation2D-v0" not in gymnasium.registry:
         max_episode_steps=None,
     )
 
+for _id, _family in (
+    ("HalfCheetahVel-v0", "halfcheetah-vel"),
+    ("HalfCheetahDir-v0", "halfcheetah-dir"),
+    ("AntDir-v0", "ant-dir"),
+):
+    if f"metarl_tf/{_id}" not in gymnasium.registry:
+        gymnasium.register(
+            id=f"metarl_tf/{_id}",
+            entry_point="metarl_tf.envs.mujoco:MuJoCoTaskEnv",
+            kwargs={"family": _family},
+            max_episode_steps=None,
+        )
+
 __all__ = [
+    "AntDir",
+    "GymTaskDistribution",
+    "HalfCheetahDir",
+    "HalfCheetahVel",
+    "MuJoCoTaskEnv",
     "BatchedEnv",
     "Navigation2D",
     "Navigation2DEnv",

@@ -45,6 +45,10 @@ class BatchedEnv(abc.ABC):
     def step(self, actions: np.ndarray) -> TimeStep:
         """Applies ``actions [num_envs, act_dim]`` (unclipped; the env clips) to every sub-env."""
 
+    def seed(self, seed: int | None) -> None:  # noqa: B027  (optional hook, no-op by default)
+        """Seeds the random initial states of the next :meth:`reset` (the sampler passes its
+        seed). Envs with deterministic initial states ignore it."""
+
 
 class TaskDistribution(abc.ABC):
     """A family of tasks. Subclasses set ``name``, the specs and ``horizon``.
