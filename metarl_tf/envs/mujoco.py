@@ -108,7 +108,7 @@ class MuJoCoTaskEnv(gymnasium.Env):
             self.task = sampler(1, self.np_random)[0]
         obs, _ = self._env.reset(seed=seed)
         self._t = 0
-        return obs.astype(np.float32), {"task": self.task}
+        return obs.astype(np.float32), {"task": dict(self.task)}
 
     def reward(self, info: dict[str, Any], action: np.ndarray) -> float:
         """The task's reward from gymnasium's step ``info`` and the (clipped) action."""
@@ -130,7 +130,7 @@ class MuJoCoTaskEnv(gymnasium.Env):
         action = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
         obs, _, terminated, _, info = self._env.step(action)
         self._t += 1
-        info = {**info, "task": self.task}
+        info = {**info, "task": dict(self.task)}
         truncated = self._t >= self.horizon
         return obs.astype(np.float32), self.reward(info, action), terminated, truncated, info
 

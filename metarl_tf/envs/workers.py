@@ -14,6 +14,7 @@ and a worker that crashes or raises makes the parent raise :class:`WorkerError` 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing as mp
 import pickle
 import traceback
@@ -158,10 +159,8 @@ class WorkerPool:
     @staticmethod
     def _shutdown(conns, procs) -> None:
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("close", ()))
-            except (OSError, BrokenPipeError):
-                pass
         for proc in procs:
             proc.join(timeout=2.0)
             if proc.is_alive():
@@ -205,7 +204,9 @@ class WorkerPool:
             try:
                 status, payload = conn.recv()
             except (EOFError, OSError):
-                self._fail(f"worker {w} closed its pipe during {method!r}")
+                self._procs[w].join(timeout=1.0)
+                code = self._procs[w].exitcode
+                self._fail(f"worker {w} died (exit code {code}) during {method!r}")
             if status == "error":
                 self._fail(f"worker {w} raised during {method!r}:\n{payload}")
             results.append(payload)
