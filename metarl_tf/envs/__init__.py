@@ -14,6 +14,7 @@ from metarl_tf.envs.base import (
     check_task_distribution,
 )
 from metarl_tf.envs.gym_adapter import GymTaskDistribution
+from metarl_tf.envs.metaworld_ml1 import MetaWorldML1
 from metarl_tf.envs.mujoco import AntDir, HalfCheetahDir, HalfCheetahVel, MuJoCoTaskEnv
 from metarl_tf.envs.navigation import Navigation2D, Navigation2DEnv
 
@@ -22,6 +23,8 @@ TASK_DISTRIBUTIONS: dict[str, type[TaskDistribution]] = {"nav2d": Navigation2D}
 TASK_DISTRIBUTIONS.update(
     {"halfcheetah-vel": HalfCheetahVel, "halfcheetah-dir": HalfCheetahDir, "ant-dir": AntDir}
 )
+# Meta-World ML1 (optional extra `metaworld`; imported only when the distribution is built).
+TASK_DISTRIBUTIONS["metaworld-ml1"] = MetaWorldML1
 
 
 def make_task_distribution(name: str, **kwargs: Any) -> TaskDistribution:

@@ -89,6 +89,14 @@ class GymBatchedEnv(BatchedEnv):
         self._check_owner()
         return self._gather(self._pool.call("reset", [(seeds[s],) for s in self._slices]))
 
+    def get_attr(self, name: str) -> list:
+        """``getattr(env, name)`` of every sub-env's gymnasium env, in sub-env order."""
+        if self._pool is None:
+            return self._group.get_attr(name)
+        self._check_owner()
+        parts = self._pool.call("get_attr", [(name,) for _ in self._slices])
+        return [x for part in parts for x in part]
+
     def step(self, actions: np.ndarray) -> TimeStep:
         actions = np.clip(np.asarray(actions, np.float32), self.low, self.high)
         if actions.shape[0] != self.num_envs:

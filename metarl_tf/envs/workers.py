@@ -96,6 +96,10 @@ class EnvGroup:
             done[i] = terminated or truncated
         return self.obs.copy(), reward, done
 
+    def get_attr(self, name: str) -> list:
+        """``getattr(env, name)`` of every configured env (e.g. a success flag)."""
+        return [getattr(self.envs[i], name) for i in range(self.n)]
+
     def close(self) -> None:
         for env in self.envs:
             close = getattr(env, "close", None)
