@@ -152,6 +152,15 @@ PRESETS.update(
         "halfcheetah-dir": _MUJOCO.replace(task_distribution="halfcheetah-dir"),
         "halfcheetah-vel": _MUJOCO.replace(task_distribution="halfcheetah-vel"),
         "ant-dir": _MUJOCO.replace(task_distribution="ant-dir"),
+        # Meta-World ML1 reach-v3 (optional extra): ML1's training tasks; horizon 150 as in the
+        # Meta-World paper's original protocol; 20 tasks x 10 episodes.
+        "ml1-reach": _MUJOCO.replace(
+            task_distribution="metaworld-ml1",
+            task_kwargs={"env_name": "reach-v3", "num_workers": 2},
+            horizon=150,
+            meta_batch_size=20,
+            episodes_per_task=10,
+        ),
     }
 )
 

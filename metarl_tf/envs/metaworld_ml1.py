@@ -185,3 +185,54 @@ def success_rate(
         if not active.any():
             break
     return float(succeeded.mean())
+
+
+def meta_test_success(
+    bundle, n_tasks: int = NUM_TASKS, episodes: int = 10, seed: int = 0
+) -> dict[str, float]:
+    """Success rates on ML1's *test* tasks before and after one inner step.
+
+    For each of ``n_tasks`` test tasks: ``episodes`` episodes with the meta-learned policy
+    (their success rate is ``"pre"``), one inner step on them with the bundle's adapter, then
+    ``episodes`` fresh episodes with the adapted policy (``"post"``).
+
+    Args:
+        bundle: a :class:`metarl_tf.bundle.Bundle` trained on ``metaworld-ml1``.
+        n_tasks: test tasks (the first ``n_tasks`` of a seeded permutation of the 50).
+        episodes: episodes per task, before and after adaptation.
+        seed: seeds task order, initial states and action noise.
+    """
+    import tensorflow as tf
+
+    from metarl_tf.rollout import Sampler
+
+    dist = bundle.task_distribution
+    if not isinstance(dist, MetaWorldML1):
+        raise ValueError(f"the bundle was trained on {dist.name!r}, not metaworld-ml1")
+    test = dist.with_split("test")
+    tasks = test.sample_tasks(n_tasks, seed=seed)
+    params = [p.numpy() for p in bundle.policy.parameters]
+    pre = success_rate(test, bundle.policy, params, tasks, episodes, seed)
+    batch = Sampler(test, bundle.policy, episodes).sample(params, tasks, seed)
+    tensors = type(batch)(*[tf.convert_to_tensor(x) for x in batch])
+    adapted, _, _ = bundle.make_adapter()(bundle.policy.parameters, tensors, steps=1)
+    post = success_rate(
+        test, bundle.policy, [a.numpy() for a in adapted], tasks, episodes, seed + 1
+    )
+    returns_pre = float(batch.episode_returns.mean())
+    test.close()
+    return {"tasks": n_tasks, "episodes": episodes, "success_pre": pre, "success_post": post,
+            "return_pre": returns_pre}  # fmt: skip
+
+
+if __name__ == "__main__":  # python -m metarl_tf.envs.metaworld_ml1 BUNDLE [N_TASKS] [EPISODES]
+    import json
+    import sys
+
+    from metarl_tf.bundle import load_bundle
+
+    n, eps = (
+        (int(sys.argv[2]) if len(sys.argv) > 2 else NUM_TASKS),
+        (int(sys.argv[3]) if len(sys.argv) > 3 else 10),
+    )
+    print(json.dumps(meta_test_success(load_bundle(sys.argv[1]), n, eps), indent=1))
