@@ -188,3 +188,27 @@ def test_bad_task_is_reported():
         env.unwrapped.set_task({"direction": 0.5})
     with pytest.raises(ValueError, match="needs 'velocity'"):
         gymnasium.make("metarl_tf/HalfCheetahVel-v0", task={"direction": 1})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_presets_build_their_distribution(name):
+    from metarl_tf.cli import _train_config, build_parser
+    from metarl_tf.config import TrainConfig, get_preset
+
+    c = get_preset(name)
+    assert (c.hidden_sizes, c.activation, c.horizon) == ((100, 100), "relu", 200)
+    assert (c.meta_batch_size, c.episodes_per_task, c.inner_step_size, c.max_kl) == (
+        40,
+        20,
+        0.1,
+        0.01,
+    )
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    dist = make_task_distribution(c.task_distribution, horizon=c.horizon, **c.task_kwargs)
+    assert dist.name == name and dist.horizon == 200 and dist.num_workers == 2
+    args = build_parser().parse_args(
+        ["train", "--preset", name, "--meta-batch-size", "3", "--episodes-per-task", "2"]
+    )
+    small = _train_config(args)
+    assert (small.meta_batch_size, small.episodes_per_task) == (3, 2)
+    assert small.replace(meta_batch_size=40, episodes_per_task=20) == c
