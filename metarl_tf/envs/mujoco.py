@@ -30,6 +30,7 @@ episode (the survival bonus is only 0.05 per step).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import gymnasium
@@ -43,6 +44,27 @@ CTRL_COST_ANT = 0.005  # rllab / pytorch-maml-rl: 0.5 * 1e-2 * ||a / scaling||^2
 CONTACT_COST_ANT = 0.0005  # 0.5 * 1e-3 * ||clip(cfrc_ext, -1, 1)||^2 (gymnasium's default)
 SURVIVE_ANT = 0.05
 VELOCITY_LOW, VELOCITY_HIGH = 0.0, 2.0
+
+_log = logging.getLogger(__name__)
+_seen_warnings: set[str] = set()
+_routed = [False]
+
+
+def _route_mujoco_warnings() -> None:
+    """MuJoCo prints every compiler warning to stderr and appends it to ``MUJOCO_LOG.TXT`` in the
+    working directory (MuJoCo 4 warns that gymnasium's HalfCheetah XML uses the deprecated
+    ``settotalmass``, once per env built: hundreds per batch). Route them to Python logging,
+    each distinct message once per process."""
+    import mujoco
+
+    def warn(message: str) -> None:
+        if message not in _seen_warnings:
+            _seen_warnings.add(message)
+            _log.warning("MuJoCo: %s", message.strip())
+
+    if not _routed[0] and hasattr(mujoco, "set_mju_user_warning"):
+        mujoco.set_mju_user_warning(warn)
+        _routed[0] = True
 
 
 def _sample_velocities(n: int, rng: np.random.Generator) -> list[Task]:
@@ -72,6 +94,7 @@ class MuJoCoTaskEnv(gymnasium.Env):
             raise ValueError(f"unknown MuJoCo family {family!r}; known: {sorted(FAMILIES)}")
         self.family = family
         self.horizon = int(horizon)
+        _route_mujoco_warnings()
         if family.startswith("halfcheetah"):
             from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
