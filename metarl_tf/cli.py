@@ -59,6 +59,8 @@ def _add_train(sub) -> None:
         "--init-log-std", type=float, help="initial log standard deviation of the policy"
     )
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations")
+    p.add_argument("--meta-batch-size", type=int, help="tasks per meta-iteration (overrides)")
+    p.add_argument("--episodes-per-task", type=int, help="episodes per task (overrides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     p.add_argument(
         "--select", choices=["last", "best"], default="last",
@@ -130,6 +132,8 @@ def _train_config(args):
         "outer_learning_rate": args.outer_learning_rate,
         "algo": args.algo,
     }  # fmt: skip
+    overrides["meta_batch_size"] = args.meta_batch_size
+    overrides["episodes_per_task"] = args.episodes_per_task
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -188,6 +188,37 @@ PRESETS["cartpole"] = TrainConfig(
     inner_step_size=0.1,
     iterations=150,
 )
+# MuJoCo locomotion (metarl_tf/envs/mujoco.py), as in the MAML paper (Sec. 5.3 and appendix):
+# 2x100 ReLU policy, one inner step of size 0.1, 40 tasks x 20 episodes per meta-batch, horizon
+# 200, TRPO with max KL 0.01. (pytorch-maml-rl's configs/maml/halfcheetah-*.yaml and ant-dir.yaml
+# use the same 40 x 20, fast-lr 0.1, max KL 0.01, cg 10 / 1e-5, line search 15 x 0.8, but a 2x64
+# tanh policy and horizon 100.) Sub-envs step in 2 worker processes (task_kwargs num_workers).
+_MUJOCO = TrainConfig(
+    hidden_sizes=(100, 100),
+    activation="relu",
+    meta_batch_size=40,
+    episodes_per_task=20,
+    horizon=200,
+    inner_step_size=0.1,
+    max_kl=0.01,
+    task_kwargs={"num_workers": 2},
+)
+PRESETS.update(
+    {
+        "halfcheetah-dir": _MUJOCO.replace(task_distribution="halfcheetah-dir"),
+        "halfcheetah-vel": _MUJOCO.replace(task_distribution="halfcheetah-vel"),
+        "ant-dir": _MUJOCO.replace(task_distribution="ant-dir"),
+        # Meta-World ML1 reach-v3 (optional extra): ML1's training tasks; horizon 150 as in the
+        # Meta-World paper's original protocol; 20 tasks x 10 episodes.
+        "ml1-reach": _MUJOCO.replace(
+            task_distribution="metaworld-ml1",
+            task_kwargs={"env_name": "reach-v3", "num_workers": 2},
+            horizon=150,
+            meta_batch_size=20,
+            episodes_per_task=10,
+        ),
+    }
+)
 
 
 def get_preset(name: str) -> TrainConfig:
