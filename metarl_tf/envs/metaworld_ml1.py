@@ -230,9 +230,10 @@ if __name__ == "__main__":  # python -m metarl_tf.envs.metaworld_ml1 BUNDLE [N_T
     import sys
 
     from metarl_tf.bundle import load_bundle
+    from metarl_tf.envs.metaworld_ml1 import meta_test_success as _run  # not __main__'s copy
 
     n, eps = (
         (int(sys.argv[2]) if len(sys.argv) > 2 else NUM_TASKS),
         (int(sys.argv[3]) if len(sys.argv) > 3 else 10),
     )
-    print(json.dumps(meta_test_success(load_bundle(sys.argv[1]), n, eps), indent=1))
+    print(json.dumps(_run(load_bundle(sys.argv[1]), n, eps), indent=1))
