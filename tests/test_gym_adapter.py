@@ -61,7 +61,6 @@ def test_recipe_distribution(recipe):
     assert ended.all()
 
 
-@pytest.mark.slow  # a fresh trainer traces its meta-step (~200 s on the loaded 2-core machine)
 def test_recipe_trains(recipe, tmp_path):
     from metarl_tf.bundle import load_bundle
     from metarl_tf.config import get_preset
