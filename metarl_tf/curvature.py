@@ -157,6 +157,16 @@ class InnerLossHessian:
         return [*grads, g_log_std]
 
 
+def _kl_sample_weights(episodes):
+    """``(observations [tasks, N, obs_dim], weights [tasks, N, 1], tasks)`` of the mean KL over
+    tasks of the per-task mean over valid steps (``mean_kl``): each valid step weighs
+    ``1 / (its task's valid steps * tasks)``, padding 0."""
+    x = _flatten(tf.convert_to_tensor(episodes.observations, tf.float32), 1)
+    mask = _flatten(tf.convert_to_tensor(episodes.mask, tf.float32), 0)
+    tasks = tf.cast(tf.shape(mask)[0], tf.float32)
+    return x, (mask / tf.reduce_sum(mask, axis=1, keepdims=True) / tasks)[..., None], tasks
+
+
 class GaussianFisher:
     """``u ↦ F u`` for ``mean_i E_{s∈D_i} KL(π_i,old(·|s) || π_i(·|s))`` at ``params`` (= old).
 
@@ -167,12 +177,8 @@ class GaussianFisher:
     """
 
     def __init__(self, params, episodes, activation: str):
-        x = _flatten(tf.convert_to_tensor(episodes.observations, tf.float32), 1)
-        mask = _flatten(tf.convert_to_tensor(episodes.mask, tf.float32), 0)
-        tasks = tf.cast(tf.shape(mask)[0], tf.float32)
+        x, self.weight, self.tasks = _kl_sample_weights(episodes)
         self.net = _MLP(params, x, activation)
-        self.weight = (mask / tf.reduce_sum(mask, axis=1, keepdims=True) / tasks)[..., None]
-        self.tasks = tasks
 
     def __call__(self, u):
         net = self.net
@@ -228,11 +234,8 @@ class CategoricalFisher:
     """
 
     def __init__(self, params, episodes, activation: str):
-        x = _flatten(tf.convert_to_tensor(episodes.observations, tf.float32), 1)
-        mask = _flatten(tf.convert_to_tensor(episodes.mask, tf.float32), 0)
-        tasks = tf.cast(tf.shape(mask)[0], tf.float32)
+        x, self.weight, _ = _kl_sample_weights(episodes)
         self.net = _MLP(params, x, activation, has_log_std=False)
-        self.weight = (mask / tf.reduce_sum(mask, axis=1, keepdims=True) / tasks)[..., None]
         self.probs = tf.nn.softmax(self.net.output)
 
     def __call__(self, u):

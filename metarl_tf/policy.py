@@ -38,8 +38,25 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
+class _ParameterAccess:
+    """Shapes, numpy copies and assignment of a policy's ``parameters`` (in ``parameter_names``
+    order), shared by the Gaussian and the categorical policy."""
+
+    @property
+    def parameter_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.parameters]
+
+    def get_parameters(self) -> list[np.ndarray]:
+        return [np.array(p.numpy()) for p in self.parameters]
+
+    def set_parameters(self, values: Sequence[np.ndarray]) -> None:
+        check_parameter_shapes(values, self.parameter_shapes, self.parameter_names)
+        for var, value in zip(self.parameters, values, strict=True):
+            var.assign(np.asarray(value, np.float32))
+
+
 @keras.saving.register_keras_serializable(package="metarl_tf")
-class GaussianMLPPolicy(keras.Model):
+class GaussianMLPPolicy(_ParameterAccess, keras.Model):
     """Diagonal Gaussian policy: ``a ~ N(mlp(s), exp(log_std)^2)`` with a state-independent
     ``log_std`` (as in the MAML paper and rllab).
 
@@ -117,18 +134,6 @@ class GaussianMLPPolicy(keras.Model):
         for layer in [*self.hidden, self.mean_head]:
             names += [f"{layer.name}/kernel", f"{layer.name}/bias"]
         return [*names, "log_std"]
-
-    @property
-    def parameter_shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(p.shape) for p in self.parameters]
-
-    def get_parameters(self) -> list[np.ndarray]:
-        return [np.array(p.numpy()) for p in self.parameters]
-
-    def set_parameters(self, values: Sequence[np.ndarray]) -> None:
-        check_parameter_shapes(values, self.parameter_shapes, self.parameter_names)
-        for var, value in zip(self.parameters, values, strict=True):
-            var.assign(np.asarray(value, np.float32))
 
     def forward(self, params, observations):
         """``(mean, log_std)`` of the policy with weights ``params`` (see :func:`gaussian_mlp_forward`)."""
@@ -284,7 +289,7 @@ def tile_parameters(params, tasks: int):
 
 
 @keras.saving.register_keras_serializable(package="metarl_tf")
-class CategoricalMLPPolicy(keras.Model):
+class CategoricalMLPPolicy(_ParameterAccess, keras.Model):
     """Categorical policy over ``num_actions`` discrete actions: ``π(·|s) = softmax(mlp(s))``.
 
     Same MLP and parameter API as :class:`GaussianMLPPolicy` (``parameters``,
@@ -361,18 +366,6 @@ class CategoricalMLPPolicy(keras.Model):
         for layer in [*self.hidden, self.logits_head]:
             names += [f"{layer.name}/kernel", f"{layer.name}/bias"]
         return names
-
-    @property
-    def parameter_shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(p.shape) for p in self.parameters]
-
-    def get_parameters(self) -> list[np.ndarray]:
-        return [np.array(p.numpy()) for p in self.parameters]
-
-    def set_parameters(self, values: Sequence[np.ndarray]) -> None:
-        check_parameter_shapes(values, self.parameter_shapes, self.parameter_names)
-        for var, value in zip(self.parameters, values, strict=True):
-            var.assign(np.asarray(value, np.float32))
 
     def forward(self, params, observations):
         """``logits [..., num_actions]`` with weights ``params`` (unbatched or per task)."""
