@@ -37,6 +37,11 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, help="random seed (overrides the preset)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
     p.add_argument(
+        "--init-from", metavar="BUNDLE",
+        help="continue training from a bundle written with the same preset/options (its parameters, "
+        "iteration count, wall-clock and metrics.jsonl), e.g. to train a shipped bundle longer",
+    )  # fmt: skip
+    p.add_argument(
         "--meta-sgd", action="store_true", default=None, help="learn per-parameter step sizes"
     )
     p.add_argument("--first-order", action="store_true", default=None, help="first-order MAML")
@@ -153,6 +158,9 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir or f"runs/{out.name}")
     ckpt_dir = run_dir / "checkpoint"
     metrics_path = run_dir / "metrics.jsonl"
+    if args.resume and args.init_from:
+        print("error: --resume and --init-from exclude each other", file=sys.stderr)
+        return 2
     if not args.resume and (ckpt_dir / "state.json").exists():
         print(f"error: {run_dir} already holds a checkpoint; pass --resume to continue it, "
               f"or choose another --run-dir", file=sys.stderr)  # fmt: skip
@@ -167,6 +175,14 @@ def cmd_train(args) -> int:
             kept = [line for line in metrics_path.read_text().splitlines()
                     if line and json.loads(line)["iteration"] <= trainer.iteration]  # fmt: skip
             metrics_path.write_text("".join(k + "\n" for k in kept))
+    elif args.init_from:
+        try:
+            rows = trainer.init_from_bundle(args.init_from)
+        except ValueError as err:  # BundleError included
+            print(f"error: --init-from: {err}", file=sys.stderr)
+            return 2
+        print(f"continuing {args.init_from} from iteration {trainer.iteration}")
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif not args.resume:
         metrics_path.write_text("")
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")

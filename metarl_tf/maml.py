@@ -272,4 +272,7 @@ class Adapter:
         fn = self._concrete.get(key)
         if fn is None:
             fn = self._concrete[key] = self._compiled.get_concrete_function(params, episodes, steps)
-        return fn(params, episodes, steps)
+        # The inputs match the traced signature by construction (same key): call with the flat
+        # tensor list, skipping the per-call signature binding and casts (~0.7 ms of a ~4 ms
+        # service adaptation; TensorFlow is pinned to 2.21, where `_call_flat` has this form).
+        return fn._call_flat([*params, *episodes], fn.captured_inputs)

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from metarl_tf.advantages import compute_advantages
-from metarl_tf.bundle import save_bundle
+from metarl_tf.bundle import load_bundle, save_bundle
 from metarl_tf.config import TrainConfig
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.maml import Adapter
@@ -235,12 +235,9 @@ class MetaTrainer:
         if not (directory / CHECKPOINT_STATE).is_file():
             return False
         state = json.loads((directory / CHECKPOINT_STATE).read_text())
-        saved = TrainConfig.from_dict(state["config"])
-        if saved.replace(iterations=self.config.iterations) != self.config:
-            raise ValueError(
-                f"checkpoint in {directory} was written with another configuration; "
-                "use a fresh --run-dir or the same preset/options"
-            )
+        self._check_same_config(
+            TrainConfig.from_dict(state["config"]), f"checkpoint in {directory}"
+        )
         with np.load(directory / CHECKPOINT_ARRAYS, allow_pickle=False) as data:
             self.policy.set_parameters(
                 [data[f"param_{i}"] for i in range(len(self.policy.parameters))]
@@ -253,6 +250,45 @@ class MetaTrainer:
                     v.assign(data[f"opt_{i}"])
         self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
         return True
+
+    def _check_same_config(self, saved: TrainConfig, what: str) -> None:
+        """Refuses to continue ``what`` under another configuration (the iteration target and
+        the checkpoint interval may change)."""
+        ignored = {
+            "iterations": self.config.iterations,
+            "checkpoint_every": self.config.checkpoint_every,
+        }
+        if saved.replace(**ignored) != self.config:
+            diff = {k: (v, getattr(self.config, k)) for k, v in saved.replace(**ignored).to_dict().items()
+                    if v != self.config.to_dict()[k]}  # fmt: skip
+            raise ValueError(
+                f"{what} was written with another configuration (saved vs now: {diff}); "
+                "use a fresh --run-dir or the same preset/options"
+            )
+
+    def init_from_bundle(self, path: str | Path) -> list[dict]:
+        """Continues training from a bundle this trainer's configuration wrote: the bundle's
+        parameters (and Meta-SGD step sizes), iteration count and wall-clock. Returns the
+        bundle's ``metrics.jsonl`` rows up to that iteration (empty if it has none). Adam/PPO
+        moment estimates are not in a bundle; they restart from zero."""
+        bundle = load_bundle(path)
+        training = bundle.meta.get("training") or {}
+        if "config" not in training:
+            raise ValueError(f"bundle {path} has no training configuration to continue from")
+        self._check_same_config(TrainConfig.from_dict(training["config"]), f"bundle {path}")
+        self.policy.set_parameters(bundle.policy.get_parameters())
+        if self.config.meta_sgd:
+            for s, value in zip(self.step_sizes, bundle.step_sizes, strict=True):
+                s.assign(value)
+        self.iteration = int(training.get("iterations", 0))
+        self.elapsed = float(training.get("wall_clock_seconds", 0.0))
+        metrics = Path(path) / "metrics.jsonl"
+        rows = (
+            [json.loads(line) for line in metrics.read_text().splitlines() if line]
+            if metrics.is_file()
+            else []
+        )
+        return [r for r in rows if r["iteration"] <= self.iteration]
 
     # -- bundle ------------------------------------------------------------------------------
     def step_size_values(self) -> float | list[np.ndarray]:

@@ -111,7 +111,8 @@ def tiny_run(tmp_path_factory):
     """The ``tiny`` preset trained for 4 iterations, with a checkpoint after iteration 2.
 
     Yields a dict: the trainer, the trace counts after 2 and 4 iterations, the checkpoint
-    directory, the parameters at the checkpoint, and the metrics of iterations 3 and 4.
+    directory and a bundle exported at it, the parameters at the checkpoint, and the metrics of
+    iterations 3 and 4.
     """
     from metarl_tf.config import get_preset
     from metarl_tf.trainer import MetaTrainer
@@ -131,7 +132,9 @@ def tiny_run(tmp_path_factory):
     for _ in range(2):
         trainer.train_iteration()
     counts_2 = trace_counts(trainer)
-    ckpt = trainer.save_checkpoint(tmp_path_factory.mktemp("tiny_run") / "checkpoint")
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    ckpt = trainer.save_checkpoint(tmp / "checkpoint")
+    bundle_2 = trainer.export_bundle(tmp / "bundle_2")
     params_2 = _values_of(trainer.policy.parameters)
     later = [trainer.train_iteration() for _ in range(2)]
     return {
@@ -139,6 +142,7 @@ def tiny_run(tmp_path_factory):
         "counts_2": counts_2,
         "counts_4": trace_counts(trainer),
         "checkpoint": ckpt,
+        "bundle_2": bundle_2,
         "params_2": params_2,
         "params_4": _values_of(trainer.policy.parameters),
         "metrics_3_4": later,

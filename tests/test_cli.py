@@ -113,6 +113,27 @@ def test_resume_continues_the_run(cli_run, capsys):
     assert load_bundle(out).meta["training"]["iterations"] == 3
 
 
+@pytest.mark.slow
+def test_init_from_continues_a_bundle_in_a_fresh_run_dir(cli_run, tmp_path, capsys):
+    start = load_bundle(cli_run["out"]).meta["training"]["iterations"]
+    out, run = tmp_path / "longer", tmp_path / "run"
+    code = main(
+        ["train", "--preset", "tiny", "--init-from", str(cli_run["out"]), "--out", str(out),
+         "--run-dir", str(run), "--iterations", str(start + 1), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert f"from iteration {start}" in capsys.readouterr().out
+    metrics = read_metrics(run)
+    assert [m["iteration"] for m in metrics] == list(range(1, start + 2))  # bundle's rows + one
+    assert load_bundle(out).meta["training"]["iterations"] == start + 1
+    # another preset than the bundle's, or together with --resume: refused with a reason
+    assert main(["train", "--preset", "nav2d", "--init-from", str(out), "--run-dir",
+                 str(tmp_path / "r2"), "--iterations", "1"]) == 2  # fmt: skip
+    assert "another configuration" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--init-from", str(out), "--resume"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
 def test_module_entry_point_help():
     proc = subprocess.run(
         [sys.executable, "-m", "metarl_tf", "train", "--help"],

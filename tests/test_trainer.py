@@ -55,6 +55,28 @@ def test_checkpoint_restore_and_continue_equals_uninterrupted_run(tiny_run):
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.slow
+def test_init_from_bundle_continues_like_the_uninterrupted_run(tiny_run):
+    # TRPO keeps no optimizer state, so a bundle holds all a continuation needs; the checkpoint
+    # interval and the iteration target may differ from the bundle's run.
+    config = tiny_run["trainer"].config.replace(iterations=9, checkpoint_every=3)
+    continued = MetaTrainer(config)
+    rows = continued.init_from_bundle(tiny_run["bundle_2"])
+    assert continued.iteration == 2 and rows == []  # this bundle was exported without metrics
+    assert continued.elapsed > 0
+    for got, expected in zip(continued.policy.get_parameters(), tiny_run["params_2"], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    for expected in tiny_run["metrics_3_4"]:
+        assert comparable(continued.train_iteration()) == comparable(expected)
+
+
+@pytest.mark.slow
+def test_init_from_bundle_refuses_another_configuration(tiny_run):
+    other = MetaTrainer(tiny_run["trainer"].config.replace(inner_step_size=0.5))
+    with pytest.raises(ValueError, match=r"another configuration.*inner_step_size"):
+        other.init_from_bundle(tiny_run["bundle_2"])
+
+
 def test_restore_from_an_empty_directory_returns_false(tmp_path):
     trainer = MetaTrainer(get_preset("tiny"))
     assert trainer.restore_checkpoint(tmp_path / "nothing") is False
