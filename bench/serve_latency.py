@@ -94,6 +94,9 @@ class Caller:
         return time.perf_counter() - start
 
 
+ADAPT_ROUNDS = 4  # alternations of the two /adapt encodings
+
+
 def measure(url: str, path: str, body: bytes, requests: int, concurrency: int, warmup: int = 20):
     """Latencies (s) of ``requests`` calls spread over ``concurrency`` threads, the wall time and
     the error messages."""
@@ -162,7 +165,7 @@ def run(url: str, args) -> dict:
     packed_body = json.dumps({"episodes": packed_episodes, "steps": 1}).encode()
     # The two encodings alternate in rounds, so a change in background load hits both alike.
     adapt_runs: dict[str, list] = {"adapt": [], "adapt_packed": []}
-    rounds = 4
+    rounds = ADAPT_ROUNDS
     for _ in range(rounds):
         for name, body in (("adapt", adapt_body), ("adapt_packed", packed_body)):
             lat, wall, errs = measure(
@@ -228,6 +231,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="alternations of /act and /noop")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.act_requests < 16 * args.rounds:
+        p.error(f"--act-requests must be at least 16 x --rounds ({16 * max(args.rounds, 1)}): "
+                "every round gives each of the 16 concurrent callers at least one request")  # fmt: skip
+    if args.adapt_requests < ADAPT_ROUNDS:
+        p.error(f"--adapt-requests must be at least {ADAPT_ROUNDS} (one per round and encoding)")
 
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
