@@ -29,6 +29,15 @@ from metarl_tf.rollout import EpisodeBatch, Sampler
 _JIT = os.environ.get("METARL_JIT", "0") == "1"
 CHECKPOINT_ARRAYS = "state.npz"
 CHECKPOINT_STATE = "state.json"
+# Fields a run may change when it continues: on --resume of its checkpoint ...
+RUN_FIELDS = ("iterations", "checkpoint_every")
+# ... and from a bundle (train --init-from): sampling and outer-step settings, not the task
+# distribution, the policy or the inner step the bundle's meta-initialization was trained for.
+CONTINUATION_FIELDS = RUN_FIELDS + (
+    "init_log_std", "meta_batch_size", "episodes_per_task", "outer", "max_kl", "cg_iterations",
+    "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "outer_learning_rate", "ppo_epochs",
+    "ppo_clip", "seed",
+)  # fmt: skip
 
 
 def peak_rss_mb() -> float:
@@ -87,6 +96,7 @@ class MetaTrainer:
         self.elapsed = 0.0  # training wall-clock seconds, carried across resumes
         self.history: list[dict[str, float]] = []
         self.selection: dict[str, Any] = {"select": "last"}
+        self.lineage: list[dict[str, Any]] = []  # bundles this run continued (init_from_bundle)
 
     @property
     def _meta_variables(self) -> list:
@@ -224,6 +234,7 @@ class MetaTrainer:
             "iteration": self.iteration,
             "elapsed": self.elapsed,
             "config": self.config.to_dict(),
+            "lineage": self.lineage,
         }
         (directory / (CHECKPOINT_STATE + ".tmp")).write_text(json.dumps(state, indent=2))
         (directory / (CHECKPOINT_STATE + ".tmp")).replace(directory / CHECKPOINT_STATE)
@@ -249,33 +260,43 @@ class MetaTrainer:
                 for i, v in enumerate(self.optimizer.variables):
                     v.assign(data[f"opt_{i}"])
         self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
+        self.lineage = state.get("lineage", [])
         return True
 
-    def _check_same_config(self, saved: TrainConfig, what: str) -> None:
-        """Refuses to continue ``what`` under another configuration (the iteration target and
-        the checkpoint interval may change)."""
-        ignored = {
-            "iterations": self.config.iterations,
-            "checkpoint_every": self.config.checkpoint_every,
-        }
-        if saved.replace(**ignored) != self.config:
-            diff = {k: (v, getattr(self.config, k)) for k, v in saved.replace(**ignored).to_dict().items()
-                    if v != self.config.to_dict()[k]}  # fmt: skip
+    def _check_same_config(self, saved: TrainConfig, what: str, may_differ=RUN_FIELDS) -> None:
+        """Refuses to continue ``what`` under another configuration; the fields in
+        ``may_differ`` may change."""
+        keep = {name: getattr(self.config, name) for name in may_differ}
+        saved_d, now_d = saved.replace(**keep).to_dict(), self.config.to_dict()
+        diff = {k: (v, now_d[k]) for k, v in saved_d.items() if v != now_d[k]}
+        if diff:
             raise ValueError(
                 f"{what} was written with another configuration (saved vs now: {diff}); "
                 "use a fresh --run-dir or the same preset/options"
             )
 
     def init_from_bundle(self, path: str | Path) -> list[dict]:
-        """Continues training from a bundle this trainer's configuration wrote: the bundle's
-        parameters (and Meta-SGD step sizes), iteration count and wall-clock. Returns the
-        bundle's ``metrics.jsonl`` rows up to that iteration (empty if it has none). Adam/PPO
-        moment estimates are not in a bundle; they restart from zero."""
+        """Continues training from a bundle of the same task distribution, policy and inner step:
+        the bundle's parameters (and Meta-SGD step sizes), iteration count and wall-clock. The
+        sampling and outer-step settings (:data:`CONTINUATION_FIELDS`, e.g. a larger meta-batch)
+        may differ; the change is recorded in the exported bundle's ``training.continued_from``.
+        Returns the bundle's ``metrics.jsonl`` rows up to that iteration (empty if it has none).
+        Adam/PPO moment estimates are not in a bundle; they restart from zero."""
         bundle = load_bundle(path)
         training = bundle.meta.get("training") or {}
         if "config" not in training:
             raise ValueError(f"bundle {path} has no training configuration to continue from")
-        self._check_same_config(TrainConfig.from_dict(training["config"]), f"bundle {path}")
+        saved = TrainConfig.from_dict(training["config"])
+        self._check_same_config(saved, f"bundle {path}", CONTINUATION_FIELDS)
+        now_d = self.config.to_dict()
+        self.lineage.append(
+            {
+                "bundle": bundle.name,
+                "iterations": int(training.get("iterations", 0)),
+                "changed": {k: v for k, v in saved.to_dict().items() if v != now_d[k]},
+                "earlier": training.get("continued_from", []),
+            }
+        )
         self.policy.set_parameters(bundle.policy.get_parameters())
         if self.config.meta_sgd:
             for s, value in zip(self.step_sizes, bundle.step_sizes, strict=True):
@@ -305,6 +326,7 @@ class MetaTrainer:
             "config": c.to_dict(),
             "iterations": self.iteration,
             "selection": self.selection,
+            **({"continued_from": self.lineage} if self.lineage else {}),
             "wall_clock_seconds": round(self.elapsed, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }

@@ -71,6 +71,22 @@ def test_init_from_bundle_continues_like_the_uninterrupted_run(tiny_run):
 
 
 @pytest.mark.slow
+def test_init_from_bundle_may_change_the_batch_and_records_it(tiny_run, tmp_path):
+    config = tiny_run["trainer"].config
+    bigger = MetaTrainer(config.replace(meta_batch_size=config.meta_batch_size + 1, iterations=3))
+    bigger.init_from_bundle(tiny_run["bundle_2"])
+    bigger.train_iteration()
+    bigger.save_checkpoint(tmp_path / "ckpt")
+    resumed = MetaTrainer(bigger.config)
+    assert resumed.restore_checkpoint(tmp_path / "ckpt")  # the lineage survives a resume
+    training = load_bundle(resumed.export_bundle(tmp_path / "b")).meta["training"]
+    assert training["iterations"] == 3
+    (step,) = training["continued_from"]
+    assert step["iterations"] == 2
+    assert step["changed"] == {"meta_batch_size": config.meta_batch_size, "iterations": 4}
+
+
+@pytest.mark.slow
 def test_init_from_bundle_refuses_another_configuration(tiny_run):
     other = MetaTrainer(tiny_run["trainer"].config.replace(inner_step_size=0.5))
     with pytest.raises(ValueError, match=r"another configuration.*inner_step_size"):
