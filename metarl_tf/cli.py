@@ -63,6 +63,10 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--init-log-std", type=float, help="initial log standard deviation of the policy"
     )
+    p.add_argument(
+        "--gae-lambda", type=float,
+        help="GAE λ of the advantages (inner and outer; 1 = Monte Carlo returns minus baseline)",
+    )  # fmt: skip
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations")
     p.add_argument("--meta-batch-size", type=int, help="tasks per meta-iteration (overrides)")
     p.add_argument("--episodes-per-task", type=int, help="episodes per task (overrides)")
@@ -135,7 +139,7 @@ def _train_config(args):
         "checkpoint_every": args.checkpoint_every, "init_log_std": args.init_log_std,
         "inner_steps": args.inner_steps, "ppo_epochs": args.ppo_epochs, "ppo_clip": args.ppo_clip,
         "outer_learning_rate": args.outer_learning_rate,
-        "algo": args.algo,
+        "algo": args.algo, "gae_lambda": args.gae_lambda,
     }  # fmt: skip
     overrides["meta_batch_size"] = args.meta_batch_size
     overrides["episodes_per_task"] = args.episodes_per_task

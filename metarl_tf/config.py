@@ -78,6 +78,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.outer not in ("trpo", "adam", "ppo"):
             raise ValueError(f"outer must be 'trpo', 'ppo' or 'adam', got {self.outer!r}")
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         if not 0.0 < self.ppo_clip < 1.0:
             raise ValueError(f"ppo_clip must be in (0, 1), got {self.ppo_clip}")
         if self.baseline not in ("linear", "none"):

@@ -147,6 +147,10 @@ def test_config_validation_and_presets():
         TrainConfig(outer="sgd")
     with pytest.raises(ValueError, match="horizon must be >= 1"):
         TrainConfig(horizon=0)
+    with pytest.raises(ValueError, match=r"gae_lambda must be in \[0, 1\]"):
+        TrainConfig(gae_lambda=1.5)
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
+        TrainConfig(gamma=1.01)
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"hidden": [4]})
     c = TrainConfig()
