@@ -1,4 +1,4 @@
-"""``python -m metarl_tf`` / ``metarl-tf``: train | evaluate | export."""
+"""``python -m metarl_tf`` / ``metarl-tf``: train | evaluate | export | plot-training."""
 
 from __future__ import annotations
 
@@ -120,12 +120,27 @@ def _add_export(sub) -> None:
     p.add_argument("--select", choices=["last", "best"], default="last", help="which checkpoint")
 
 
+def _add_plot_training(sub) -> None:
+    p = sub.add_parser(
+        "plot-training",
+        help="PNG of the training curves (pre/post-adaptation return per iteration)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "runs", nargs="+",
+        help="metrics.jsonl files, or run/bundle directories holding one (several: one colour each)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--window", type=int, default=10, help="moving-average window (iterations)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl-tf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_plot_training(sub)
     return parser
 
 
@@ -369,12 +384,32 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_plot_training(args) -> int:
+    from metarl_tf.evaluation import plot_training, read_metrics
+
+    if args.window < 1:
+        print("error: --window must be >= 1", file=sys.stderr)
+        return 2
+    runs = {}
+    for run in args.runs:
+        name = Path(run).parent.name if Path(run).is_file() else Path(run).name
+        runs[name if name not in runs else run] = read_metrics(run)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plot_training(runs, args.out, args.window)
+    for name, rows in runs.items():
+        last = rows[-args.window :]
+        post = sum(r["returns/post_adaptation"] for r in last) / len(last)
+        print(f"{name}: {len(rows)} iterations, last {len(last)}: post-adaptation {post:.2f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export}[args.command](
-            args
-        )
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+                    "plot-training": cmd_plot_training}  # fmt: skip
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # user errors: say what is wrong, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

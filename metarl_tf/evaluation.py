@@ -6,7 +6,9 @@ take one inner step on them, repeat. Index ``k`` of the curve is the return afte
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -333,4 +335,66 @@ def plot_method_trajectories(result: dict[str, Any], path, max_tasks: int = 3) -
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_metrics(path) -> list[dict[str, float]]:
+    """The rows of a run's ``metrics.jsonl`` (a file, or a run/bundle directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl at {path}")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
+        if "iteration" not in row or "returns/post_adaptation" not in row:
+            raise ValueError(f"{path}:{number}: no 'iteration'/'returns/post_adaptation'")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no iterations")
+    return rows
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    values = np.asarray(values, np.float64)
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def plot_training(runs: dict[str, list[dict]], path, window: int = 10) -> None:
+    """Training return per meta-iteration, before (dashed) and after (solid) adaptation: the raw
+    values faint, their trailing ``window``-iteration mean bold; one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, (name, rows) in enumerate(runs.items()):
+        colour = f"C{k}"
+        it = np.array([r["iteration"] for r in rows])
+        for key, style, label in (
+            ("returns/pre_adaptation", "--", "before adaptation"),
+            ("returns/post_adaptation", "-", "after adaptation"),
+        ):
+            values = np.array([r[key] for r in rows])
+            ax.plot(it, values, style, color=colour, alpha=0.2, linewidth=0.8)
+            ax.plot(it, moving_average(values, window), style, color=colour,
+                    label=f"{name}: {label}")  # fmt: skip
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("mean training return")
+    ax.set_title(f"training batches; bold: {window}-iteration moving average", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -150,3 +150,31 @@ def test_unknown_preset_is_a_usage_error(capsys):
         main(["train", "--preset", "nope"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plot_training_writes_a_png_of_the_run(cli_run, tmp_path, capsys):
+    out = tmp_path / "plots" / "training.png"
+    assert main(["plot-training", str(cli_run["run"]), str(cli_run["out"] / "metrics.jsonl"),
+                 "--out", str(out), "--window", "2"]) == 0  # fmt: skip
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "iterations, last 2: post-adaptation" in printed and "wrote" in printed
+
+
+def test_plot_training_names_a_bad_input(tmp_path, capsys):
+    assert main(["plot-training", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"iteration": 1, "returns/post_adaptation": 1.0}\nnot json\n')
+    assert main(["plot-training", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert "metrics.jsonl:2: not a JSON line" in capsys.readouterr().err
+
+
+def test_moving_average_matches_a_loop():
+    from metarl_tf.evaluation import moving_average
+
+    values = np.random.default_rng(0).normal(size=23)
+    for window in (1, 4, 30):
+        expected = [values[max(0, i + 1 - window) : i + 1].mean() for i in range(len(values))]
+        np.testing.assert_allclose(moving_average(values, window), expected, rtol=1e-12)
