@@ -1,4 +1,5 @@
-"""``python -m metarl_tf`` / ``metarl-tf``: train | evaluate | export | plot-training."""
+"""``python -m metarl_tf`` / ``metarl-tf``: train | evaluate | export | plot-training |
+scratch-ppo."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import metarl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
@@ -134,6 +137,23 @@ def _add_plot_training(sub) -> None:
     p.add_argument("--window", type=int, default=10, help="moving-average window (iterations)")
 
 
+def _add_scratch_ppo(sub) -> None:
+    p = sub.add_parser(
+        "scratch-ppo",
+        help="environment steps a TF-Agents PPO agent trained from scratch on each new task needs "
+        "to match the bundle after k inner steps",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bundle", help="bundle directory, e.g. saved_models/nav2d-maml")
+    p.add_argument("--tasks", type=int, default=5, help="new tasks (PPO trains once per task)")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per MAML step and PPO update")
+    p.add_argument("--steps", type=int, default=2, help="MAML inner steps to compare with")
+    p.add_argument("--env-steps", type=int, default=100_000, help="PPO budget per task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tasks (as evaluate's)")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG (return vs. environment steps) here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl-tf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_export(sub)
     _add_plot_training(sub)
+    _add_scratch_ppo(sub)
     return parser
 
 
@@ -404,11 +425,56 @@ def cmd_plot_training(args) -> int:
     return 0
 
 
+def cmd_scratch_ppo(args) -> int:
+    from tqdm import tqdm
+
+    from metarl_tf.bundle import load_bundle
+    from metarl_tf.scratch import PPOConfig, compare_with_bundle, plot_comparison
+
+    if args.tasks < 1 or args.episodes < 1 or args.steps < 1 or args.env_steps < 1:
+        print("error: need --tasks, --episodes, --steps and --env-steps >= 1", file=sys.stderr)
+        return 2
+    bundle = load_bundle(args.bundle)
+    t0 = time.perf_counter()
+    with tqdm(total=args.tasks, unit="task", desc="PPO from scratch", dynamic_ncols=True) as bar:
+        result = compare_with_bundle(
+            bundle, args.tasks, args.episodes, args.steps, args.env_steps, args.seed,
+            PPOConfig(episodes_per_iteration=args.episodes),
+            progress=lambda done, total: bar.update(1),
+        )  # fmt: skip
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    m = result["maml"]
+    print(f"{bundle.name}: {args.tasks} new tasks (seed {args.seed}), {args.episodes} episodes per "
+          f"step/update, PPO budget {args.env_steps} env steps per task ({result['seconds']} s)")  # fmt: skip
+    print(
+        f"{'MAML inner steps':>16} {'return':>9} {'env steps':>10}   PPO from scratch: env steps to match"
+    )
+    for k, row in enumerate(result["steps_to_match_maml"], 1):
+        per_task = row["ppo_env_steps_per_task"]
+        reached = [s for s in per_task if s is not None]
+        text = (f"median {int(np.median(reached))} over {len(reached)}/{len(per_task)} tasks"
+                if reached else "not within the budget on any task")  # fmt: skip
+        print(f"{k:>16} {m['mean_return'][k]:>9.2f} {int(m['env_steps'][k]):>10}   {text}")
+    curve = result["ppo_scratch"]
+    print(
+        f"PPO mean return after {curve['env_steps'][-1]} env steps: {curve['mean_return'][-1]:.2f}"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_comparison(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
-                    "plot-training": cmd_plot_training}  # fmt: skip
+                    "plot-training": cmd_plot_training, "scratch-ppo": cmd_scratch_ppo}  # fmt: skip
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # user errors: say what is wrong, no traceback
         print(f"error: {err}", file=sys.stderr)
