@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -182,6 +184,10 @@ def _train_config(args):
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
@@ -237,6 +243,10 @@ def cmd_train(args) -> int:
     bar = tqdm(total=config.iterations, initial=trainer.iteration, unit="it", disable=args.no_progress,
                dynamic_ncols=True)  # fmt: skip
     interrupted = False
+    # Stop like Ctrl-C on SIGTERM (kill, docker stop, job schedulers), and take SIGINT back from
+    # shells that start background jobs with it ignored.
+    previous = {sig: signal.signal(sig, handler) for sig, handler in (
+        (signal.SIGTERM, _raise_keyboard_interrupt), (signal.SIGINT, signal.default_int_handler))}  # fmt: skip
     try:
         while trainer.iteration < config.iterations:
             m = trainer.train_iteration()
@@ -261,6 +271,8 @@ def cmd_train(args) -> int:
     finally:
         bar.close()
         writer.flush()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     trainer.save_checkpoint(ckpt_dir)
     best_state = run_dir / "best" / "state.json"
     if args.select == "best" and best_state.exists():
@@ -396,11 +408,15 @@ def cmd_export(args) -> int:
     else:
         trainer.restore_checkpoint(run_dir / "checkpoint")
     metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        trainer.history = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-    trainer.export_bundle(
-        args.out, extra_files={"metrics.jsonl": metrics} if metrics.exists() else None
-    )
+    if not metrics.exists():
+        trainer.export_bundle(args.out)
+    else:  # the run may have gone on past its last checkpoint: keep the rows the bundle covers
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        trainer.history = [r for r in rows if r["iteration"] <= trainer.iteration]
+        with tempfile.TemporaryDirectory() as tmp:
+            kept = Path(tmp) / "metrics.jsonl"
+            kept.write_text("".join(json.dumps(r) + "\n" for r in trainer.history))
+            trainer.export_bundle(args.out, extra_files={"metrics.jsonl": kept})
     print(f"bundle written to {args.out} from iteration {trainer.iteration}")
     return 0
 

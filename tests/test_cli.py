@@ -1,6 +1,8 @@
 """``python -m metarl_tf``: train (fresh, refuse to overwrite, resume), evaluate, export."""
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -178,3 +180,40 @@ def test_moving_average_matches_a_loop():
     for window in (1, 4, 30):
         expected = [values[max(0, i + 1 - window) : i + 1].mean() for i in range(len(values))]
         np.testing.assert_allclose(moving_average(values, window), expected, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_a_bundle_like_ctrl_c(tmp_path):
+    out, run = tmp_path / "b", tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarl_tf", "train", "--preset", "tiny", "--iterations", "100000",
+         "--out", str(out), "--run-dir", str(run), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # wait for the first finished iteration
+            if line.startswith("it "):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted: saving a checkpoint and a bundle" in err and "--resume" in err
+    bundle = load_bundle(out)
+    iterations = bundle.meta["training"]["iterations"]
+    assert 1 <= iterations < 100000
+    assert [m["iteration"] for m in read_metrics(run)][-1] == iterations
+
+
+@pytest.mark.slow
+def test_export_keeps_only_the_metrics_its_checkpoint_covers(cli_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run["run"], run)
+    rows = read_metrics(run)
+    extra = {**rows[-1], "iteration": rows[-1]["iteration"] + 1}  # logged after the checkpoint
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(extra) + "\n")
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
+    exported = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in exported] == [m["iteration"] for m in rows]
