@@ -212,6 +212,14 @@ PRESETS.update(
         "halfcheetah-dir": _MUJOCO.replace(task_distribution="halfcheetah-dir"),
         "halfcheetah-vel": _MUJOCO.replace(task_distribution="halfcheetah-vel"),
         "ant-dir": _MUJOCO.replace(task_distribution="ant-dir"),
+        # Baselines of halfcheetah-vel (train --algo pretrain is implied): one policy for all
+        # target velocities, and the oracle that sees the target velocity in its observation.
+        "halfcheetah-vel-pretrain": _MUJOCO.replace(
+            task_distribution="halfcheetah-vel", algo="pretrain"
+        ),
+        "halfcheetah-vel-oracle": _MUJOCO.replace(
+            task_distribution="halfcheetah-vel-oracle", algo="pretrain"
+        ),
         # Meta-World ML1 reach-v3 (optional extra): ML1's training tasks; horizon 150 as in the
         # Meta-World paper's original protocol; 20 tasks x 10 episodes.
         "ml1-reach": _MUJOCO.replace(
