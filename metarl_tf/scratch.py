@@ -113,9 +113,11 @@ class PPOConfig:
 
 
 def train_on_task(
-    gym_id: str, task: dict, env_steps: int, seed: int, config: PPOConfig = PPOConfig()
-) -> dict[str, list[float]]:
-    """Trains a fresh PPO agent on one task for at least ``env_steps`` environment steps.
+    gym_id: str, task: dict, env_steps: int, seed: int, config: PPOConfig = PPOConfig(),
+    horizon: int | None = None,
+) -> dict[str, list[float]]:  # fmt: skip
+    """Trains a fresh PPO agent on one task for at least ``env_steps`` environment steps
+    (episodes of at most ``horizon`` steps; default: the environment's own).
 
     Returns:
         ``{"env_steps": [...], "mean_return": [...]}``: after each update, the cumulative
@@ -126,8 +128,9 @@ def train_on_task(
         raise ValueError(f"env_steps must be >= 1, got {env_steps}")
     n = config.episodes_per_iteration
     tf.random.set_seed(seed)
+    kwargs = {"task": task} if horizon is None else {"task": task, "horizon": horizon}
     envs = [
-        GymnasiumPyEnvironment(gymnasium.make(gym_id, task=task), seed=seed * 1000 + i)
+        GymnasiumPyEnvironment(gymnasium.make(gym_id, **kwargs), seed=seed * 1000 + i)
         for i in range(n)
     ]
     env = tf_py_environment.TFPyEnvironment(
@@ -213,7 +216,7 @@ def steps_to_reach(curve: dict[str, list[float]], level: float, window: int = 3)
 
 def scratch_baseline(
     task_distribution: str, tasks: list[dict], env_steps: int, seed: int,
-    config: PPOConfig = PPOConfig(), progress=None,
+    config: PPOConfig = PPOConfig(), progress=None, horizon: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """:func:`train_on_task` on every task; the curves and their mean over tasks on a common grid
     of environment steps (each task's curve held constant between its updates)."""
@@ -223,7 +226,8 @@ def scratch_baseline(
         )
     curves = []
     for i, task in enumerate(tasks):
-        curves.append(train_on_task(GYM_IDS[task_distribution], task, env_steps, seed + i, config))
+        gym_id = GYM_IDS[task_distribution]
+        curves.append(train_on_task(gym_id, task, env_steps, seed + i, config, horizon))
         if progress is not None:
             progress(i + 1, len(tasks))
     grid = sorted({s for c in curves for s in c["env_steps"]})
@@ -250,7 +254,8 @@ def compare_with_bundle(
     maml = adaptation_curve(bundle, tasks, episodes, steps, seed)
     # env steps MAML consumed per task before its k-th evaluation batch: the k adaptation batches
     used = np.cumsum([0] + [b.num_steps / n_tasks for b in maml["batches"][:-1]])
-    scratch = scratch_baseline(dist_name, tasks, env_steps, seed, config, progress)
+    horizon = bundle.task_distribution.horizon
+    scratch = scratch_baseline(dist_name, tasks, env_steps, seed, config, progress, horizon)
     per_task_maml = np.array(maml["per_task"])  # [steps + 1, tasks]
     reach = []
     for k in range(1, steps + 1):

@@ -217,3 +217,31 @@ def test_export_keeps_only_the_metrics_its_checkpoint_covers(cli_run, tmp_path):
     assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
     exported = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in exported] == [m["iteration"] for m in rows]
+
+
+def test_scratch_ppo_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["scratch-ppo", str(tmp_path), "--env-steps", "0"]) == 2
+    assert "--env-steps >= 1" in capsys.readouterr().err
+    assert main(["scratch-ppo", str(tmp_path / "missing")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_scratch_ppo_compares_a_bundle_with_ppo_on_the_same_tasks(cli_run, tmp_path, capsys):
+    path, plot = tmp_path / "scratch.json", tmp_path / "scratch.png"
+    code = main(
+        ["scratch-ppo", str(cli_run["out"]), "--tasks", "2", "--episodes", "2", "--steps", "1",
+         "--env-steps", "20", "--seed", "3", "--json", str(path), "--plot", str(plot)]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(path.read_text())
+    horizon = load_bundle(cli_run["out"]).task_distribution.horizon
+    assert result["tasks"] == 2 and len(result["maml"]["mean_return"]) == 2
+    for curve in result["ppo_scratch"]["per_task_curves"]:
+        assert curve["env_steps"][-1] >= 20
+        # episodes are as long as the bundle's (its horizon, not the gymnasium default of 100)
+        assert all(-1.5 * horizon <= r <= 0 for r in curve["mean_return"])
+    (row,) = result["steps_to_match_maml"]
+    assert row["inner_steps"] == 1 and len(row["ppo_env_steps_per_task"]) == 2
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "env steps to match" in capsys.readouterr().out
