@@ -266,14 +266,33 @@ def plot_trajectories(result: dict[str, Any], path, max_tasks: int = 4) -> None:
     plt.close(fig)
 
 
-def plot_curve(result: dict[str, Any], path) -> None:
-    """Return vs. number of inner steps, one line per method, shaded 95% CI."""
+def new_axes(figsize=(6.4, 3.8)):
+    """A figure and axes on matplotlib's file-only backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    return plt.subplots(figsize=figsize)
+
+
+def save_axes(fig, ax, path, xlabel: str, ylabel: str, title: str, legend_size=None) -> None:
+    """Labels, legend and light grid; writes the PNG and closes the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(result: dict[str, Any], path) -> None:
+    """Return vs. number of inner steps, one line per method, shaded 95% CI."""
+    fig, ax = new_axes((5.2, 3.8))
     for name, m in result["methods"].items():
         r, c = np.array(m["mean_return"]), np.array(m["ci95"])
         x = np.arange(len(r))
@@ -282,19 +301,10 @@ def plot_curve(result: dict[str, Any], path) -> None:
         ax.plot(x, r, marker="o", label=label)
         ax.fill_between(x, r - c, r + c, alpha=0.2)
     seeds = result.get("seeds", [result.get("seed")])
-    ax.set_title(
-        f"{result.get('tasks')} test tasks x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
-        "mean ± 95% CI",
-        fontsize=9,
-    )
-    ax.set_xlabel("inner gradient steps")
-    ax.set_ylabel("mean return")
     ax.set_xticks(range(len(r)))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = (f"{result.get('tasks')} test tasks x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
+             "mean ± 95% CI")  # fmt: skip
+    save_axes(fig, ax, path, "inner gradient steps", "mean return", title)
 
 
 def plot_method_trajectories(result: dict[str, Any], path, max_tasks: int = 3) -> None:
@@ -373,12 +383,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def plot_training(runs: dict[str, list[dict]], path, window: int = 10) -> None:
     """Training return per meta-iteration, before (dashed) and after (solid) adaptation: the raw
     values faint, their trailing ``window``-iteration mean bold; one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = new_axes()
     for k, (name, rows) in enumerate(runs.items()):
         colour = f"C{k}"
         it = np.array([r["iteration"] for r in rows])
@@ -390,11 +395,5 @@ def plot_training(runs: dict[str, list[dict]], path, window: int = 10) -> None:
             ax.plot(it, values, style, color=colour, alpha=0.2, linewidth=0.8)
             ax.plot(it, moving_average(values, window), style, color=colour,
                     label=f"{name}: {label}")  # fmt: skip
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel("mean training return")
-    ax.set_title(f"training batches; bold: {window}-iteration moving average", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = f"training batches; bold: {window}-iteration moving average"
+    save_axes(fig, ax, path, "meta-iteration", "mean training return", title, legend_size=8)

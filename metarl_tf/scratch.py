@@ -292,12 +292,9 @@ def compare_with_bundle(
 def plot_comparison(result: dict[str, Any], path) -> None:
     """Return vs. environment steps on the new tasks: PPO from scratch (each task faint, mean
     bold) and MAML after 0..k inner steps (points)."""
-    import matplotlib
+    from metarl_tf.evaluation import new_axes, save_axes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = new_axes()
     for c in result["ppo_scratch"]["per_task_curves"]:
         ax.plot(c["env_steps"], c["mean_return"], color="C1", alpha=0.2, linewidth=0.8)
     s = result["ppo_scratch"]
@@ -307,11 +304,5 @@ def plot_comparison(result: dict[str, Any], path) -> None:
     ax.errorbar(x, m["mean_return"], yerr=m["ci95"], color="C0", marker="o", capsize=3,
                 label="MAML: 0, 1, ... inner steps")  # fmt: skip
     ax.set_xscale("log")
-    ax.set_xlabel("environment steps on the new task (log)")
-    ax.set_ylabel("mean return")
-    ax.set_title(f"{result['task_distribution']}: {result['tasks']} new tasks", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = f"{result['task_distribution']}: {result['tasks']} new tasks"
+    save_axes(fig, ax, path, "environment steps on the new task (log)", "mean return", title, 8)
