@@ -4,6 +4,7 @@ actionable ``BundleError`` messages, and a ``policy.keras`` that Keras loads in 
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -189,3 +190,33 @@ def test_missing_bundle_directory_is_refused(tmp_path):
     with pytest.raises(BundleError, match="is not a directory"):
         load_bundle(tmp_path / "nope")
     assert issubclass(BundleError, ValueError)  # the CLI reports ValueErrors without traceback
+
+
+SHIPPED = sorted(
+    p.parent.name
+    for p in (Path(__file__).resolve().parents[1] / "saved_models").glob("*/meta.json")
+)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_bundle_loads_and_says_how_it_was_trained(name):
+    bundle = load_bundle(Path(__file__).resolve().parents[1] / "saved_models" / name)
+    training = bundle.meta["training"]
+    assert training["iterations"] >= 1 and training["wall_clock_seconds"] > 0
+    assert "metrics.jsonl" in bundle.meta["files"]
+    rows = (bundle.path / "metrics.jsonl").read_text().splitlines()
+    # --select best ships an earlier iteration of a longer run; the metrics cover the whole run
+    trained = training.get("selection", {}).get("trained_iterations", training["iterations"])
+    assert json.loads(rows[-1])["iteration"] == trained >= training["iterations"]
+
+
+def test_halfcheetah_vel_baseline_presets_write_where_evaluate_looks():
+    from metarl_tf.config import get_preset
+    from metarl_tf.pretrain import default_bundle_path
+
+    assert str(default_bundle_path(get_preset("halfcheetah-vel-pretrain"))) == (
+        "saved_models/halfcheetah-vel-pretrained"
+    )
+    assert str(default_bundle_path(get_preset("halfcheetah-vel-oracle"))) == (
+        "saved_models/halfcheetah-vel-oracle"
+    )
