@@ -192,7 +192,7 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from metarl_tf.pretrain import default_bundle_path
-    from metarl_tf.trainer import make_trainer
+    from metarl_tf.trainer import make_trainer, read_metrics_rows, write_metrics_rows
 
     config = _train_config(args)
     default_out = (
@@ -218,9 +218,7 @@ def cmd_train(args) -> int:
         print(f"resumed from {ckpt_dir} at iteration {trainer.iteration}")
         # keep metrics of the iterations the checkpoint covers, drop any written after it
         if metrics_path.exists():
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["iteration"] <= trainer.iteration]  # fmt: skip
-            metrics_path.write_text("".join(k + "\n" for k in kept))
+            write_metrics_rows(metrics_path, read_metrics_rows(metrics_path, trainer.iteration))
     elif args.init_from:
         try:
             rows = trainer.init_from_bundle(args.init_from)
@@ -228,7 +226,7 @@ def cmd_train(args) -> int:
             print(f"error: --init-from: {err}", file=sys.stderr)
             return 2
         print(f"continuing {args.init_from} from iteration {trainer.iteration}")
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_metrics_rows(metrics_path, rows)
     elif not args.resume:
         metrics_path.write_text("")
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -388,7 +386,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     from metarl_tf.config import TrainConfig
-    from metarl_tf.trainer import make_trainer
+    from metarl_tf.trainer import make_trainer, read_metrics_rows, write_metrics_rows
 
     run_dir = Path(args.run_dir)
     state = run_dir / "checkpoint" / "state.json"
@@ -411,11 +409,10 @@ def cmd_export(args) -> int:
     if not metrics.exists():
         trainer.export_bundle(args.out)
     else:  # the run may have gone on past its last checkpoint: keep the rows the bundle covers
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-        trainer.history = [r for r in rows if r["iteration"] <= trainer.iteration]
+        trainer.history = read_metrics_rows(metrics, trainer.iteration)
         with tempfile.TemporaryDirectory() as tmp:
             kept = Path(tmp) / "metrics.jsonl"
-            kept.write_text("".join(json.dumps(r) + "\n" for r in trainer.history))
+            write_metrics_rows(kept, trainer.history)
             trainer.export_bundle(args.out, extra_files={"metrics.jsonl": kept})
     print(f"bundle written to {args.out} from iteration {trainer.iteration}")
     return 0

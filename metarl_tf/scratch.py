@@ -173,12 +173,9 @@ def _train(env, envs, env_steps: int, config: PPOConfig) -> dict[str, list[float
     while steps < env_steps:
         collect()
         experience = buffer.gather_all()
-        steps += int(tf.reduce_sum(tf.cast(~experience.is_boundary(), tf.int32)))
-        returns = episode_returns(
-            experience.reward.numpy(),
-            experience.is_boundary().numpy(),
-            experience.is_last().numpy(),
-        )
+        boundary = experience.is_boundary().numpy()
+        steps += int(np.sum(~boundary))
+        returns = episode_returns(experience.reward.numpy(), boundary, experience.is_last().numpy())
         train(experience=experience)
         buffer.clear()
         curve_steps.append(steps)
@@ -207,11 +204,10 @@ def episode_returns(reward, boundary, last) -> np.ndarray:
 def steps_to_reach(curve: dict[str, list[float]], level: float, window: int = 3) -> int | None:
     """First environment-step count at which the trailing ``window``-update mean return reaches
     ``level``; ``None`` if it never does."""
-    returns = np.asarray(curve["mean_return"], np.float64)
-    for k in range(len(returns)):
-        if returns[max(0, k + 1 - window) : k + 1].mean() >= level:
-            return int(curve["env_steps"][k])
-    return None
+    from metarl_tf.evaluation import moving_average
+
+    reached = np.flatnonzero(moving_average(curve["mean_return"], window) >= level)
+    return int(curve["env_steps"][reached[0]]) if len(reached) else None
 
 
 def scratch_baseline(
@@ -224,9 +220,9 @@ def scratch_baseline(
         raise ValueError(
             f"no single-task gymnasium view of {task_distribution!r}; known: {sorted(GYM_IDS)}"
         )
+    gym_id = GYM_IDS[task_distribution]
     curves = []
     for i, task in enumerate(tasks):
-        gym_id = GYM_IDS[task_distribution]
         curves.append(train_on_task(gym_id, task, env_steps, seed + i, config, horizon))
         if progress is not None:
             progress(i + 1, len(tasks))

@@ -40,6 +40,20 @@ CONTINUATION_FIELDS = RUN_FIELDS + (
 )  # fmt: skip
 
 
+def read_metrics_rows(path: str | Path, up_to: int | None = None) -> list[dict[str, float]]:
+    """The rows of a ``metrics.jsonl`` (none if the file is absent), only those of iterations
+    ``<= up_to`` when given (a run may have logged past the checkpoint or bundle it continues)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return rows if up_to is None else [r for r in rows if r["iteration"] <= up_to]
+
+
+def write_metrics_rows(path: str | Path, rows: list[dict]) -> None:
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -303,13 +317,7 @@ class MetaTrainer:
                 s.assign(value)
         self.iteration = int(training.get("iterations", 0))
         self.elapsed = float(training.get("wall_clock_seconds", 0.0))
-        metrics = Path(path) / "metrics.jsonl"
-        rows = (
-            [json.loads(line) for line in metrics.read_text().splitlines() if line]
-            if metrics.is_file()
-            else []
-        )
-        return [r for r in rows if r["iteration"] <= self.iteration]
+        return read_metrics_rows(Path(path) / "metrics.jsonl", up_to=self.iteration)
 
     # -- bundle ------------------------------------------------------------------------------
     def step_size_values(self) -> float | list[np.ndarray]:
