@@ -31,11 +31,36 @@ def _flatten(x, trailing: int):
     return tf.reshape(x, tf.concat([shape[:1], [-1], shape[x.shape.rank - trailing :]], 0))
 
 
+def _with_ones(x):
+    """``[..., n, d] -> [..., n, d + 1]``: a constant-1 feature, so one matmul applies a layer's
+    kernel and bias (``[x, 1] [[W], [b]]``) and one gives both their gradients."""
+    return tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)
+
+
+def _stack_bias(kernel, bias):
+    """``[tasks, in, out]``, ``[tasks, out]`` -> ``[tasks, in + 1, out]``."""
+    return tf.concat([kernel, bias[:, None, :]], axis=1)
+
+
+def _split_bias(grad):
+    """Inverse of :func:`_stack_bias` for gradients: ``(kernel part, bias part)``."""
+    return grad[:, :-1, :], grad[:, -1, :]
+
+
+# Narrow layers (e.g. the policy head, 2 outputs) take their two backward products as one matmul
+# of concatenated operands; for wide ones the concatenation would copy more than it saves.
+_CONCAT_MAX_WIDTH = 16
+
+
 class _MLP:
     """Cached forward pass of the network at per-task ``params`` on ``x [tasks, n, obs]``.
 
     ``has_log_std``: the last parameter is the Gaussian's ``log_std`` (not a layer). ``output``
     is the network's output: the Gaussian mean, or the categorical logits.
+
+    The products below are memory-bound on ``[tasks, n, width]`` activations (an elementwise pass
+    costs about as much as a 64x64 matmul here), so they fold biases into matmuls through a
+    cached constant-1 input feature and precompute what does not depend on the direction.
     """
 
     def __init__(self, params, x, activation: str, has_log_std: bool = True):
@@ -48,19 +73,20 @@ class _MLP:
         else:
             layers, self.log_std = list(params), None
         self.kernels, self.biases = layers[0::2], layers[1::2]
-        self.inputs = [x]  # h_0 .. h_{L-1}: the input of every layer
+        self.inputs = [_with_ones(x)]  # [h_l, 1] for every layer input h_0 .. h_{L-1}
+        self.hidden = []  # h_1 .. h_{L-1}
         self.dact = []  # act'(z_l) of every hidden layer
-        h = x
         for kernel, bias in zip(self.kernels[:-1], self.biases[:-1], strict=True):
-            z = tf.matmul(h, kernel) + bias[:, None, :]
+            z = tf.matmul(self.inputs[-1], _stack_bias(kernel, bias))
             if activation == "tanh":
                 h = tf.tanh(z)
                 self.dact.append(1.0 - tf.square(h))
             else:
                 h = tf.nn.relu(z)
                 self.dact.append(tf.cast(z > 0, z.dtype))
-            self.inputs.append(h)
-        self.output = tf.matmul(h, self.kernels[-1]) + self.biases[-1][:, None, :]
+            self.hidden.append(h)
+            self.inputs.append(_with_ones(h))
+        self.output = tf.matmul(self.inputs[-1], _stack_bias(self.kernels[-1], self.biases[-1]))
         if has_log_std:
             self.inv_var = tf.exp(-2.0 * self.log_std)[:, None, :]  # [tasks, 1, A]
 
@@ -71,13 +97,17 @@ class _MLP:
         v_kernels, v_biases = layers[0::2], layers[1::2]
         r_inputs = [None]  # R(h_0) = 0: observations do not depend on θ
         r_h = None
+        last = len(self.kernels) - 1
         for i in range(len(self.kernels)):
-            r_z = tf.matmul(self.inputs[i], v_kernels[i]) + v_biases[i][:, None, :]
-            if r_h is not None:
+            r_z = tf.matmul(self.inputs[i], _stack_bias(v_kernels[i], v_biases[i]))
+            if r_h is None:
+                r_h = self.dact[i] * r_z if i < last else None
+            elif i < last:
+                r_h = (r_z + tf.matmul(r_h, self.kernels[i])) * self.dact[i]
+            else:
                 r_z += tf.matmul(r_h, self.kernels[i])
-            if i == len(self.kernels) - 1:
+            if i == last:
                 return r_inputs, r_z
-            r_h = self.dact[i] * r_z
             r_inputs.append(r_h)
         raise AssertionError("unreachable")
 
@@ -88,9 +118,7 @@ class _MLP:
         delta = d_output
         for i in reversed(range(len(self.kernels))):
             deltas.append(delta)
-            grads.append(
-                (tf.matmul(self.inputs[i], delta, transpose_a=True), tf.reduce_sum(delta, 1))
-            )
+            grads.append(_split_bias(tf.matmul(self.inputs[i], delta, transpose_a=True)))
             if i > 0:
                 delta_h = tf.matmul(delta, self.kernels[i], transpose_b=True)
                 delta_hs.append(delta_h)
@@ -99,22 +127,44 @@ class _MLP:
                 delta_hs.append(None)
         return grads[::-1], deltas[::-1], delta_hs[::-1]
 
-    def r_backward(self, r_delta, r_inputs, deltas, delta_hs, v_kernels):
-        """R-operator of :meth:`backward`: given ``R(∂L/∂output)`` and the cached ``δ`` of the
-        loss's backward pass, the Hessian-vector product's kernel and bias parts (flat list)."""
+    def activation_cross_terms(self, delta_hs):
+        """``δ_h ⊙ ∂act'(z)/∂h`` per hidden layer, the direction-independent factor of
+        ``δ_h ⊙ R(act'(z))`` in R-backward (tanh: ``−2 h δ_h``; ReLU: none, act'' = 0)."""
+        if self.activation != "tanh":
+            return [None] * len(self.kernels)
+        return [None] + [-2.0 * h * d for h, d in zip(self.hidden, delta_hs[1:], strict=True)]
+
+    def r_backward(self, r_delta, r_inputs, deltas, cross_terms, v_kernels):
+        """R-operator of :meth:`backward`: given ``R(∂L/∂output)``, the cached ``δ`` of the
+        loss's backward pass and its :meth:`activation_cross_terms`, the Hessian-vector product's
+        kernel and bias parts (flat list)."""
         out = []
         for i in reversed(range(len(self.kernels))):
             delta = deltas[i]
-            g_kernel = tf.matmul(self.inputs[i], r_delta, transpose_a=True)
+            g_kernel, g_bias = _split_bias(tf.matmul(self.inputs[i], r_delta, transpose_a=True))
             if r_inputs[i] is not None:
                 g_kernel += tf.matmul(r_inputs[i], delta, transpose_a=True)
-            out.append((g_kernel, tf.reduce_sum(r_delta, 1)))
-            if i > 0:
-                r_delta_h = tf.matmul(r_delta, self.kernels[i], transpose_b=True) + tf.matmul(
-                    delta, v_kernels[i], transpose_b=True
+            out.append((g_kernel, g_bias))
+            if i == 0:
+                continue
+            # R(δ_h) = R(δ) Wᵀ + δ Vᵀ; R(δ_{z, i-1}) = R(δ_h) ⊙ act' + cross ⊙ R(h_i).
+            dact, cross = self.dact[i - 1], cross_terms[i]
+            if delta.shape[-1] is not None and delta.shape[-1] <= _CONCAT_MAX_WIDTH:
+                r_delta_h = tf.matmul(
+                    tf.concat([r_delta, delta], -1),
+                    tf.concat([self.kernels[i], v_kernels[i]], -1),
+                    transpose_b=True,
                 )
-                r_dact = -2.0 * self.inputs[i] * r_inputs[i] if self.activation == "tanh" else 0.0
-                r_delta = r_delta_h * self.dact[i - 1] + delta_hs[i] * r_dact
+                if cross is None:
+                    r_delta = r_delta_h * dact
+                else:
+                    r_delta = r_delta_h * dact + cross * r_inputs[i]
+            else:
+                r_delta_h = tf.matmul(r_delta, self.kernels[i], transpose_b=True)
+                r_delta_h += tf.matmul(delta, v_kernels[i], transpose_b=True)
+                r_delta = r_delta_h * dact
+                if cross is not None:
+                    r_delta += cross * r_inputs[i]
         return _flat_list(out[::-1])
 
 
@@ -144,7 +194,8 @@ class InnerLossHessian:
         self.residual = a - net.output  # r = a − μ
         # ∂L/∂μ = −w r / σ²
         d_mean = -self.weight * self.residual * net.inv_var
-        _, self.deltas, self.delta_hs = net.backward(d_mean)
+        _, self.deltas, delta_hs = net.backward(d_mean)
+        self.cross_terms = net.activation_cross_terms(delta_hs)
 
     def __call__(self, v):
         net, w, r = self.net, self.weight, self.residual
@@ -153,7 +204,7 @@ class InnerLossHessian:
         # R(∂L/∂μ) = w/σ² (R(μ) + 2 r v_ls);  R(∂L/∂log σ) = 2 Σ_n w/σ² r (R(μ) + r v_ls)
         r_delta = w * net.inv_var * (r_mean + 2.0 * r * v_log_std)
         g_log_std = 2.0 * tf.reduce_sum(w * net.inv_var * r * (r_mean + r * v_log_std), axis=1)
-        grads = net.r_backward(r_delta, r_inputs, self.deltas, self.delta_hs, v[:-1][0::2])
+        grads = net.r_backward(r_delta, r_inputs, self.deltas, self.cross_terms, v[:-1][0::2])
         return [*grads, g_log_std]
 
 
@@ -214,13 +265,14 @@ class CategoricalInnerLossHessian:
         self.weight = (mask * adv / tf.reduce_sum(mask, axis=1, keepdims=True))[..., None]
         self.probs = tf.nn.softmax(net.output)
         one_hot = tf.one_hot(tf.cast(tf.round(a[..., 0]), tf.int32), net.output.shape[-1])
-        _, self.deltas, self.delta_hs = net.backward(self.weight * (self.probs - one_hot))
+        _, self.deltas, delta_hs = net.backward(self.weight * (self.probs - one_hot))
+        self.cross_terms = net.activation_cross_terms(delta_hs)
 
     def __call__(self, v):
         net = self.net
         r_inputs, r_logits = net.r_forward(v)
         r_delta = self.weight * _softmax_jvp(self.probs, r_logits)
-        return net.r_backward(r_delta, r_inputs, self.deltas, self.delta_hs, v[0::2])
+        return net.r_backward(r_delta, r_inputs, self.deltas, self.cross_terms, v[0::2])
 
 
 class CategoricalFisher:

@@ -58,6 +58,34 @@ def test_conjugate_gradient_stops_at_tolerance_and_respects_iterations():
     np.testing.assert_allclose(x1[0].numpy(), (b @ b) / (b @ a @ b) * b, rtol=1e-10)
 
 
+@pytest.mark.parametrize("iterations", [1, 3, 7])
+def test_conjugate_gradient_quadratic_form_equals_explicit_product(iterations):
+    # TRPO's step length uses xᵀAx; CG returns it from its residual instead of one more product.
+    a, b = random_spd(7, seed=2)
+    a_t = tf.constant(a)
+    calls = []
+
+    def matvec(parts):
+        calls.append(1)
+        return [tf.linalg.matvec(a_t, parts[0])]
+
+    x, quad = conjugate_gradient(
+        matvec, [tf.constant(b)], iterations=iterations, tolerance=0.0, return_quadratic=True
+    )
+    x = x[0].numpy()
+    np.testing.assert_allclose(quad.numpy(), x @ a @ x, rtol=1e-9)
+    assert len(calls) == iterations  # no extra product for the quadratic form
+    # float32, as in training: still within float rounding of the explicit product
+    x32, quad32 = conjugate_gradient(
+        lambda p: [tf.linalg.matvec(tf.constant(a, tf.float32), p[0])],
+        [tf.constant(b, tf.float32)],
+        iterations=iterations,
+        return_quadratic=True,
+    )
+    x32 = x32[0].numpy().astype(np.float64)
+    np.testing.assert_allclose(quad32.numpy(), x32 @ a @ x32, rtol=1e-4)
+
+
 # -- the trust-region curvature ---------------------------------------------------------------
 
 

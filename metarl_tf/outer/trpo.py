@@ -33,10 +33,16 @@ def _dot(a, b):
     return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b, strict=True)])
 
 
-def conjugate_gradient(matvec, b, iterations: int = 10, tolerance: float = 1e-10):
+def conjugate_gradient(
+    matvec, b, iterations: int = 10, tolerance: float = 1e-10, return_quadratic: bool = False
+):
     """Solves ``A x = b`` for symmetric positive-definite ``A`` given as ``matvec``.
 
     ``b`` and ``x`` are lists of tensors. Stops early when ``rᵀr < tolerance``.
+
+    ``return_quadratic``: also return ``xᵀ A x``, computed from CG's residual ``r = b − A x`` as
+    ``xᵀ (b − r)``: TRPO's step length needs it, and this saves the extra ``A x`` product
+    (identical in exact arithmetic; the residual is updated by the products CG already made).
     """
     x = [tf.zeros_like(t) for t in b]
     r = list(b)
@@ -55,7 +61,9 @@ def conjugate_gradient(matvec, b, iterations: int = 10, tolerance: float = 1e-10
         p = [ri + (new_rdotr / rdotr) * pi for ri, pi in zip(r, p, strict=True)]
         return i + 1, x, r, p, new_rdotr
 
-    _, x, _, _, _ = tf.while_loop(cond, body, [tf.constant(0), x, r, p, rdotr])
+    _, x, r, _, _ = tf.while_loop(cond, body, [tf.constant(0), x, r, p, rdotr])
+    if return_quadratic:
+        return x, _dot(x, [bi - ri for bi, ri in zip(b, r, strict=True)])
     return x
 
 
@@ -177,8 +185,9 @@ def trpo_meta_step(
         )
         return [h + cg_damping * vi for h, vi in zip(h_theta + (h_alpha or []), v, strict=True)]
 
-    direction = conjugate_gradient(hvp, grads, cg_iterations)
-    shs = 0.5 * _dot(direction, hvp(direction))
+    # sᵀ(H + damping) s from CG's residual, not an 11th product (see conjugate_gradient).
+    direction, s_h_s = conjugate_gradient(hvp, grads, cg_iterations, return_quadratic=True)
+    shs = 0.5 * s_h_s
     lagrange = tf.sqrt(tf.maximum(shs, 1e-12) / max_kl)
     full_step = [d / lagrange for d in direction]
     if stop_after == "direction":
