@@ -136,6 +136,19 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d-metasgd-lowstd": TrainConfig(meta_sgd=True, init_log_std=-1.6, inner_step_size=0.05),
     # The MAML paper's own policy network for the RL experiments: two hidden layers of 100 ReLUs.
     "nav2d-paper-net": TrainConfig(hidden_sizes=(100, 100), activation="relu"),
+    # The paper's reference code (cbfinn/maml_rl, maml_examples/maml_trpo_point.py): rllab's
+    # `normalize` wrapper maps policy actions in [-1, 1] to velocities 0.1 * a (action_scale 0.1),
+    # 2x100 ReLU, inner step 0.5, 40 tasks x 20 episodes, TRPO max KL 0.01, 100 iterations.
+    "nav2d-paper": TrainConfig(
+        task_kwargs={"action_scale": 0.1},
+        hidden_sizes=(100, 100),
+        activation="relu",
+        inner_step_size=0.5,
+        meta_batch_size=40,
+        iterations=100,
+    ),
+    # `nav2d` (20 tasks, 2x64 tanh) with the reference code's normalized actions and step 0.5.
+    "nav2d-normalized": TrainConfig(task_kwargs={"action_scale": 0.1}, inner_step_size=0.5),
     # First-order MAML.
     "nav2d-fo": TrainConfig(first_order=True),
     # `nav2d` with ProMP's outer step: 5 Adam epochs on the PPO-clipped surrogate (ε 0.2) of the

@@ -144,6 +144,28 @@ def test_specs_and_registry():
         make_task_distribution("nope")
 
 
+def test_action_scale_maps_normalized_actions_to_velocities():
+    # rllab's normalize wrapper of the paper's reference code: velocity = clip(0.1 * a, ±0.1)
+    dist = make_task_distribution("nav2d", action_scale=0.1)
+    np.testing.assert_allclose(dist.action_spec.minimum, -1.0)
+    np.testing.assert_allclose(dist.action_spec.maximum, 1.0)
+    assert dist.config()["action_scale"] == 0.1
+    assert Navigation2D(**dist.config()).config() == dist.config()
+    assert "action_scale" not in Navigation2D().config()  # older bundles' configs unchanged
+    env = dist.make_batched_env([{"goal": [0.4, 0.4]}], 2)
+    env.reset()
+    ts = env.step(np.array([[0.5, -3.0], [-1.0, 0.2]], np.float32))
+    np.testing.assert_allclose(ts.observation, [[0.05, -0.1], [-0.1, 0.02]], atol=1e-7)
+    check_task_distribution(dist)
+    env = gymnasium.make("metarl_tf/Navigation2D-v0", task={"goal": [0.3, 0.0]}, action_scale=0.1)
+    env.reset(seed=0)
+    obs, *_ = env.step(np.array([0.5, 2.0], np.float32))
+    np.testing.assert_allclose(obs, [0.05, 0.1], atol=1e-7)
+    assert env.action_space.high.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="action_scale must be a positive number"):
+        Navigation2D(action_scale=0.0)
+
+
 def test_check_task_distribution_accepts_navigation2d():
     check_task_distribution(Navigation2D())
 

@@ -3,6 +3,11 @@
 A point starts at the origin and moves by its (clipped) velocity action; the reward is minus the
 Euclidean distance to the task's goal *after* the move. Goals are uniform in ``[-0.5, 0.5]^2``.
 An episode ends when the point is within 0.01 of the goal, or after ``horizon`` steps (100).
+
+``action_scale`` multiplies the action before the clip: the paper's reference code (cbfinn/maml_rl,
+``maml_examples/maml_trpo_point.py``) wraps the point env in rllab's ``normalize``, which maps a
+policy action in ``[-1, 1]`` to the velocity ``0.1 * a`` (clipped to ``[-0.1, 0.1]``), i.e.
+``action_scale=0.1``. The default ``1.0`` is pytorch-maml-rl's: the action is the velocity.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ GOAL_RADIUS = 0.01  # success distance
 GOAL_LOW, GOAL_HIGH = -0.5, 0.5
 
 
+def _check_action_scale(action_scale: float) -> float:
+    action_scale = float(action_scale)
+    if not (np.isfinite(action_scale) and action_scale > 0):
+        raise ValueError(f"action_scale must be a positive number, got {action_scale}")
+    return action_scale
+
+
 class Navigation2DBatch(BatchedEnv):
     """``len(goals)`` point robots stepped together; ``goals`` is ``[num_envs, 2]``.
 
@@ -26,11 +38,18 @@ class Navigation2DBatch(BatchedEnv):
     samplers mask those steps out anyway.
     """
 
-    def __init__(self, goals: np.ndarray, horizon: int, include_goal: bool = False):
+    def __init__(
+        self,
+        goals: np.ndarray,
+        horizon: int,
+        include_goal: bool = False,
+        action_scale: float = 1.0,
+    ):
         self.goals = np.asarray(goals, dtype=np.float32).reshape(-1, 2)
         self.num_envs = len(self.goals)
         self.horizon = horizon
         self.include_goal = include_goal
+        self.action_scale = np.float32(action_scale)
         self.reset()
 
     def _observation(self) -> np.ndarray:
@@ -45,7 +64,8 @@ class Navigation2DBatch(BatchedEnv):
         return self._observation()
 
     def step(self, actions: np.ndarray) -> TimeStep:
-        velocity = np.clip(np.asarray(actions, dtype=np.float32), -MAX_SPEED, MAX_SPEED)
+        velocity = np.asarray(actions, dtype=np.float32) * self.action_scale
+        velocity = np.clip(velocity, -MAX_SPEED, MAX_SPEED)
         active = ~self.done
         self.position = np.where(active[:, None], self.position + velocity, self.position)
         distance = np.linalg.norm(self.position - self.goals, axis=1)
@@ -61,16 +81,22 @@ class Navigation2D(TaskDistribution):
     Args:
         horizon: maximum episode length (the paper uses 100).
         include_goal: append the goal to the observation (the *oracle* variant).
+        action_scale: velocity = clip(action_scale * action, ±0.1); 0.1 = the paper's reference
+            code (actions normalized to [-1, 1]), 1.0 = pytorch-maml-rl's.
     """
 
     name = "nav2d"
 
-    def __init__(self, horizon: int = 100, include_goal: bool = False):
+    def __init__(self, horizon: int = 100, include_goal: bool = False, action_scale: float = 1.0):
         self.horizon = int(horizon)
         self.include_goal = bool(include_goal)
+        self.action_scale = _check_action_scale(action_scale)
 
     def config(self) -> dict[str, Any]:
-        return {"horizon": self.horizon, "include_goal": self.include_goal}
+        config = {"horizon": self.horizon, "include_goal": self.include_goal}
+        if self.action_scale != 1.0:  # bundles written before the option keep their config
+            config["action_scale"] = self.action_scale
+        return config
 
     @property
     def observation_spec(self):
@@ -83,8 +109,9 @@ class Navigation2D(TaskDistribution):
     def action_spec(self):
         from tf_agents.specs import tensor_spec
 
+        bound = MAX_SPEED / self.action_scale
         return tensor_spec.BoundedTensorSpec(
-            (2,), np.float32, minimum=-MAX_SPEED, maximum=MAX_SPEED, name="action"
+            (2,), np.float32, minimum=-bound, maximum=bound, name="action"
         )
 
     def sample_tasks(self, n: int, seed: int | None) -> list[Task]:
@@ -94,7 +121,7 @@ class Navigation2D(TaskDistribution):
 
     def make_batched_env(self, tasks: list[Task], episodes_per_task: int) -> Navigation2DBatch:
         goals = np.repeat(np.array([t["goal"] for t in tasks], np.float32), episodes_per_task, 0)
-        return Navigation2DBatch(goals, self.horizon, self.include_goal)
+        return Navigation2DBatch(goals, self.horizon, self.include_goal, self.action_scale)
 
 
 class Navigation2DEnv(gymnasium.Env):
@@ -103,11 +130,13 @@ class Navigation2DEnv(gymnasium.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, task: Task | None = None, horizon: int = 100):
+    def __init__(self, task: Task | None = None, horizon: int = 100, action_scale: float = 1.0):
         self.task = task
         self.horizon = horizon
+        self.action_scale = _check_action_scale(action_scale)
+        bound = MAX_SPEED / self.action_scale
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-        self.action_space = gymnasium.spaces.Box(-MAX_SPEED, MAX_SPEED, (2,), np.float32)
+        self.action_space = gymnasium.spaces.Box(-bound, bound, (2,), np.float32)
         self._batch: Navigation2DBatch | None = None
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -115,7 +144,9 @@ class Navigation2DEnv(gymnasium.Env):
         task = self.task
         if task is None:
             task = Navigation2D().sample_tasks(1, int(self.np_random.integers(2**31)))[0]
-        self._batch = Navigation2DBatch(np.array([task["goal"]]), self.horizon)
+        self._batch = Navigation2DBatch(
+            np.array([task["goal"]]), self.horizon, action_scale=self.action_scale
+        )
         return self._batch.reset()[0], {"task": task}
 
     def step(self, action):
