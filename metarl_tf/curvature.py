@@ -6,7 +6,8 @@ product; here they are computed once per point and every product only runs the R
 passes (Pearlmutter, 1994): directional derivatives of the forward and backward recursions.
 
 - :class:`InnerLossHessian` — ``∇²L(θ) v`` of the inner policy-gradient loss
-  ``L = −Σ mask·Â·log N(a; μ_θ(s), σ²) / Σ mask`` of every task.
+  ``L = −Σ mask·Â·log N(a; μ_θ(s), σ²) / Σ mask`` of every task (and ``L``, ``∇L`` themselves,
+  from the same cached passes).
 - :class:`GaussianFisher` — ``F u`` of the mean-over-tasks KL of the policy at its own point
   (``diag(1/σ²)`` on the mean, 2 on ``log σ``).
 
@@ -22,6 +23,8 @@ checks that. Parameters are per task (``[tasks, *shape]``), in the policy's para
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 
@@ -35,6 +38,11 @@ def _with_ones(x):
     """``[..., n, d] -> [..., n, d + 1]``: a constant-1 feature, so one matmul applies a layer's
     kernel and bias (``[x, 1] [[W], [b]]``) and one gives both their gradients."""
     return tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)
+
+
+def _transpose(x):
+    """``[tasks, n, d] -> [tasks, d, n]``."""
+    return tf.transpose(x, [0, 2, 1])
 
 
 def _stack_bias(kernel, bias):
@@ -87,6 +95,10 @@ class _MLP:
             self.hidden.append(h)
             self.inputs.append(_with_ones(h))
         self.output = tf.matmul(self.inputs[-1], _stack_bias(self.kernels[-1], self.biases[-1]))
+        # [tasks, d + 1, n] copies: gradients contract over the samples, and a plain matmul with
+        # the samples as inner dimension runs faster than a transposed one here (0.6 vs 0.9 ms
+        # for a 2-wide output, 1.4 vs 1.6 ms for 64).
+        self.inputs_t = [_transpose(h) for h in self.inputs]
         if has_log_std:
             self.inv_var = tf.exp(-2.0 * self.log_std)[:, None, :]  # [tasks, 1, A]
 
@@ -118,7 +130,7 @@ class _MLP:
         delta = d_output
         for i in reversed(range(len(self.kernels))):
             deltas.append(delta)
-            grads.append(_split_bias(tf.matmul(self.inputs[i], delta, transpose_a=True)))
+            grads.append(_split_bias(tf.matmul(self.inputs_t[i], delta)))
             if i > 0:
                 delta_h = tf.matmul(delta, self.kernels[i], transpose_b=True)
                 delta_hs.append(delta_h)
@@ -134,16 +146,17 @@ class _MLP:
             return [None] * len(self.kernels)
         return [None] + [-2.0 * h * d for h, d in zip(self.hidden, delta_hs[1:], strict=True)]
 
-    def r_backward(self, r_delta, r_inputs, deltas, cross_terms, v_kernels):
+    def r_backward(self, r_delta, r_inputs, deltas, deltas_t, cross_terms, v_kernels):
         """R-operator of :meth:`backward`: given ``R(∂L/∂output)``, the cached ``δ`` of the
-        loss's backward pass and its :meth:`activation_cross_terms`, the Hessian-vector product's
-        kernel and bias parts (flat list)."""
+        loss's backward pass (and their transposes ``deltas_t``) and its
+        :meth:`activation_cross_terms`, the Hessian-vector product's kernel and bias parts (flat
+        list)."""
         out = []
         for i in reversed(range(len(self.kernels))):
             delta = deltas[i]
-            g_kernel, g_bias = _split_bias(tf.matmul(self.inputs[i], r_delta, transpose_a=True))
-            if r_inputs[i] is not None:
-                g_kernel += tf.matmul(r_inputs[i], delta, transpose_a=True)
+            g_kernel, g_bias = _split_bias(tf.matmul(self.inputs_t[i], r_delta))
+            if r_inputs[i] is not None:  # R(h)ᵀ δ = (δᵀ R(h))ᵀ, the big operand untransposed
+                g_kernel += _transpose(tf.matmul(deltas_t[i], r_inputs[i]))
             out.append((g_kernel, g_bias))
             if i == 0:
                 continue
@@ -194,7 +207,17 @@ class InnerLossHessian:
         self.residual = a - net.output  # r = a − μ
         # ∂L/∂μ = −w r / σ²
         d_mean = -self.weight * self.residual * net.inv_var
-        _, self.deltas, delta_hs = net.backward(d_mean)
+        grads, self.deltas, delta_hs = net.backward(d_mean)
+        # The loss and its gradient come with the cached passes (metarl_tf.maml.adapt's
+        # ``gradients`` hook): L = −Σ w log N, ∂L/∂log σ = −Σ w (r²/σ² − 1).
+        scaled_sq = tf.square(self.residual) * net.inv_var
+        log_prob = tf.reduce_sum(
+            -0.5 * scaled_sq - net.log_std[:, None, :] - 0.5 * math.log(2.0 * math.pi), axis=-1
+        )
+        self.loss = -tf.reduce_sum(self.weight[..., 0] * log_prob, axis=1)
+        g_log_std = -tf.reduce_sum(self.weight * (scaled_sq - 1.0), axis=1)
+        self.gradient = [*_flat_list(grads), g_log_std]
+        self.deltas_t = [_transpose(d) for d in self.deltas]
         self.cross_terms = net.activation_cross_terms(delta_hs)
 
     def __call__(self, v):
@@ -204,7 +227,9 @@ class InnerLossHessian:
         # R(∂L/∂μ) = w/σ² (R(μ) + 2 r v_ls);  R(∂L/∂log σ) = 2 Σ_n w/σ² r (R(μ) + r v_ls)
         r_delta = w * net.inv_var * (r_mean + 2.0 * r * v_log_std)
         g_log_std = 2.0 * tf.reduce_sum(w * net.inv_var * r * (r_mean + r * v_log_std), axis=1)
-        grads = net.r_backward(r_delta, r_inputs, self.deltas, self.cross_terms, v[:-1][0::2])
+        grads = net.r_backward(
+            r_delta, r_inputs, self.deltas, self.deltas_t, self.cross_terms, v[:-1][0::2]
+        )
         return [*grads, g_log_std]
 
 
@@ -265,14 +290,21 @@ class CategoricalInnerLossHessian:
         self.weight = (mask * adv / tf.reduce_sum(mask, axis=1, keepdims=True))[..., None]
         self.probs = tf.nn.softmax(net.output)
         one_hot = tf.one_hot(tf.cast(tf.round(a[..., 0]), tf.int32), net.output.shape[-1])
-        _, self.deltas, delta_hs = net.backward(self.weight * (self.probs - one_hot))
+        grads, self.deltas, delta_hs = net.backward(self.weight * (self.probs - one_hot))
+        # As InnerLossHessian: the loss and its gradient from the cached passes.
+        log_prob = tf.reduce_sum(one_hot * tf.nn.log_softmax(net.output), axis=-1)
+        self.loss = -tf.reduce_sum(self.weight[..., 0] * log_prob, axis=1)
+        self.gradient = _flat_list(grads)
+        self.deltas_t = [_transpose(d) for d in self.deltas]
         self.cross_terms = net.activation_cross_terms(delta_hs)
 
     def __call__(self, v):
         net = self.net
         r_inputs, r_logits = net.r_forward(v)
         r_delta = self.weight * _softmax_jvp(self.probs, r_logits)
-        return net.r_backward(r_delta, r_inputs, self.deltas, self.cross_terms, v[0::2])
+        return net.r_backward(
+            r_delta, r_inputs, self.deltas, self.deltas_t, self.cross_terms, v[0::2]
+        )
 
 
 class CategoricalFisher:

@@ -119,6 +119,7 @@ def adapt(
     advantages,
     steps: int | None = None,
     first_order: bool = False,
+    gradients=None,
 ) -> AdaptResult:
     """``steps`` inner gradient steps ``θ_j = θ_{j−1} − α ⊙ ∇L(θ_{j−1}; D^j)`` for every task.
 
@@ -135,6 +136,9 @@ def adapt(
             or a sequence, one per step.
         steps: number of inner steps; default 1 for one batch, the number of batches otherwise.
         first_order: drop the second-order terms (FOMAML).
+        gradients: ``(params, episodes, advantages) -> (losses [tasks], grads)`` computing the
+            inner loss and its gradient; default :func:`inner_gradients` (autodiff). TRPO passes
+            the analytic one of :mod:`metarl_tf.curvature`, which it needs at the same points.
     """
     episodes, advantages = per_step_batches(episodes, advantages, steps)
     tasks = episodes[0].mask.shape[0]
@@ -143,7 +147,10 @@ def adapt(
         params = tile_parameters(params, tasks)
     losses, trace = [], []
     for batch, adv in zip(episodes, advantages, strict=True):
-        loss, grads = inner_gradients(policy, params, batch, adv)
+        if gradients is None:
+            loss, grads = inner_gradients(policy, params, batch, adv)
+        else:
+            loss, grads = gradients(params, batch, adv)
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]
         trace.append((params, grads))

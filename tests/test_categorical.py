@@ -17,7 +17,7 @@ from metarl_tf.curvature import (
     analytic_curvature_for,
 )
 from metarl_tf.envs import BernoulliBandit, CartPoleVaried, Navigation2D
-from metarl_tf.maml import Adapter, adapt, inner_hvp, policy_gradient_loss
+from metarl_tf.maml import Adapter, adapt, inner_gradients, inner_hvp, policy_gradient_loss
 from metarl_tf.outer import MetaBatch, mean_kl, trpo_meta_step
 from metarl_tf.outer.trpo import fisher_vector_product
 from metarl_tf.policy import (
@@ -220,6 +220,11 @@ def test_categorical_inner_loss_hessian_matches_autodiff(setup):
     expected = hessian_vector_product(total_loss, params, v)
     assert_close(CategoricalInnerLossHessian(params, episodes, adv, policy.activation)(v), expected)
     assert_close(inner_hvp(policy, params, episodes, adv, v), expected)
+    # and the loss and gradient the inner steps of TRPO take from it
+    losses, grads = inner_gradients(policy, params, episodes, adv)
+    h = CategoricalInnerLossHessian(params, episodes, adv, policy.activation)
+    np.testing.assert_allclose(h.loss.numpy(), losses.numpy(), rtol=1e-5, atol=1e-6)
+    assert_close(h.gradient, grads, rtol=1e-5)
 
 
 def test_categorical_fisher_matches_autodiff_kl_hessian(setup):

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from metarl_tf.curvature import GaussianFisher, InnerLossHessian
-from metarl_tf.maml import inner_hvp, policy_gradient_loss
+from metarl_tf.maml import inner_gradients, inner_hvp, policy_gradient_loss
 from metarl_tf.outer.trpo import fisher_vector_product
 from metarl_tf.policy import gaussian_kl
 
@@ -56,6 +56,15 @@ def test_inner_loss_hessian_matches_autodiff(per_task_setup):
     expected = hessian_vector_product(total_loss, params, v)
     assert_close(InnerLossHessian(params, episodes, adv, policy.activation)(v), expected)
     assert_close(inner_hvp(policy, params, episodes, adv, v), expected)
+
+
+def test_inner_loss_hessian_gives_the_loss_and_gradient_of_autodiff(per_task_setup):
+    # TRPO's inner steps take L and ∇L from the cached passes (maml.adapt's `gradients` hook)
+    policy, episodes, params, adv, _ = per_task_setup
+    losses, grads = inner_gradients(policy, params, episodes, adv)
+    h = InnerLossHessian(params, episodes, adv, policy.activation)
+    np.testing.assert_allclose(h.loss.numpy(), losses.numpy(), rtol=1e-5, atol=1e-6)
+    assert_close(h.gradient, grads, rtol=1e-5)
 
 
 def test_gaussian_fisher_matches_autodiff(per_task_setup):

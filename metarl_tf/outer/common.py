@@ -37,8 +37,12 @@ def surrogate_loss(policy, params, episodes, advantages, old_log_prob):
     """TRPO surrogate ``−E[π_new/π_old · Â]`` on the post-adaptation episodes (averaged per task,
     then over tasks)."""
     log_prob = policy.log_prob(policy.forward(params, episodes.observations), episodes.actions)
-    ratio = tf.exp(log_prob - old_log_prob)
-    return -_masked_task_mean(ratio * advantages, episodes.mask)
+    return surrogate_from_log_prob(log_prob, old_log_prob, advantages, episodes.mask)
+
+
+def surrogate_from_log_prob(log_prob, old_log_prob, advantages, mask):
+    """:func:`surrogate_loss` from the new policy's ``log π(a|s)`` ``[tasks, E, T]``."""
+    return -_masked_task_mean(tf.exp(log_prob - old_log_prob) * advantages, mask)
 
 
 def mean_kl(policy, params, episodes, *old_dist):
@@ -47,6 +51,12 @@ def mean_kl(policy, params, episodes, *old_dist):
     ``old_dist`` is the old policy's ``forward`` output, unpacked: ``old_mean, old_log_std`` for a
     Gaussian policy, ``old_logits`` for a categorical one.
     """
+    return mean_kl_from_dist(
+        policy, policy.forward(params, episodes.observations), episodes, *old_dist
+    )
+
+
+def mean_kl_from_dist(policy, dist, episodes, *old_dist):
+    """:func:`mean_kl` from the new policy's ``forward`` output ``dist``."""
     old = old_dist[0] if len(old_dist) == 1 else tuple(old_dist)
-    kl = policy.kl(old, policy.forward(params, episodes.observations))
-    return _masked_task_mean(kl, episodes.mask)
+    return _masked_task_mean(policy.kl(old, dist), episodes.mask)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from metarl_tf.curvature import analytic_curvature_for
-from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp, per_step_batches
-from metarl_tf.outer.common import MetaBatch, mean_kl, surrogate_loss
+from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp
+from metarl_tf.outer.common import MetaBatch, mean_kl_from_dist, surrogate_from_log_prob
 
 
 def _dot(a, b):
@@ -127,26 +127,34 @@ def trpo_meta_step(
         return adapt(policy, theta_values, sizes, inner, inner_adv, inner_steps, first_order)
 
     sizes = alphas if learn_step_sizes else step_sizes
-    result = adapted(theta, alphas)
-    params = [tf.stop_gradient(p) for p in result.params]
-    old_dist = tf.nest.map_structure(tf.stop_gradient, policy.forward(params, outer.observations))
-    old_log_prob = policy.log_prob(old_dist, outer.actions)
-
-    with tf.GradientTape() as tape:
-        tape.watch(params)
-        loss_before = surrogate_loss(policy, params, outer, outer_adv, old_log_prob)
-    grad_adapted = tape.gradient(loss_before, params)
-    # The products below run ~2 * (cg_iterations + 1) times at the same points: cache the
-    # network's forward/backward passes there (metarl_tf.curvature) instead of autodiff.
+    # The Hessian/Fisher products below run ~2 * cg_iterations times at the same points: cache
+    # the network's forward/backward passes there (metarl_tf.curvature) instead of autodiff. The
+    # inner steps take their loss and gradient from the same cached passes.
+    hessians = []
     if analytic_curvature:
         hessian_cls, fisher_cls = analytic_curvature_for(policy)
-        step_batches = zip(
-            result.trace, *per_step_batches(inner, inner_adv, inner_steps), strict=True
+
+        def analytic_gradients(point, episodes, adv):
+            hessians.append(hessian_cls(point, episodes, adv, policy.activation))
+            return hessians[-1].loss, hessians[-1].gradient
+
+        result = adapt(
+            policy, theta, sizes, inner, inner_adv, inner_steps, first_order, analytic_gradients
         )
-        hessians = None if first_order else [
-            hessian_cls(point, episodes, adv, policy.activation)
-            for (point, _), episodes, adv in step_batches
-        ]  # fmt: skip
+    else:
+        result = adapted(theta, alphas)
+    params = [tf.stop_gradient(p) for p in result.params]
+    with tf.GradientTape() as tape:  # one forward pass gives π_old and the surrogate at θ'
+        tape.watch(params)
+        dist = policy.forward(params, outer.observations)
+        log_prob = policy.log_prob(dist, outer.actions)
+        old_log_prob = tf.stop_gradient(log_prob)
+        loss_before = surrogate_from_log_prob(log_prob, old_log_prob, outer_adv, outer.mask)
+    grad_adapted = tape.gradient(loss_before, params)
+    old_dist = tf.nest.map_structure(tf.stop_gradient, dist)
+    if analytic_curvature:
+        if first_order:
+            hessians = None
         fisher = fisher_cls(params, outer, policy.activation)
     else:
         hessians = None
@@ -198,8 +206,10 @@ def trpo_meta_step(
     def evaluate(scale):
         candidate = [v - scale * s for v, s in zip(old_values, full_step, strict=True)]
         cand_params = adapted(candidate[:n_theta], candidate[n_theta:]).params
-        loss = surrogate_loss(policy, cand_params, outer, outer_adv, old_log_prob)
-        kl = mean_kl(policy, cand_params, outer, *tf.nest.flatten(old_dist))
+        dist = policy.forward(cand_params, outer.observations)  # one pass: surrogate and KL
+        log_prob = policy.log_prob(dist, outer.actions)
+        loss = surrogate_from_log_prob(log_prob, old_log_prob, outer_adv, outer.mask)
+        kl = mean_kl_from_dist(policy, dist, outer, *tf.nest.flatten(old_dist))
         return loss, kl
 
     def cond(k, scale, accepted, loss, kl):
