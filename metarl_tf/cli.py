@@ -57,6 +57,11 @@ def _add_train(sub) -> None:
         "--inner-steps", type=int,
         help="inner steps during meta-training, each on freshly collected episodes",
     )  # fmt: skip
+    p.add_argument(
+        "--every-step-objective", action="store_true", default=None,
+        help="with --inner-steps k > 1 (TRPO): maximize the mean return after every inner step, "
+        "not only after the last",
+    )  # fmt: skip
     p.add_argument("--ppo-epochs", type=int, help="Adam epochs per iteration with --outer ppo")
     p.add_argument("--ppo-clip", type=float, help="PPO clip range ε with --outer ppo")
     p.add_argument(
@@ -178,6 +183,7 @@ def _train_config(args):
         "inner_steps": args.inner_steps, "ppo_epochs": args.ppo_epochs, "ppo_clip": args.ppo_clip,
         "outer_learning_rate": args.outer_learning_rate,
         "algo": args.algo, "gae_lambda": args.gae_lambda,
+        "every_step_objective": args.every_step_objective,
     }  # fmt: skip
     overrides["meta_batch_size"] = args.meta_batch_size
     overrides["episodes_per_task"] = args.episodes_per_task

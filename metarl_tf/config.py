@@ -25,6 +25,9 @@ class TrainConfig:
         inner_step_size: inner step size α (initial value when ``meta_sgd``).
         meta_sgd: learn one step size per parameter entry (Meta-SGD).
         first_order: drop second-order terms of the meta-gradient (FOMAML).
+        every_step_objective: with ``inner_steps > 1`` (TRPO only), the outer objective is the
+            mean of the surrogates after every inner step (each on the batch that step's policy
+            collected) under the mean of their KLs, not the last step's alone.
         gamma: discount factor.
         gae_lambda: GAE λ (1.0 = Monte Carlo returns minus baseline).
         baseline: ``linear`` (rllab's linear feature baseline) or ``none``.
@@ -58,6 +61,7 @@ class TrainConfig:
     inner_step_size: float = 0.1
     meta_sgd: bool = False
     first_order: bool = False
+    every_step_objective: bool = False
     gamma: float = 0.99
     gae_lambda: float = 1.0
     baseline: str = "linear"
@@ -86,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"ppo_clip must be in (0, 1), got {self.ppo_clip}")
         if self.baseline not in ("linear", "none"):
             raise ValueError(f"baseline must be 'linear' or 'none', got {self.baseline!r}")
+        if self.every_step_objective and self.outer != "trpo":
+            raise ValueError(f"every_step_objective needs outer='trpo', got {self.outer!r}")
         if self.algo not in ("maml", "pretrain"):
             raise ValueError(f"algo must be 'maml' or 'pretrain', got {self.algo!r}")
         for name in (

@@ -170,7 +170,7 @@ def _hvp_fn(policy, point, episodes, advantages, hessian):
 
 def adaptation_jvp(
     policy, result: AdaptResult, step_sizes, episodes, advantages, v_params, v_steps=None,
-    first_order=False, hessians=None,
+    first_order=False, hessians=None, every_step=False,
 ):  # fmt: skip
     """``dθ' = J_θ v_θ + J_α v_α`` for the map ``(θ, α) ↦ θ'`` traced in ``result``.
 
@@ -183,11 +183,14 @@ def adaptation_jvp(
         hessians: optional ``v ↦ H_j v`` callables per step (e.g. the cached
             :class:`metarl_tf.curvature.InnerLossHessian`); default: autodiff :func:`inner_hvp`.
 
+        every_step: return the tangents of every ``θ_1 .. θ_k``, not only of ``θ' = θ_k``.
+
     Returns:
-        per-task tangents ``[tasks, *shape]``.
+        per-task tangents ``[tasks, *shape]`` (a list of them per step with ``every_step``).
     """
     episodes, advantages = per_step_batches(episodes, advantages, len(result.trace))
     u = tile_parameters(v_params, episodes[0].mask.shape[0])
+    levels = []
     for j, (point, grads) in enumerate(result.trace):
         if first_order:
             hu = [tf.zeros_like(x) for x in u]
@@ -197,12 +200,13 @@ def adaptation_jvp(
         u = [ui - _scale(step_sizes, i) * h for i, (ui, h) in enumerate(zip(u, hu, strict=True))]
         if v_steps is not None:
             u = [ui - g * dv for ui, g, dv in zip(u, grads, v_steps, strict=True)]
-    return u
+        levels.append(u)
+    return levels if every_step else u
 
 
 def adaptation_vjp(
     policy, result: AdaptResult, step_sizes, episodes, advantages, w, with_steps=False,
-    first_order=False, hessians=None,
+    first_order=False, hessians=None, intermediate=None,
 ):  # fmt: skip
     """``(J_θᵀ w, J_αᵀ w)`` for per-task cotangents ``w`` ``[tasks, *shape]`` of ``θ'``.
 
@@ -210,11 +214,21 @@ def adaptation_vjp(
     ``w_{j−1} = w_j − H_j (α ⊙ w_j)`` and ``w_α += −Σ_tasks g_j ⊙ w_j``, ``H_j`` on step ``j``'s
     batch (``episodes, advantages`` as given to :func:`adapt`: one batch, or one per step).
 
+    ``intermediate``: cotangents of ``θ_1 .. θ_{k−1}`` too (a list of ``k − 1``, entries may be
+    ``None``), for an objective on every step's adapted parameters: the result is then the
+    cotangent of all of them together, in one backward pass.
+
     Returns:
         ``(cotangent of θ [*shape] each, cotangent of α [*shape] each or None)``; the task axis is
         summed because ``θ`` and ``α`` are shared by all tasks.
     """
     episodes, advantages = per_step_batches(episodes, advantages, len(result.trace))
+    intermediate = list(intermediate or [None] * (len(result.trace) - 1))
+    if len(intermediate) != len(result.trace) - 1:
+        raise ValueError(
+            f"intermediate: {len(result.trace) - 1} cotangents expected (θ_1 .. θ_k−1), "
+            f"got {len(intermediate)}"
+        )
     w = list(w)
     w_steps = [tf.zeros_like(x[0]) for x in w] if with_steps else None
     for j in reversed(range(len(result.trace))):
@@ -229,6 +243,8 @@ def adaptation_vjp(
             hvp = _hvp_fn(policy, point, episodes[j], advantages[j], hessians and hessians[j])
             haw = hvp(aw)
             w = [wi - h for wi, h in zip(w, haw, strict=True)]
+        if j > 0 and intermediate[j - 1] is not None:  # w is now the cotangent of θ_j
+            w = [wi + ci for wi, ci in zip(w, intermediate[j - 1], strict=True)]
     return [tf.reduce_sum(wi, axis=0) for wi in w], w_steps
 
 

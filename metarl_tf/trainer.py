@@ -31,12 +31,13 @@ CHECKPOINT_ARRAYS = "state.npz"
 CHECKPOINT_STATE = "state.json"
 # Fields a run may change when it continues: on --resume of its checkpoint ...
 RUN_FIELDS = ("iterations", "checkpoint_every")
-# ... and from a bundle (train --init-from): sampling and outer-step settings, not the task
-# distribution, the policy or the inner step the bundle's meta-initialization was trained for.
+# ... and from a bundle (train --init-from): sampling and outer-step settings, and the number of
+# inner steps trained for and the objective over them (e.g. continue a 1-step meta-init with a
+# 2-step objective), not the task distribution, the policy or the inner step rule.
 CONTINUATION_FIELDS = RUN_FIELDS + (
     "init_log_std", "meta_batch_size", "episodes_per_task", "outer", "max_kl", "cg_iterations",
     "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "outer_learning_rate", "ppo_epochs",
-    "ppo_clip", "seed",
+    "ppo_clip", "seed", "inner_steps", "every_step_objective",
 )  # fmt: skip
 
 
@@ -127,7 +128,7 @@ class MetaTrainer:
                 learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
                 max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
                 ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
-                stop_after=stop_after,
+                stop_after=stop_after, every_step_objective=c.every_step_objective,
             )  # fmt: skip
         if c.outer == "ppo":
             return ppo_meta_step(

@@ -430,3 +430,122 @@ def test_two_fresh_inner_batches_with_a_categorical_policy(outer):
     assert all(np.isfinite(v) for m in rows for v in m.values())
     assert "returns/after_1_inner_steps" in rows[-1]
     assert trainer._meta_step.experimental_get_tracing_count() == 1
+
+
+# -- the every-step objective (mean of the surrogates after every inner step) ------------------
+
+
+@pytest.mark.parametrize("meta_sgd", [False, True], ids=["maml", "meta-sgd"])
+def test_every_step_jvp_and_vjp_with_intermediate_cotangents_match_autodiff(chain, meta_sgd):
+    c = chain
+    sizes = c["alphas"] if meta_sgd else 0.4
+    rng = np.random.default_rng(8)
+    v_theta = [tf.constant(rng.normal(size=t.shape)) for t in c["theta"]]
+    w1, w2 = ([tf.constant(rng.normal(size=(2, *t.shape))) for t in c["theta"]] for _ in "12")
+    primals = c["theta"] + (c["alphas"] if meta_sgd else [])
+    with (
+        tf.autodiff.ForwardAccumulator(c["theta"], v_theta) as acc,
+        tf.GradientTape() as tape,
+    ):
+        tape.watch(primals)
+        result = adapt(c["policy"], c["theta"], sizes, c["inner"], c["inner_adv"], 2)
+        theta1 = result.trace[1][0]  # θ_1, the point of the second step
+    expected_jvp = [[acc.jvp(p) for p in theta1], [acc.jvp(p) for p in result.params]]
+    expected_vjp = tape.gradient(theta1 + result.params, primals, output_gradients=w1 + w2)
+    args = (c["policy"], result, sizes, c["inner"], c["inner_adv"])
+    got_jvp = adaptation_jvp(*args, v_theta, None, False, None, every_step=True)
+    got_theta, got_alpha = adaptation_vjp(*args, w2, meta_sgd, False, None, [w1])
+    for level_got, level_exp in zip(got_jvp, expected_jvp, strict=True):
+        for g, e in zip(level_got, level_exp, strict=True):
+            np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
+    for g, e in zip(got_theta + (got_alpha or []), expected_vjp, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="1 cotangents expected"):
+        adaptation_vjp(*args, w2, meta_sgd, False, None, [w1, w1])
+
+
+def test_every_step_trpo_step_fills_the_trust_region_of_the_mean_kl_over_steps(
+    make_policy, synthetic_batch, to_tensors
+):
+    """The step TRPO takes lies on the bound of the quadratic model of the *mean over both
+    steps'* KL (each θ_j on the batch it collected): ``½ Δᵀ ∇²KL̄ Δ = scale² · max_kl`` with the
+    Hessian by autodiff, independently of TRPO's Gauss-Newton products; with the last step's
+    objective only the last level's KL has that. The reported loss is the mean surrogate."""
+    from metarl_tf.outer import mean_kl, surrogate_loss
+    from metarl_tf.policy import gaussian_log_prob
+
+    rng = np.random.default_rng(0)
+    inner = tuple(to_tensors(synthetic_batch(2, 2, 5, seed=s)) for s in (1, 2))
+    inner_adv = tuple(
+        tf.constant(rng.normal(size=b.mask.shape) * b.mask.numpy(), tf.float32) for b in inner
+    )
+    outer = to_tensors(synthetic_batch(2, 2, 5, seed=3))
+    outer_adv = tf.constant(rng.normal(size=outer.mask.shape) * outer.mask.numpy(), tf.float32)
+    batch = MetaBatch(inner, inner_adv, outer, outer_adv)
+    max_kl = 0.01
+
+    def levels(theta):
+        result = adapt(policy, theta, 0.1, inner, inner_adv)
+        return [(result.trace[1][0], inner[1], inner_adv[1]), (result.params, outer, outer_adv)]
+
+    def quadratic_kl(theta, step, old, which):
+        """½ Δᵀ ∇²KL Δ at θ (KL = 0 with zero gradient there), for the levels in ``which``."""
+        with tf.GradientTape() as outer_tape:
+            outer_tape.watch(theta)
+            with tf.GradientTape() as inner_tape:
+                inner_tape.watch(theta)
+                kls = [
+                    mean_kl(policy, p, e, *o)
+                    for (p, e, _), o in zip(levels(theta), old, strict=True)
+                ]
+                kl = tf.add_n([kls[i] for i in which]) / len(which)
+            grad = inner_tape.gradient(kl, theta)
+            g_dot_step = tf.add_n([tf.reduce_sum(g * d) for g, d in zip(grad, step, strict=True)])
+        h_step = outer_tape.gradient(g_dot_step, theta)
+        return 0.5 * sum(float(tf.reduce_sum(h * d)) for h, d in zip(h_step, step, strict=True))
+
+    for every_step in (True, False):
+        policy = make_policy(hidden=(8,))
+        theta = [tf.constant(p) for p in policy.get_parameters()]
+        before = levels(theta)
+        old = [policy.forward(p, e.observations) for p, e, _ in before]
+        old_logp = [
+            gaussian_log_prob(*o, e.actions) for o, (_, e, _) in zip(old, before, strict=True)
+        ]
+        stats = trpo_meta_step(
+            policy, 0.1, batch, learn_step_sizes=False, inner_steps=2, first_order=False,
+            max_kl=max_kl, cg_iterations=10, cg_damping=0.0, ls_max_steps=10,
+            ls_backtrack_ratio=0.8, every_step_objective=every_step,
+        )  # fmt: skip
+        assert float(stats["accepted"]) == 1.0
+        bound = 0.8 ** (2 * (int(stats["line_search_steps"]) - 1)) * max_kl  # scale² · max_kl
+        new = [tf.constant(p) for p in policy.get_parameters()]
+        step = [n - t for n, t in zip(new, theta, strict=True)]
+        model_mean = quadratic_kl(theta, step, old, [0, 1])
+        model_last = quadratic_kl(theta, step, old, [1])
+        after = levels(new)
+        kls = [float(mean_kl(policy, p, e, *o)) for (p, e, _), o in zip(after, old, strict=True)]
+        losses = [
+            float(surrogate_loss(policy, p, e, a, lp))
+            for (p, e, a), lp in zip(after, old_logp, strict=True)
+        ]
+        if every_step:
+            assert model_mean == pytest.approx(bound, rel=1e-3)
+            assert abs(model_last - bound) > 0.05 * bound
+            kl, loss = np.mean(kls), np.mean(losses)
+        else:
+            assert model_last == pytest.approx(bound, rel=1e-3)
+            assert abs(model_mean - bound) > 0.05 * bound
+            kl, loss = kls[1], losses[1]
+        assert kl == pytest.approx(float(stats["kl"]), rel=1e-3) and kl < max_kl
+        assert loss == pytest.approx(float(stats["loss_after"]), rel=1e-4, abs=1e-7)
+        assert loss < float(stats["loss_before"])
+
+
+def test_every_step_objective_is_a_trpo_config_option():
+    config = get_preset("tiny").replace(inner_steps=2, every_step_objective=True)
+    trainer = MetaTrainer(config)
+    row = trainer.train_iteration()
+    assert np.isfinite(row["returns/post_adaptation"])
+    with pytest.raises(ValueError, match="every_step_objective needs outer='trpo'"):
+        get_preset("tiny").replace(outer="ppo", every_step_objective=True)

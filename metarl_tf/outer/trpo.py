@@ -22,10 +22,12 @@ of ``J`` (``∂θ'/∂α = −g``), so TRPO updates ``θ`` and ``α`` under one 
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from metarl_tf.curvature import analytic_curvature_for
-from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp
+from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp, per_step_batches
 from metarl_tf.outer.common import MetaBatch, mean_kl_from_dist, surrogate_from_log_prob
 
 
@@ -104,6 +106,7 @@ def trpo_meta_step(
     ls_backtrack_ratio: float,
     analytic_curvature: bool = True,
     stop_after: str | None = None,
+    every_step_objective: bool = False,
 ):
     """One MAML-TRPO update of ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
     ``learn_step_sizes``). Meant to run inside a ``tf.function``.
@@ -112,6 +115,10 @@ def trpo_meta_step(
     slower; for policies without the cached curvature of ``metarl_tf.curvature``).
     ``stop_after="gradient"`` or ``"direction"`` returns early without updating anything (used by
     ``bench/train_speed.py`` to split the time into meta-gradient, CG and line search).
+    ``every_step_objective``: with ``k > 1`` inner steps, maximize the mean of the surrogates after
+    every step (θ_j on inner batch j + 1, which θ_j collected; θ_k on the outer batch) under the
+    mean of their KLs, instead of the last step's alone: adaptation that keeps improving step by
+    step. The same one JVP/VJP pass through the chain serves all levels.
 
     Returns:
         dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
@@ -143,54 +150,74 @@ def trpo_meta_step(
         )
     else:
         result = adapted(theta, alphas)
-    params = [tf.stop_gradient(p) for p in result.params]
+    # The objective's levels: θ' only, or with ``every_step_objective`` every θ_j on the batch
+    # it collected (inner batch j for j < k, the outer batch for θ_k), weighted 1/levels.
+    inner_batches, inner_advs = per_step_batches(inner, inner_adv, inner_steps)
+    levels = list(range(1, inner_steps + 1)) if every_step_objective else [inner_steps]
+    data = [
+        (outer, outer_adv) if j == inner_steps else (inner_batches[j], inner_advs[j])
+        for j in levels
+    ]
+    weight = 1.0 / len(levels)
+
+    def level_params(res):
+        return [res.params if j == inner_steps else res.trace[j][0] for j in levels]
+
+    params = [[tf.stop_gradient(p) for p in ps] for ps in level_params(result)]
     with tf.GradientTape() as tape:  # one forward pass gives π_old and the surrogate at θ'
         tape.watch(params)
-        dist = policy.forward(params, outer.observations)
-        log_prob = policy.log_prob(dist, outer.actions)
-        old_log_prob = tf.stop_gradient(log_prob)
-        loss_before = surrogate_from_log_prob(log_prob, old_log_prob, outer_adv, outer.mask)
-    grad_adapted = tape.gradient(loss_before, params)
-    old_dist = tf.nest.map_structure(tf.stop_gradient, dist)
+        dists, old_log_probs, losses = [], [], []
+        for ps, (episodes, adv) in zip(params, data, strict=True):
+            dists.append(policy.forward(ps, episodes.observations))
+            log_prob = policy.log_prob(dists[-1], episodes.actions)
+            old_log_probs.append(tf.stop_gradient(log_prob))
+            losses.append(surrogate_from_log_prob(log_prob, old_log_probs[-1], adv, episodes.mask))
+        loss_before = weight * tf.add_n(losses)
+    grad_levels = tape.gradient(loss_before, params)
+    old_dists = [tf.nest.map_structure(tf.stop_gradient, d) for d in dists]
     if analytic_curvature:
         if first_order:
             hessians = None
-        fisher = fisher_cls(params, outer, policy.activation)
+        fishers = [
+            fisher_cls(ps, episodes, policy.activation)
+            for ps, (episodes, _) in zip(params, data, strict=True)
+        ]
     else:
         hessians = None
-        fisher = lambda u: fisher_vector_product(policy, params, outer, u)  # noqa: E731
+        fishers = [
+            functools.partial(fisher_vector_product, policy, ps, episodes)
+            for ps, (episodes, _) in zip(params, data, strict=True)
+        ]
+
+    def to_cotangents(per_level):
+        """Per-level cotangents -> (cotangent of θ_k, of θ_1 .. θ_{k−1}) for adaptation_vjp."""
+        by_step = dict(zip(levels, per_level, strict=True))
+        return by_step[inner_steps], [by_step.get(j) for j in range(1, inner_steps)]
+
+    last, intermediate = to_cotangents(grad_levels)
     g_theta, g_alpha = adaptation_vjp(
-        policy,
-        result,
-        sizes,
-        inner,
-        inner_adv,
-        grad_adapted,
-        learn_step_sizes,
-        first_order,
-        hessians,
-    )
+        policy, result, sizes, inner, inner_adv, last, learn_step_sizes, first_order, hessians,
+        intermediate,
+    )  # fmt: skip
     grads = g_theta + (g_alpha or [])
     n_theta = len(theta)
     if stop_after == "gradient":
         return {"loss_before": loss_before, "grad_norm": tf.sqrt(_dot(grads, grads))}
 
     def hvp(v):
-        u = adaptation_jvp(
+        us = adaptation_jvp(
             policy, result, sizes, inner, inner_adv, v[:n_theta],
-            v[n_theta:] if learn_step_sizes else None, first_order, hessians,
+            v[n_theta:] if learn_step_sizes else None, first_order, hessians, every_step=True,
         )  # fmt: skip
+        fu = [
+            [weight * x for x in fisher(us[j - 1])] if weight != 1.0 else fisher(us[j - 1])
+            for j, fisher in zip(levels, fishers, strict=True)
+        ]
+        last, intermediate = to_cotangents(fu)
         h_theta, h_alpha = adaptation_vjp(
-            policy,
-            result,
-            sizes,
-            inner,
-            inner_adv,
-            fisher(u),
-            learn_step_sizes,
-            first_order,
-            hessians,
-        )
+            policy, result, sizes, inner, inner_adv, last, learn_step_sizes, first_order,
+            hessians, intermediate,
+        )  # fmt: skip
         return [h + cg_damping * vi for h, vi in zip(h_theta + (h_alpha or []), v, strict=True)]
 
     # sᵀ(H + damping) s from CG's residual, not an 11th product (see conjugate_gradient).
@@ -205,11 +232,15 @@ def trpo_meta_step(
 
     def evaluate(scale):
         candidate = [v - scale * s for v, s in zip(old_values, full_step, strict=True)]
-        cand_params = adapted(candidate[:n_theta], candidate[n_theta:]).params
-        dist = policy.forward(cand_params, outer.observations)  # one pass: surrogate and KL
-        log_prob = policy.log_prob(dist, outer.actions)
-        loss = surrogate_from_log_prob(log_prob, old_log_prob, outer_adv, outer.mask)
-        kl = mean_kl_from_dist(policy, dist, outer, *tf.nest.flatten(old_dist))
+        cand = level_params(adapted(candidate[:n_theta], candidate[n_theta:]))
+        loss, kl = 0.0, 0.0
+        for ps, (episodes, adv), old_lp, old in zip(
+            cand, data, old_log_probs, old_dists, strict=True
+        ):
+            dist = policy.forward(ps, episodes.observations)  # one pass: surrogate and KL
+            log_prob = policy.log_prob(dist, episodes.actions)
+            loss += weight * surrogate_from_log_prob(log_prob, old_lp, adv, episodes.mask)
+            kl += weight * mean_kl_from_dist(policy, dist, episodes, *tf.nest.flatten(old))
         return loss, kl
 
     def cond(k, scale, accepted, loss, kl):
