@@ -136,9 +136,10 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d": TrainConfig(),
     # Same, with Meta-SGD per-parameter step sizes learned by TRPO.
     "nav2d-metasgd": TrainConfig(meta_sgd=True),
-    # Meta-SGD from a narrower initial policy (σ = 0.2) and smaller initial step sizes: the
-    # shipped saved_models/nav2d-maml. With σ = 1 most actions saturate the ±0.1 clip, and after
-    # adaptation the policy jitters around the goal; see the README's figures.
+    # Meta-SGD from a narrower initial policy (σ = 0.2) and smaller initial step sizes:
+    # saved_models/nav2d-maml-1step (80 iterations), which the shipped saved_models/nav2d-maml
+    # continues with --inner-steps 2 --every-step-objective (README, "Learning"). With σ = 1 most
+    # actions saturate the ±0.1 clip, and after adaptation the policy jitters around the goal.
     "nav2d-metasgd-lowstd": TrainConfig(meta_sgd=True, init_log_std=-1.6, inner_step_size=0.05),
     # The MAML paper's own policy network for the RL experiments: two hidden layers of 100 ReLUs.
     "nav2d-paper-net": TrainConfig(hidden_sizes=(100, 100), activation="relu"),
