@@ -161,11 +161,14 @@ def test_parallel_matches_serial_and_shuts_down():
     assert not any(p.is_alive() for p in procs)  # the context manager stopped them
 
 
-def test_worker_crash_raises_instead_of_hanging():
+@pytest.mark.parametrize("wait_for_death", [False, True], ids=["racing", "dead"])
+def test_worker_crash_raises_instead_of_hanging(wait_for_death):
     dist = HalfCheetahDir(horizon=5, num_workers=2)
     env = dist.make_batched_env(dist.sample_tasks(2, 0), 1)
     env.reset()
     dist._pool._procs[1].kill()
+    if wait_for_death:  # its pipe may be closed before the step is sent: still named
+        dist._pool._procs[1].join()
     start = time.perf_counter()
     with pytest.raises(WorkerError, match="worker 1 died"):
         env.step(np.zeros((2, 6), np.float32))

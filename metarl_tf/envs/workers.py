@@ -194,11 +194,15 @@ class WorkerPool:
         """Runs ``EnvGroup.method(*args)`` in every worker at once; returns their results."""
         if self.closed:
             raise WorkerError("the worker pool is closed")
-        for conn, args in zip(self._conns, per_worker_args, strict=True):
+        for w, (conn, args) in enumerate(zip(self._conns, per_worker_args, strict=True)):
             try:
                 conn.send((method, args))
-            except (OSError, BrokenPipeError):
-                self._fail(f"could not send {method!r} to a worker")
+            except (OSError, BrokenPipeError):  # a dead worker's pipe: say which, and why
+                self._procs[w].join(timeout=1.0)
+                code = self._procs[w].exitcode
+                if code is not None:
+                    self._fail(f"worker {w} died (exit code {code}) before {method!r}")
+                self._fail(f"could not send {method!r} to worker {w}")
         results = []
         for w, conn in enumerate(self._conns):
             while not conn.poll(_POLL_S):
