@@ -354,6 +354,19 @@ def test_trainer_with_one_inner_step_equals_the_single_batch_iteration():
         np.testing.assert_array_equal(a, b)
 
 
+def two_batch_chain(synthetic_batch, to_tensors):
+    """A ``MetaBatch`` with two fresh inner batches and an outer one (2 tasks × 2 episodes ×
+    horizon 5, float32), random advantages."""
+    rng = np.random.default_rng(0)
+    inner = tuple(to_tensors(synthetic_batch(2, 2, 5, seed=s)) for s in (1, 2))
+    inner_adv = tuple(
+        tf.constant(rng.normal(size=b.mask.shape) * b.mask.numpy(), tf.float32) for b in inner
+    )
+    outer = to_tensors(synthetic_batch(2, 2, 5, seed=3))
+    outer_adv = tf.constant(rng.normal(size=outer.mask.shape) * outer.mask.numpy(), tf.float32)
+    return MetaBatch(inner, inner_adv, outer, outer_adv)
+
+
 @pytest.mark.parametrize(
     "meta_sgd", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["maml", "meta-sgd"]
 )
@@ -367,14 +380,8 @@ def test_trpo_and_adam_steps_through_two_fresh_batches(
     from metarl_tf.outer import adam_meta_step, mean_kl, surrogate_loss
     from metarl_tf.policy import gaussian_log_prob
 
-    rng = np.random.default_rng(0)
-    inner = tuple(to_tensors(synthetic_batch(2, 2, 5, seed=s)) for s in (1, 2))
-    inner_adv = tuple(
-        tf.constant(rng.normal(size=b.mask.shape) * b.mask.numpy(), tf.float32) for b in inner
-    )
-    outer = to_tensors(synthetic_batch(2, 2, 5, seed=3))
-    outer_adv = tf.constant(rng.normal(size=outer.mask.shape) * outer.mask.numpy(), tf.float32)
-    batch = MetaBatch(inner, inner_adv, outer, outer_adv)
+    batch = two_batch_chain(synthetic_batch, to_tensors)
+    inner, inner_adv, outer, outer_adv = batch
 
     def setup():
         policy = make_policy(hidden=(8,))
@@ -474,14 +481,8 @@ def test_every_step_trpo_step_fills_the_trust_region_of_the_mean_kl_over_steps(
     from metarl_tf.outer import mean_kl, surrogate_loss
     from metarl_tf.policy import gaussian_log_prob
 
-    rng = np.random.default_rng(0)
-    inner = tuple(to_tensors(synthetic_batch(2, 2, 5, seed=s)) for s in (1, 2))
-    inner_adv = tuple(
-        tf.constant(rng.normal(size=b.mask.shape) * b.mask.numpy(), tf.float32) for b in inner
-    )
-    outer = to_tensors(synthetic_batch(2, 2, 5, seed=3))
-    outer_adv = tf.constant(rng.normal(size=outer.mask.shape) * outer.mask.numpy(), tf.float32)
-    batch = MetaBatch(inner, inner_adv, outer, outer_adv)
+    batch = two_batch_chain(synthetic_batch, to_tensors)
+    inner, inner_adv, outer, outer_adv = batch
     max_kl = 0.01
 
     def levels(theta):

@@ -40,14 +40,20 @@ def test_conjugate_gradient_solves_spd_system(mode):
     np.testing.assert_allclose(got, np.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
 
 
-def test_conjugate_gradient_stops_at_tolerance_and_respects_iterations():
-    a, b = random_spd(5, seed=1)
-    a_t = tf.constant(a)
-    calls = []
+def counting_matvec(a):
+    """``(matvec of the matrix a on one-tensor vectors, list that grows by one per call)``."""
+    a_t, calls = tf.constant(a), []
 
     def matvec(parts):
         calls.append(1)
         return [tf.linalg.matvec(a_t, parts[0])]
+
+    return matvec, calls
+
+
+def test_conjugate_gradient_stops_at_tolerance_and_respects_iterations():
+    a, b = random_spd(5, seed=1)
+    matvec, calls = counting_matvec(a)
 
     # exact after at most n = 5 iterations in exact arithmetic; the tolerance stops it there
     x = conjugate_gradient(matvec, [tf.constant(b)], iterations=50, tolerance=1e-16)
@@ -62,12 +68,7 @@ def test_conjugate_gradient_stops_at_tolerance_and_respects_iterations():
 def test_conjugate_gradient_quadratic_form_equals_explicit_product(iterations):
     # TRPO's step length uses xᵀAx; CG returns it from its residual instead of one more product.
     a, b = random_spd(7, seed=2)
-    a_t = tf.constant(a)
-    calls = []
-
-    def matvec(parts):
-        calls.append(1)
-        return [tf.linalg.matvec(a_t, parts[0])]
+    matvec, calls = counting_matvec(a)
 
     x, quad = conjugate_gradient(
         matvec, [tf.constant(b)], iterations=iterations, tolerance=0.0, return_quadratic=True
