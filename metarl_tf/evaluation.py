@@ -6,7 +6,6 @@ take one inner step on them, repeat. Index ``k`` of the curve is the return afte
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -350,22 +349,17 @@ def plot_method_trajectories(result: dict[str, Any], path, max_tasks: int = 3) -
 
 def read_metrics(path) -> list[dict[str, float]]:
     """The rows of a run's ``metrics.jsonl`` (a file, or a run/bundle directory holding one)."""
+    from metarl_tf.trainer import read_metrics_rows
+
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl at {path}")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
+    rows = read_metrics_rows(path)
+    for number, row in enumerate(rows, 1):
         if "iteration" not in row or "returns/post_adaptation" not in row:
-            raise ValueError(f"{path}:{number}: no 'iteration'/'returns/post_adaptation'")
-        rows.append(row)
+            raise ValueError(f"{path}: row {number}: no 'iteration'/'returns/post_adaptation'")
     if not rows:
         raise ValueError(f"{path} holds no iterations")
     return rows

@@ -47,7 +47,14 @@ def read_metrics_rows(path: str | Path, up_to: int | None = None) -> list[dict[s
     path = Path(path)
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
     return rows if up_to is None else [r for r in rows if r["iteration"] <= up_to]
 
 
