@@ -23,9 +23,9 @@ checks that. Parameters are per task (``[tasks, *shape]``), in the policy's para
 
 from __future__ import annotations
 
-import math
-
 import tensorflow as tf
+
+from metarl_tf.policy import categorical_log_prob, gaussian_log_prob
 
 
 def _flatten(x, trailing: int):
@@ -109,17 +109,13 @@ class _MLP:
         v_kernels, v_biases = layers[0::2], layers[1::2]
         r_inputs = [None]  # R(h_0) = 0: observations do not depend on θ
         r_h = None
-        last = len(self.kernels) - 1
         for i in range(len(self.kernels)):
             r_z = tf.matmul(self.inputs[i], _stack_bias(v_kernels[i], v_biases[i]))
-            if r_h is None:
-                r_h = self.dact[i] * r_z if i < last else None
-            elif i < last:
-                r_h = (r_z + tf.matmul(r_h, self.kernels[i])) * self.dact[i]
-            else:
+            if r_h is not None:
                 r_z += tf.matmul(r_h, self.kernels[i])
-            if i == last:
+            if i == len(self.kernels) - 1:
                 return r_inputs, r_z
+            r_h = self.dact[i] * r_z
             r_inputs.append(r_h)
         raise AssertionError("unreachable")
 
@@ -161,23 +157,18 @@ class _MLP:
             if i == 0:
                 continue
             # R(δ_h) = R(δ) Wᵀ + δ Vᵀ; R(δ_{z, i-1}) = R(δ_h) ⊙ act' + cross ⊙ R(h_i).
-            dact, cross = self.dact[i - 1], cross_terms[i]
             if delta.shape[-1] is not None and delta.shape[-1] <= _CONCAT_MAX_WIDTH:
                 r_delta_h = tf.matmul(
                     tf.concat([r_delta, delta], -1),
                     tf.concat([self.kernels[i], v_kernels[i]], -1),
                     transpose_b=True,
                 )
-                if cross is None:
-                    r_delta = r_delta_h * dact
-                else:
-                    r_delta = r_delta_h * dact + cross * r_inputs[i]
             else:
                 r_delta_h = tf.matmul(r_delta, self.kernels[i], transpose_b=True)
                 r_delta_h += tf.matmul(delta, v_kernels[i], transpose_b=True)
-                r_delta = r_delta_h * dact
-                if cross is not None:
-                    r_delta += cross * r_inputs[i]
+            r_delta = r_delta_h * self.dact[i - 1]
+            if cross_terms[i] is not None:
+                r_delta += cross_terms[i] * r_inputs[i]
         return _flat_list(out[::-1])
 
 
@@ -210,11 +201,9 @@ class InnerLossHessian:
         grads, self.deltas, delta_hs = net.backward(d_mean)
         # The loss and its gradient come with the cached passes (metarl_tf.maml.adapt's
         # ``gradients`` hook): L = −Σ w log N, ∂L/∂log σ = −Σ w (r²/σ² − 1).
-        scaled_sq = tf.square(self.residual) * net.inv_var
-        log_prob = tf.reduce_sum(
-            -0.5 * scaled_sq - net.log_std[:, None, :] - 0.5 * math.log(2.0 * math.pi), axis=-1
-        )
+        log_prob = gaussian_log_prob(net.output, net.log_std[:, None, :], a)
         self.loss = -tf.reduce_sum(self.weight[..., 0] * log_prob, axis=1)
+        scaled_sq = tf.square(self.residual) * net.inv_var
         g_log_std = -tf.reduce_sum(self.weight * (scaled_sq - 1.0), axis=1)
         self.gradient = [*_flat_list(grads), g_log_std]
         self.deltas_t = [_transpose(d) for d in self.deltas]
@@ -292,7 +281,7 @@ class CategoricalInnerLossHessian:
         one_hot = tf.one_hot(tf.cast(tf.round(a[..., 0]), tf.int32), net.output.shape[-1])
         grads, self.deltas, delta_hs = net.backward(self.weight * (self.probs - one_hot))
         # As InnerLossHessian: the loss and its gradient from the cached passes.
-        log_prob = tf.reduce_sum(one_hot * tf.nn.log_softmax(net.output), axis=-1)
+        log_prob = categorical_log_prob(net.output, a)
         self.loss = -tf.reduce_sum(self.weight[..., 0] * log_prob, axis=1)
         self.gradient = _flat_list(grads)
         self.deltas_t = [_transpose(d) for d in self.deltas]
