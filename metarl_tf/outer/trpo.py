@@ -137,16 +137,19 @@ def trpo_meta_step(
     # The Hessian/Fisher products below run ~2 * cg_iterations times at the same points: cache
     # the network's forward/backward passes there (metarl_tf.curvature) instead of autodiff. The
     # inner steps take their loss and gradient from the same cached passes.
-    hessians = []
+    # (First order needs no Hessian products: plain autodiff for its inner steps.)
+    hessians = None
     if analytic_curvature:
         hessian_cls, fisher_cls = analytic_curvature_for(policy)
+    if analytic_curvature and not first_order:
+        hessians = []
 
         def analytic_gradients(point, episodes, adv):
             hessians.append(hessian_cls(point, episodes, adv, policy.activation))
             return hessians[-1].loss, hessians[-1].gradient
 
         result = adapt(
-            policy, theta, sizes, inner, inner_adv, inner_steps, first_order, analytic_gradients
+            policy, theta, sizes, inner, inner_adv, inner_steps, False, analytic_gradients
         )
     else:
         result = adapted(theta, alphas)
@@ -176,14 +179,11 @@ def trpo_meta_step(
     grad_levels = tape.gradient(loss_before, params)
     old_dists = [tf.nest.map_structure(tf.stop_gradient, d) for d in dists]
     if analytic_curvature:
-        if first_order:
-            hessians = None
         fishers = [
             fisher_cls(ps, episodes, policy.activation)
             for ps, (episodes, _) in zip(params, data, strict=True)
         ]
     else:
-        hessians = None
         fishers = [
             functools.partial(fisher_vector_product, policy, ps, episodes)
             for ps, (episodes, _) in zip(params, data, strict=True)
@@ -210,7 +210,7 @@ def trpo_meta_step(
             v[n_theta:] if learn_step_sizes else None, first_order, hessians, every_step=True,
         )  # fmt: skip
         fu = [
-            [weight * x for x in fisher(us[j - 1])] if weight != 1.0 else fisher(us[j - 1])
+            [weight * x for x in fisher(us[j - 1])]
             for j, fisher in zip(levels, fishers, strict=True)
         ]
         last, intermediate = to_cotangents(fu)
