@@ -62,6 +62,12 @@ def _add_train(sub) -> None:
         help="with --inner-steps k > 1 (TRPO): maximize the mean return after every inner step, "
         "not only after the last",
     )  # fmt: skip
+    p.add_argument(
+        "--lvc", action="store_true", default=None,
+        help="TRPO, second order: differentiate through the inner steps with the Hessian of "
+        "ProMP's low-variance-curvature inner loss, which credits the pre-adaptation policy "
+        "for the data it collects (the adaptation itself is unchanged)",
+    )  # fmt: skip
     p.add_argument("--ppo-epochs", type=int, help="Adam epochs per iteration with --outer ppo")
     p.add_argument("--ppo-clip", type=float, help="PPO clip range ε with --outer ppo")
     p.add_argument(
@@ -72,6 +78,11 @@ def _add_train(sub) -> None:
     )
     p.add_argument(
         "--init-log-std", type=float, help="initial log standard deviation of the policy"
+    )
+    p.add_argument(
+        "--gamma",
+        type=float,
+        help="discount of the advantages (inner and outer); the reported returns stay undiscounted",
     )
     p.add_argument(
         "--gae-lambda", type=float,
@@ -182,8 +193,8 @@ def _train_config(args):
         "checkpoint_every": args.checkpoint_every, "init_log_std": args.init_log_std,
         "inner_steps": args.inner_steps, "ppo_epochs": args.ppo_epochs, "ppo_clip": args.ppo_clip,
         "outer_learning_rate": args.outer_learning_rate,
-        "algo": args.algo, "gae_lambda": args.gae_lambda,
-        "every_step_objective": args.every_step_objective,
+        "algo": args.algo, "gae_lambda": args.gae_lambda, "gamma": args.gamma,
+        "every_step_objective": args.every_step_objective, "lvc": args.lvc,
     }  # fmt: skip
     overrides["meta_batch_size"] = args.meta_batch_size
     overrides["episodes_per_task"] = args.episodes_per_task

@@ -28,6 +28,10 @@ class TrainConfig:
         every_step_objective: with ``inner_steps > 1`` (TRPO only), the outer objective is the
             mean of the surrogates after every inner step (each on the batch that step's policy
             collected) under the mean of their KLs, not the last step's alone.
+        lvc: differentiate through the inner steps with the Hessian of ProMP's
+            low-variance-curvature inner loss (TRPO only; second order only): the meta-gradient
+            then credits the pre-adaptation policy for the data it collects. The adaptation
+            itself (and so a bundle's use) is unchanged.
         gamma: discount factor.
         gae_lambda: GAE λ (1.0 = Monte Carlo returns minus baseline).
         baseline: ``linear`` (rllab's linear feature baseline) or ``none``.
@@ -62,6 +66,7 @@ class TrainConfig:
     meta_sgd: bool = False
     first_order: bool = False
     every_step_objective: bool = False
+    lvc: bool = False
     gamma: float = 0.99
     gae_lambda: float = 1.0
     baseline: str = "linear"
@@ -92,6 +97,11 @@ class TrainConfig:
             raise ValueError(f"baseline must be 'linear' or 'none', got {self.baseline!r}")
         if self.every_step_objective and self.outer != "trpo":
             raise ValueError(f"every_step_objective needs outer='trpo', got {self.outer!r}")
+        if self.lvc and (self.outer != "trpo" or self.first_order):
+            raise ValueError(
+                "lvc changes the second-order terms of the TRPO meta-step: it needs outer='trpo' "
+                f"and first_order=False, got outer={self.outer!r}, first_order={self.first_order}"
+            )
         if self.algo not in ("maml", "pretrain"):
             raise ValueError(f"algo must be 'maml' or 'pretrain', got {self.algo!r}")
         for name in (

@@ -184,9 +184,12 @@ class InnerLossHessian:
         episodes: ``EpisodeBatch`` ``[tasks, E, T, ...]``.
         advantages: ``[tasks, E, T]``.
         activation: the policy's hidden activation.
+        lvc: the Hessian of the low-variance-curvature loss
+            (``metarl_tf.maml.policy_gradient_loss``): adds ``−Σ w (∇log π·v) ∇log π``.
     """
 
-    def __init__(self, params, episodes, advantages, activation: str):
+    def __init__(self, params, episodes, advantages, activation: str, lvc: bool = False):
+        self.lvc = lvc
         x = _flatten(tf.convert_to_tensor(episodes.observations, tf.float32), 1)
         a = _flatten(tf.convert_to_tensor(episodes.actions, tf.float32), 1)
         mask = _flatten(tf.convert_to_tensor(episodes.mask, tf.float32), 0)
@@ -204,7 +207,9 @@ class InnerLossHessian:
         log_prob = gaussian_log_prob(net.output, net.log_std[:, None, :], a)
         self.loss = -tf.reduce_sum(self.weight[..., 0] * log_prob, axis=1)
         scaled_sq = tf.square(self.residual) * net.inv_var
-        g_log_std = -tf.reduce_sum(self.weight * (scaled_sq - 1.0), axis=1)
+        # ∂log N/∂log σ = r²/σ² − 1 (the LVC term needs it per sample).
+        self.score_log_std = scaled_sq - 1.0
+        g_log_std = -tf.reduce_sum(self.weight * self.score_log_std, axis=1)
         self.gradient = [*_flat_list(grads), g_log_std]
         self.deltas_t = [_transpose(d) for d in self.deltas]
         self.cross_terms = net.activation_cross_terms(delta_hs)
@@ -216,6 +221,13 @@ class InnerLossHessian:
         # R(∂L/∂μ) = w/σ² (R(μ) + 2 r v_ls);  R(∂L/∂log σ) = 2 Σ_n w/σ² r (R(μ) + r v_ls)
         r_delta = w * net.inv_var * (r_mean + 2.0 * r * v_log_std)
         g_log_std = 2.0 * tf.reduce_sum(w * net.inv_var * r * (r_mean + r * v_log_std), axis=1)
+        if self.lvc:
+            # −Σ w (∇log N · v) ∇log N, with ∇log N = (r/σ² on μ, r²/σ² − 1 on log σ).
+            score_v = tf.reduce_sum(
+                r * net.inv_var * r_mean + self.score_log_std * v_log_std, -1, keepdims=True
+            )
+            r_delta -= w * score_v * r * net.inv_var
+            g_log_std -= tf.reduce_sum(w * score_v * self.score_log_std, axis=1)
         grads = net.r_backward(
             r_delta, r_inputs, self.deltas, self.deltas_t, self.cross_terms, v[:-1][0::2]
         )
@@ -268,9 +280,11 @@ class CategoricalInnerLossHessian:
         episodes: ``EpisodeBatch`` ``[tasks, E, T, ...]`` with float-encoded actions ``[..., 1]``.
         advantages: ``[tasks, E, T]``.
         activation: the policy's hidden activation.
+        lvc: as :class:`InnerLossHessian`.
     """
 
-    def __init__(self, params, episodes, advantages, activation: str):
+    def __init__(self, params, episodes, advantages, activation: str, lvc: bool = False):
+        self.lvc = lvc
         x = _flatten(tf.convert_to_tensor(episodes.observations, tf.float32), 1)
         a = _flatten(tf.convert_to_tensor(episodes.actions, tf.float32), 1)
         mask = _flatten(tf.convert_to_tensor(episodes.mask, tf.float32), 0)
@@ -279,7 +293,8 @@ class CategoricalInnerLossHessian:
         self.weight = (mask * adv / tf.reduce_sum(mask, axis=1, keepdims=True))[..., None]
         self.probs = tf.nn.softmax(net.output)
         one_hot = tf.one_hot(tf.cast(tf.round(a[..., 0]), tf.int32), net.output.shape[-1])
-        grads, self.deltas, delta_hs = net.backward(self.weight * (self.probs - one_hot))
+        self.score = one_hot - self.probs  # ∂log p_a/∂z
+        grads, self.deltas, delta_hs = net.backward(-self.weight * self.score)
         # As InnerLossHessian: the loss and its gradient from the cached passes.
         log_prob = categorical_log_prob(net.output, a)
         self.loss = -tf.reduce_sum(self.weight[..., 0] * log_prob, axis=1)
@@ -291,6 +306,10 @@ class CategoricalInnerLossHessian:
         net = self.net
         r_inputs, r_logits = net.r_forward(v)
         r_delta = self.weight * _softmax_jvp(self.probs, r_logits)
+        if self.lvc:  # −Σ w (∇log p_a · v) ∇log p_a
+            r_delta -= (
+                self.weight * tf.reduce_sum(self.score * r_logits, -1, keepdims=True) * self.score
+            )
         return net.r_backward(
             r_delta, r_inputs, self.deltas, self.deltas_t, self.cross_terms, v[0::2]
         )

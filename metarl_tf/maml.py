@@ -32,8 +32,14 @@ import tensorflow as tf
 from metarl_tf.policy import tile_parameters
 
 
-def policy_gradient_loss(policy, params, episodes, advantages):
+def policy_gradient_loss(policy, params, episodes, advantages, lvc: bool = False):
     """The inner loss ``−Σ mask·log π(a|s)·Â / Σ mask`` of every task.
+
+    ``lvc``: ProMP's low-variance curvature form (Rothfuss et al., 2019): ``log π`` replaced by
+    ``⊥log π + π/⊥π − 1`` (``⊥`` = stop-gradient). Same value and gradient at the point; its
+    Hessian adds ``−Σ mask·Â·∇log π ∇log πᵀ / Σ mask``, the per-step part of how the
+    *pre-adaptation sampling* changes the inner gradient, which plain MAML drops. Through that
+    term the meta-gradient credits the pre-adaptation policy for exploring well.
 
     Args:
         policy: provides ``forward(params, observations)`` and ``log_prob(dist, actions)``
@@ -41,29 +47,33 @@ def policy_gradient_loss(policy, params, episodes, advantages):
         params: per-task weights ``[tasks, *shape]``.
         episodes: ``EpisodeBatch`` ``[tasks, episodes, T, ...]``.
         advantages: ``[tasks, episodes, T]`` (constants).
+        lvc: use the low-variance-curvature form (changes second derivatives only).
 
     Returns:
         ``[tasks]`` losses.
     """
     log_prob = policy.log_prob(policy.forward(params, episodes.observations), episodes.actions)
+    if lvc:
+        fixed = tf.stop_gradient(log_prob)
+        log_prob = fixed + tf.exp(log_prob - fixed) - 1.0
     mask = tf.cast(episodes.mask, log_prob.dtype)
     total = tf.reduce_sum(mask * log_prob * advantages, axis=[1, 2])
     return -total / tf.reduce_sum(mask, axis=[1, 2])
 
 
-def inner_gradients(policy, params, episodes, advantages):
+def inner_gradients(policy, params, episodes, advantages, lvc: bool = False):
     """``(losses [tasks], ∇_θ L_i for every task [tasks, *shape])``."""
     with tf.GradientTape() as tape:
         tape.watch(params)
-        losses = policy_gradient_loss(policy, params, episodes, advantages)
+        losses = policy_gradient_loss(policy, params, episodes, advantages, lvc)
         total = tf.reduce_sum(losses)  # tasks are independent: ∂total/∂θ_i = ∇L_i(θ_i)
     return losses, tape.gradient(total, params)
 
 
-def inner_hvp(policy, params, episodes, advantages, vector):
+def inner_hvp(policy, params, episodes, advantages, vector, lvc: bool = False):
     """``∇²L_i(θ_i) v_i`` for every task (forward-over-reverse: a JVP of the gradient)."""
     with tf.autodiff.ForwardAccumulator(params, vector) as acc:
-        _, grads = inner_gradients(policy, params, episodes, advantages)
+        _, grads = inner_gradients(policy, params, episodes, advantages, lvc)
     return [acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO) for g in grads]
 
 

@@ -37,7 +37,7 @@ RUN_FIELDS = ("iterations", "checkpoint_every")
 CONTINUATION_FIELDS = RUN_FIELDS + (
     "init_log_std", "meta_batch_size", "episodes_per_task", "outer", "max_kl", "cg_iterations",
     "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "outer_learning_rate", "ppo_epochs",
-    "ppo_clip", "seed", "inner_steps", "every_step_objective",
+    "ppo_clip", "seed", "inner_steps", "every_step_objective", "lvc",
 )  # fmt: skip
 
 
@@ -135,7 +135,7 @@ class MetaTrainer:
                 learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
                 max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
                 ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
-                stop_after=stop_after, every_step_objective=c.every_step_objective,
+                stop_after=stop_after, every_step_objective=c.every_step_objective, lvc=c.lvc,
             )  # fmt: skip
         if c.outer == "ppo":
             return ppo_meta_step(

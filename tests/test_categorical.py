@@ -220,6 +220,18 @@ def test_categorical_inner_loss_hessian_matches_autodiff(setup):
     expected = hessian_vector_product(total_loss, params, v)
     assert_close(CategoricalInnerLossHessian(params, episodes, adv, policy.activation)(v), expected)
     assert_close(inner_hvp(policy, params, episodes, adv, v), expected)
+    # the low-variance-curvature loss: its own autodiff Hessian, which differs from the plain one
+    expected_lvc = hessian_vector_product(
+        lambda p: tf.reduce_sum(policy_gradient_loss(policy, p, episodes, adv, lvc=True)), params, v
+    )
+    lvc = CategoricalInnerLossHessian(params, episodes, adv, policy.activation, lvc=True)
+    assert_close(lvc(v), expected_lvc)
+    diff = np.concatenate(
+        [(a - b).numpy().ravel() for a, b in zip(expected_lvc, expected, strict=True)]
+    )
+    assert np.linalg.norm(diff) > 0.05 * np.linalg.norm(
+        np.concatenate([e.numpy().ravel() for e in expected])
+    )
     # and the loss and gradient the inner steps of TRPO take from it
     losses, grads = inner_gradients(policy, params, episodes, adv)
     h = CategoricalInnerLossHessian(params, episodes, adv, policy.activation)

@@ -88,3 +88,57 @@ def test_unknown_activation_has_no_analytic_curvature(synthetic_batch, to_tensor
     params = [tf.constant(np.stack([p, p])) for p in policy.get_parameters()]
     with pytest.raises(ValueError, match="no analytic curvature for activation 'gelu'"):
         GaussianFisher(params, episodes, "gelu")
+
+
+def outer_product_term(policy, params, episodes, adv, v):
+    """``−Σ_n w_n (g_n · v) g_n`` per task, ``g_n = ∇log π(a_n|s_n)`` from a per-sample
+    autodiff Jacobian and ``w = mask·Â / Σ mask``: the LVC Hessian's extra term, written out."""
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        log_prob = policy.log_prob(policy.forward(params, episodes.observations), episodes.actions)
+        flat = tf.reshape(log_prob, [-1])
+    jac = tape.jacobian(flat, params)  # per parameter: [tasks*E*T, tasks, *shape]
+    mask = episodes.mask.numpy()
+    w = (mask * adv.numpy() / mask.sum(axis=(1, 2), keepdims=True)).ravel()
+    tasks = mask.shape[0]
+    task_of = np.repeat(np.arange(tasks), mask[0].size)
+    jac = [j.numpy().reshape(len(w), tasks, -1)[np.arange(len(w)), task_of] for j in jac]
+    g = np.concatenate(jac, axis=1)  # [samples, n_params] (each sample's own task's block)
+    vv = np.concatenate([x.numpy().reshape(tasks, -1) for x in v], axis=1)[task_of]
+    term = -(w * np.sum(g * vv, axis=1))[:, None] * g
+    per_task = np.stack([term[task_of == t].sum(0) for t in range(tasks)])
+    sizes = [int(np.prod(x.shape[1:])) for x in v]
+    parts = np.split(per_task, np.cumsum(sizes)[:-1], axis=1)
+    return [tf.constant(p.reshape(x.shape), tf.float32) for p, x in zip(parts, v, strict=True)]
+
+
+def test_lvc_loss_has_the_plain_loss_value_and_gradient(per_task_setup):
+    policy, episodes, params, adv, _ = per_task_setup
+    losses, grads = inner_gradients(policy, params, episodes, adv)
+    lvc_losses, lvc_grads = inner_gradients(policy, params, episodes, adv, lvc=True)
+    np.testing.assert_allclose(lvc_losses.numpy(), losses.numpy(), rtol=1e-6, atol=1e-7)
+    assert_close(lvc_grads, grads, rtol=1e-6)
+    h = InnerLossHessian(params, episodes, adv, policy.activation, lvc=True)
+    np.testing.assert_allclose(h.loss.numpy(), losses.numpy(), rtol=1e-5, atol=1e-6)
+    assert_close(h.gradient, grads, rtol=1e-5)
+
+
+def test_lvc_hessian_is_the_plain_one_plus_the_score_outer_product(per_task_setup):
+    policy, episodes, params, adv, v = per_task_setup
+
+    def total_lvc_loss(p):
+        return tf.reduce_sum(policy_gradient_loss(policy, p, episodes, adv, lvc=True))
+
+    plain = hessian_vector_product(
+        lambda p: tf.reduce_sum(policy_gradient_loss(policy, p, episodes, adv)), params, v
+    )
+    extra = outer_product_term(policy, params, episodes, adv, v)
+    expected = [a + b for a, b in zip(plain, extra, strict=True)]
+    assert_close(hessian_vector_product(total_lvc_loss, params, v), expected)
+    assert_close(InnerLossHessian(params, episodes, adv, policy.activation, lvc=True)(v), expected)
+    assert_close(inner_hvp(policy, params, episodes, adv, v, lvc=True), expected)
+    # the term is not negligible here, so the test tells the two Hessians apart
+    flat = np.concatenate([x.numpy().ravel() for x in extra])
+    assert np.linalg.norm(flat) > 0.1 * np.linalg.norm(
+        np.concatenate([x.numpy().ravel() for x in plain])
+    )

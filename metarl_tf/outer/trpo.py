@@ -27,7 +27,14 @@ import functools
 import tensorflow as tf
 
 from metarl_tf.curvature import analytic_curvature_for
-from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp, per_step_batches
+from metarl_tf.maml import (
+    adapt,
+    adaptation_jvp,
+    adaptation_vjp,
+    inner_gradients,
+    inner_hvp,
+    per_step_batches,
+)
 from metarl_tf.outer.common import MetaBatch, mean_kl_from_dist, surrogate_from_log_prob
 
 
@@ -107,6 +114,7 @@ def trpo_meta_step(
     analytic_curvature: bool = True,
     stop_after: str | None = None,
     every_step_objective: bool = False,
+    lvc: bool = False,
 ):
     """One MAML-TRPO update of ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
     ``learn_step_sizes``). Meant to run inside a ``tf.function``.
@@ -119,6 +127,8 @@ def trpo_meta_step(
     every step (θ_j on inner batch j + 1, which θ_j collected; θ_k on the outer batch) under the
     mean of their KLs, instead of the last step's alone: adaptation that keeps improving step by
     step. The same one JVP/VJP pass through the chain serves all levels.
+    ``lvc``: differentiate through the inner steps with the Hessian of the low-variance-curvature
+    inner loss (:func:`metarl_tf.maml.policy_gradient_loss`); the adaptation itself is unchanged.
 
     Returns:
         dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
@@ -141,16 +151,17 @@ def trpo_meta_step(
     hessians = None
     if analytic_curvature:
         hessian_cls, fisher_cls = analytic_curvature_for(policy)
-    if analytic_curvature and not first_order:
-        hessians = []
+    if not first_order:
+        hessians = []  # v ↦ H_j v of every inner step, recorded as adapt computes its gradients
 
-        def analytic_gradients(point, episodes, adv):
-            hessians.append(hessian_cls(point, episodes, adv, policy.activation))
-            return hessians[-1].loss, hessians[-1].gradient
+        def gradients(point, episodes, adv):
+            if analytic_curvature:
+                hessians.append(hessian_cls(point, episodes, adv, policy.activation, lvc))
+                return hessians[-1].loss, hessians[-1].gradient
+            hessians.append(functools.partial(inner_hvp, policy, point, episodes, adv, lvc=lvc))
+            return inner_gradients(policy, point, episodes, adv)
 
-        result = adapt(
-            policy, theta, sizes, inner, inner_adv, inner_steps, False, analytic_gradients
-        )
+        result = adapt(policy, theta, sizes, inner, inner_adv, inner_steps, False, gradients)
     else:
         result = adapted(theta, alphas)
     # The objective's levels: θ' only, or with ``every_step_objective`` every θ_j on the batch
