@@ -82,6 +82,13 @@ class Bundle:
     def learned_step_sizes(self) -> bool:
         return not isinstance(self.step_sizes, float)
 
+    @property
+    def log_std_shift(self) -> np.ndarray | None:
+        """The learned shift of ``log σ`` the first inner step adds (``train --log-std-shift``),
+        or ``None``."""
+        shift = self.adaptation.get("log_std_shift")
+        return None if shift is None else np.asarray(shift, np.float32)
+
     def make_adapter(self):
         """The compiled :class:`metarl_tf.maml.Adapter` with this bundle's settings."""
         from metarl_tf.maml import Adapter
@@ -92,7 +99,12 @@ class Bundle:
             import tensorflow as tf
 
             sizes = [tf.constant(s) for s in sizes]
-        return Adapter(self.policy, sizes, a["gamma"], a["gae_lambda"], a["baseline"])
+        shift = self.log_std_shift
+        if shift is not None:
+            import tensorflow as tf
+
+            shift = tf.constant(shift)
+        return Adapter(self.policy, sizes, a["gamma"], a["gae_lambda"], a["baseline"], shift)
 
 
 def save_bundle(
@@ -235,6 +247,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                 )
     else:
         step_sizes = float(sizes)
+    shift = meta["adaptation"].get("log_std_shift")
+    if shift is not None:
+        expected = list(policy.parameter_shapes[-1])
+        if policy.parameter_names[-1] != "log_std" or np.shape(shift) != tuple(expected):
+            raise BundleError(
+                f"{meta_path}: adaptation.log_std_shift must be a list of {expected} floats for "
+                f"a Gaussian policy's log_std, got {shift!r}"
+            )
     td = meta["task_distribution"]
     dist = make_task_distribution(td["name"], **td.get("config", {}))
     return Bundle(path, path.name, meta, policy, step_sizes, dist)

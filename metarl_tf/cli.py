@@ -63,6 +63,12 @@ def _add_train(sub) -> None:
         "not only after the last",
     )  # fmt: skip
     p.add_argument(
+        "--log-std-shift", action="store_true", default=None,
+        help="TRPO, Gaussian policies: learn a shift of log σ that the first inner step adds, and "
+        "keep the pre-adaptation log σ at --init-log-std (exploration noise apart from the "
+        "adapted policy's)",
+    )  # fmt: skip
+    p.add_argument(
         "--lvc", action="store_true", default=None,
         help="TRPO, second order: differentiate through the inner steps with the Hessian of "
         "ProMP's low-variance-curvature inner loss, which credits the pre-adaptation policy "
@@ -195,6 +201,7 @@ def _train_config(args):
         "outer_learning_rate": args.outer_learning_rate,
         "algo": args.algo, "gae_lambda": args.gae_lambda, "gamma": args.gamma,
         "every_step_objective": args.every_step_objective, "lvc": args.lvc,
+        "log_std_shift": args.log_std_shift,
     }  # fmt: skip
     overrides["meta_batch_size"] = args.meta_batch_size
     overrides["episodes_per_task"] = args.episodes_per_task

@@ -32,6 +32,11 @@ class TrainConfig:
             low-variance-curvature inner loss (TRPO only; second order only): the meta-gradient
             then credits the pre-adaptation policy for the data it collects. The adaptation
             itself (and so a bundle's use) is unchanged.
+        log_std_shift: learn a shift of the Gaussian's ``log σ`` that the first inner step adds,
+            and keep the pre-adaptation ``log σ`` at ``init_log_std`` (TRPO, Gaussian policies):
+            the pre-adaptation policy explores with its own noise, the adapted one acts with
+            less. Without it, one ``log σ`` serves both, and TRPO shrinks it for the adapted
+            policy's precision at the cost of exploration.
         gamma: discount factor.
         gae_lambda: GAE λ (1.0 = Monte Carlo returns minus baseline).
         baseline: ``linear`` (rllab's linear feature baseline) or ``none``.
@@ -67,6 +72,7 @@ class TrainConfig:
     first_order: bool = False
     every_step_objective: bool = False
     lvc: bool = False
+    log_std_shift: bool = False
     gamma: float = 0.99
     gae_lambda: float = 1.0
     baseline: str = "linear"
@@ -102,6 +108,8 @@ class TrainConfig:
                 "lvc changes the second-order terms of the TRPO meta-step: it needs outer='trpo' "
                 f"and first_order=False, got outer={self.outer!r}, first_order={self.first_order}"
             )
+        if self.log_std_shift and self.outer != "trpo":
+            raise ValueError(f"log_std_shift needs outer='trpo', got {self.outer!r}")
         if self.algo not in ("maml", "pretrain"):
             raise ValueError(f"algo must be 'maml' or 'pretrain', got {self.algo!r}")
         for name in (

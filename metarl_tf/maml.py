@@ -130,6 +130,7 @@ def adapt(
     steps: int | None = None,
     first_order: bool = False,
     gradients=None,
+    log_std_shift=None,
 ) -> AdaptResult:
     """``steps`` inner gradient steps ``θ_j = θ_{j−1} − α ⊙ ∇L(θ_{j−1}; D^j)`` for every task.
 
@@ -149,6 +150,9 @@ def adapt(
         gradients: ``(params, episodes, advantages) -> (losses [tasks], grads)`` computing the
             inner loss and its gradient; default :func:`inner_gradients` (autodiff). TRPO passes
             the analytic one of :mod:`metarl_tf.curvature`, which it needs at the same points.
+        log_std_shift: optional ``[action_dim]`` added to the Gaussian's ``log_std`` (the last
+            parameter) by the first step: the adapted policy's noise apart from the
+            pre-adaptation (exploration) noise (``TrainConfig.log_std_shift``).
     """
     episodes, advantages = per_step_batches(episodes, advantages, steps)
     tasks = episodes[0].mask.shape[0]
@@ -169,6 +173,8 @@ def adapt(
             p - _scale(step_sizes, i) * g
             for i, (p, g) in enumerate(zip(params, grads, strict=True))
         ]
+        if log_std_shift is not None and len(trace) == 1:
+            params[-1] = params[-1] + log_std_shift
     return AdaptResult(params, tf.stack(losses), trace)
 
 
@@ -180,7 +186,7 @@ def _hvp_fn(policy, point, episodes, advantages, hessian):
 
 def adaptation_jvp(
     policy, result: AdaptResult, step_sizes, episodes, advantages, v_params, v_steps=None,
-    first_order=False, hessians=None, every_step=False,
+    first_order=False, hessians=None, every_step=False, v_shift=None,
 ):  # fmt: skip
     """``dθ' = J_θ v_θ + J_α v_α`` for the map ``(θ, α) ↦ θ'`` traced in ``result``.
 
@@ -194,6 +200,7 @@ def adaptation_jvp(
             :class:`metarl_tf.curvature.InnerLossHessian`); default: autodiff :func:`inner_hvp`.
 
         every_step: return the tangents of every ``θ_1 .. θ_k``, not only of ``θ' = θ_k``.
+        v_shift: tangent of a learned ``log_std_shift`` (see :func:`adapt`), or ``None``.
 
     Returns:
         per-task tangents ``[tasks, *shape]`` (a list of them per step with ``every_step``).
@@ -210,13 +217,15 @@ def adaptation_jvp(
         u = [ui - _scale(step_sizes, i) * h for i, (ui, h) in enumerate(zip(u, hu, strict=True))]
         if v_steps is not None:
             u = [ui - g * dv for ui, g, dv in zip(u, grads, v_steps, strict=True)]
+        if v_shift is not None and j == 0:
+            u = [*u[:-1], u[-1] + v_shift]
         levels.append(u)
     return levels if every_step else u
 
 
 def adaptation_vjp(
     policy, result: AdaptResult, step_sizes, episodes, advantages, w, with_steps=False,
-    first_order=False, hessians=None, intermediate=None,
+    first_order=False, hessians=None, intermediate=None, with_shift=False,
 ):  # fmt: skip
     """``(J_θᵀ w, J_αᵀ w)`` for per-task cotangents ``w`` ``[tasks, *shape]`` of ``θ'``.
 
@@ -227,6 +236,8 @@ def adaptation_vjp(
     ``intermediate``: cotangents of ``θ_1 .. θ_{k−1}`` too (a list of ``k − 1``, entries may be
     ``None``), for an objective on every step's adapted parameters: the result is then the
     cotangent of all of them together, in one backward pass.
+
+    ``with_shift``: also return the cotangent of a ``log_std_shift`` (:func:`adapt`), third.
 
     Returns:
         ``(cotangent of θ [*shape] each, cotangent of α [*shape] each or None)``; the task axis is
@@ -241,8 +252,11 @@ def adaptation_vjp(
         )
     w = list(w)
     w_steps = [tf.zeros_like(x[0]) for x in w] if with_steps else None
+    w_shift = None
     for j in reversed(range(len(result.trace))):
         point, grads = result.trace[j]
+        if j == 0 and with_shift:  # w is the cotangent of θ_1, where the shift is added
+            w_shift = tf.reduce_sum(w[-1], axis=0)
         if with_steps:
             w_steps = [
                 ws - tf.reduce_sum(g * wi, axis=0)
@@ -255,6 +269,8 @@ def adaptation_vjp(
             w = [wi - h for wi, h in zip(w, haw, strict=True)]
         if j > 0 and intermediate[j - 1] is not None:  # w is now the cotangent of θ_j
             w = [wi + ci for wi, ci in zip(w, intermediate[j - 1], strict=True)]
+    if with_shift:
+        return [tf.reduce_sum(wi, axis=0) for wi in w], w_steps, w_shift
     return [tf.reduce_sum(wi, axis=0) for wi in w], w_steps
 
 
@@ -270,10 +286,12 @@ class Adapter:
     """
 
     def __init__(
-        self, policy, step_sizes, gamma: float, gae_lambda: float = 1.0, baseline: str = "linear"
-    ):
+        self, policy, step_sizes, gamma: float, gae_lambda: float = 1.0, baseline: str = "linear",
+        log_std_shift=None,
+    ):  # fmt: skip
         self.policy = policy
         self.step_sizes = step_sizes
+        self.log_std_shift = log_std_shift
         self.gamma, self.gae_lambda, self.baseline = gamma, gae_lambda, baseline
         self._compiled = tf.function(self._adapt)
         # Concrete functions by (steps, input shapes): calling one skips tf.function's argument
@@ -284,7 +302,10 @@ class Adapter:
         from metarl_tf.advantages import compute_advantages
 
         advantages = compute_advantages(episodes, self.gamma, self.gae_lambda, self.baseline)
-        result = adapt(self.policy, params, self.step_sizes, episodes, advantages, steps)
+        result = adapt(
+            self.policy, params, self.step_sizes, episodes, advantages, steps,
+            log_std_shift=self.log_std_shift,
+        )  # fmt: skip
         return result.params, result.losses, advantages
 
     @property

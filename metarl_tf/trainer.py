@@ -35,10 +35,24 @@ RUN_FIELDS = ("iterations", "checkpoint_every")
 # inner steps trained for and the objective over them (e.g. continue a 1-step meta-init with a
 # 2-step objective), not the task distribution, the policy or the inner step rule.
 CONTINUATION_FIELDS = RUN_FIELDS + (
-    "init_log_std", "meta_batch_size", "episodes_per_task", "outer", "max_kl", "cg_iterations",
-    "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "outer_learning_rate", "ppo_epochs",
-    "ppo_clip", "seed", "inner_steps", "every_step_objective", "lvc",
-)  # fmt: skip
+    "init_log_std",
+    "meta_batch_size",
+    "episodes_per_task",
+    "outer",
+    "max_kl",
+    "cg_iterations",
+    "cg_damping",
+    "ls_max_steps",
+    "ls_backtrack_ratio",
+    "outer_learning_rate",
+    "ppo_epochs",
+    "ppo_clip",
+    "seed",
+    "inner_steps",
+    "every_step_objective",
+    "lvc",
+)
+CHECKPOINT_SHIFT = "log_std_shift"  # fmt: skip
 
 
 def read_metrics_rows(path: str | Path, up_to: int | None = None) -> list[dict[str, float]]:
@@ -103,8 +117,16 @@ class MetaTrainer:
             ]
         else:
             self.step_sizes = float(c.inner_step_size)
+        self.log_std_shift = None
+        if c.log_std_shift:
+            if getattr(self.policy, "distribution_type", None) != "gaussian":
+                raise ValueError("log_std_shift needs a Gaussian policy (continuous actions)")
+            shape = self.policy.parameter_shapes[-1]
+            self.log_std_shift = tf.Variable(tf.zeros(shape), name="log_std_shift")
         self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task)
-        self.adapter = Adapter(self.policy, self.step_sizes, c.gamma, c.gae_lambda, c.baseline)
+        self.adapter = Adapter(
+            self.policy, self.step_sizes, c.gamma, c.gae_lambda, c.baseline, self.log_std_shift
+        )
         self.optimizer = (
             keras.optimizers.Adam(c.outer_learning_rate) if c.outer in ("adam", "ppo") else None
         )
@@ -122,8 +144,10 @@ class MetaTrainer:
 
     @property
     def _meta_variables(self) -> list:
-        return list(self.policy.parameters) + (
-            list(self.step_sizes) if self.config.meta_sgd else []
+        return (
+            list(self.policy.parameters)
+            + (list(self.step_sizes) if self.config.meta_sgd else [])
+            + ([self.log_std_shift] if self.log_std_shift is not None else [])
         )
 
     def _meta_step_fn(self, batch: MetaBatch, stop_after: str | None = None):
@@ -136,6 +160,7 @@ class MetaTrainer:
                 max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
                 ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
                 stop_after=stop_after, every_step_objective=c.every_step_objective, lvc=c.lvc,
+                log_std_shift=self.log_std_shift,
             )  # fmt: skip
         if c.outer == "ppo":
             return ppo_meta_step(
@@ -245,6 +270,8 @@ class MetaTrainer:
         arrays = {f"param_{i}": p.numpy() for i, p in enumerate(self.policy.parameters)}
         if self.config.meta_sgd:
             arrays.update({f"alpha_{i}": s.numpy() for i, s in enumerate(self.step_sizes)})
+        if self.log_std_shift is not None:
+            arrays[CHECKPOINT_SHIFT] = self.log_std_shift.numpy()
         if self.optimizer is not None:
             arrays.update(
                 {f"opt_{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)}
@@ -278,6 +305,8 @@ class MetaTrainer:
             if self.config.meta_sgd:
                 for i, s in enumerate(self.step_sizes):
                     s.assign(data[f"alpha_{i}"])
+            if self.log_std_shift is not None:
+                self.log_std_shift.assign(data[CHECKPOINT_SHIFT])
             if self.optimizer is not None:
                 for i, v in enumerate(self.optimizer.variables):
                     v.assign(data[f"opt_{i}"])
@@ -323,6 +352,8 @@ class MetaTrainer:
         if self.config.meta_sgd:
             for s, value in zip(self.step_sizes, bundle.step_sizes, strict=True):
                 s.assign(value)
+        if self.log_std_shift is not None:
+            self.log_std_shift.assign(bundle.log_std_shift)
         self.iteration = int(training.get("iterations", 0))
         self.elapsed = float(training.get("wall_clock_seconds", 0.0))
         return read_metrics_rows(Path(path) / "metrics.jsonl", up_to=self.iteration)
@@ -361,6 +392,8 @@ class MetaTrainer:
             "first_order": c.first_order,
             "meta_sgd": c.meta_sgd,
         }
+        if self.log_std_shift is not None:
+            adaptation["log_std_shift"] = self.log_std_shift.numpy().tolist()
         return save_bundle(
             path, self.policy, self.step_size_values(), self.dist,
             adaptation=adaptation, training=summary, extra_files=extra_files,

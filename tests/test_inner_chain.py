@@ -550,3 +550,97 @@ def test_every_step_objective_is_a_trpo_config_option():
     assert np.isfinite(row["returns/post_adaptation"])
     with pytest.raises(ValueError, match="every_step_objective needs outer='trpo'"):
         get_preset("tiny").replace(outer="ppo", every_step_objective=True)
+
+
+# -- a learned shift of log σ added by the first inner step (TrainConfig.log_std_shift) --------
+
+
+def test_log_std_shift_is_added_by_the_first_step_only(chain):
+    c = chain
+    shift = tf.constant([0.3, -0.7], tf.float64)
+    result = adapt(c["policy"], c["theta"], c["alphas"], c["inner"], c["inner_adv"],
+                   log_std_shift=shift)  # fmt: skip
+    for i in range(2):
+        theta = list(c["theta"])
+        for j in range(2):
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                loss = reference_loss(theta, *task(c["inner"][j], c["inner_adv"][j], i))
+            grads = tape.gradient(loss, theta)
+            theta = [p - a * g for p, a, g in zip(theta, c["alphas"], grads, strict=True)]
+            if j == 0:
+                theta[-1] = theta[-1] + shift
+        for got, ref in zip(result.params, theta, strict=True):
+            np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_jvp_and_vjp_with_a_log_std_shift_match_autodiff(chain):
+    c = chain
+    rng = np.random.default_rng(9)
+    shift = tf.constant([0.3, -0.7], tf.float64)
+    v_theta = [tf.constant(rng.normal(size=t.shape)) for t in c["theta"]]
+    v_shift = tf.constant(rng.normal(size=2))
+    w1, w2 = ([tf.constant(rng.normal(size=(2, *t.shape))) for t in c["theta"]] for _ in "12")
+    primals = c["theta"] + c["alphas"] + [shift]
+    with (
+        tf.autodiff.ForwardAccumulator(c["theta"] + [shift], v_theta + [v_shift]) as acc,
+        tf.GradientTape() as tape,
+    ):
+        tape.watch(primals)
+        result = adapt(c["policy"], c["theta"], c["alphas"], c["inner"], c["inner_adv"],
+                       log_std_shift=shift)  # fmt: skip
+        theta1 = result.trace[1][0]
+    expected_jvp = [[acc.jvp(p) for p in theta1], [acc.jvp(p) for p in result.params]]
+    expected_vjp = tape.gradient(theta1 + result.params, primals, output_gradients=w1 + w2)
+    args = (c["policy"], result, c["alphas"], c["inner"], c["inner_adv"])
+    got_jvp = adaptation_jvp(*args, v_theta, None, False, None, every_step=True, v_shift=v_shift)
+    got = adaptation_vjp(*args, w2, True, False, None, [w1], with_shift=True)
+    for level_got, level_exp in zip(got_jvp, expected_jvp, strict=True):
+        for g, e in zip(level_got, level_exp, strict=True):
+            np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
+    for g, e in zip(got[0] + got[1] + [got[2]], expected_vjp, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
+
+
+def test_trpo_learns_the_shift_and_keeps_the_pre_adaptation_log_std(
+    make_policy, synthetic_batch, to_tensors
+):
+    """The step moves θ's network weights and the shift, not the pre-adaptation log σ; it is the
+    same with analytic and autodiff curvature; the KL bound holds and the surrogate improves."""
+    from metarl_tf.outer import mean_kl, surrogate_loss
+    from metarl_tf.policy import gaussian_log_prob
+
+    batch = two_batch_chain(synthetic_batch, to_tensors)
+    policy = make_policy(hidden=(8,))
+    start = [tf.constant(p) for p in policy.get_parameters()]
+    adapted = {}
+    for analytic in (True, False):
+        policy.set_parameters(start)
+        shift = tf.Variable([-0.2, 0.1])
+
+        def outer_level(theta, shift=shift):
+            return adapt(policy, theta, 0.1, batch.inner_episodes, batch.inner_advantages,
+                         log_std_shift=tf.convert_to_tensor(shift)).params  # fmt: skip
+
+        old = policy.forward(outer_level(start), batch.outer_episodes.observations)
+        old_logp = gaussian_log_prob(*old, batch.outer_episodes.actions)
+        stats = trpo_meta_step(
+            policy, 0.1, batch, learn_step_sizes=False, inner_steps=2, first_order=False,
+            max_kl=0.01, cg_iterations=3, cg_damping=1e-5, ls_max_steps=10,
+            ls_backtrack_ratio=0.8, analytic_curvature=analytic, log_std_shift=shift,
+        )  # fmt: skip
+        assert float(stats["accepted"]) == 1.0
+        new = policy.get_parameters()
+        np.testing.assert_array_equal(new[-1], start[-1].numpy())  # pre-adaptation log σ fixed
+        assert not np.allclose(new[0], start[0].numpy())
+        assert not np.allclose(shift.numpy(), [-0.2, 0.1])
+        params = outer_level([tf.constant(p) for p in new])
+        kl = float(mean_kl(policy, params, batch.outer_episodes, *old))
+        loss = float(surrogate_loss(policy, params, batch.outer_episodes,
+                                    batch.outer_advantages, old_logp))  # fmt: skip
+        assert kl == pytest.approx(float(stats["kl"]), rel=1e-3) and kl < 0.01
+        assert loss == pytest.approx(float(stats["loss_after"]), rel=1e-4, abs=1e-7)
+        assert loss < float(stats["loss_before"])
+        adapted[analytic] = np.concatenate([np.ravel(p) for p in new] + [shift.numpy()])
+    np.testing.assert_allclose(adapted[True], adapted[False], rtol=1e-4, atol=1e-7)
+    policy.set_parameters(start)

@@ -155,3 +155,48 @@ def test_config_validation_and_presets():
         TrainConfig.from_dict({"hidden": [4]})
     c = TrainConfig()
     assert c.env_steps_per_iteration == 2 * 20 * 20 * 100
+
+
+def test_log_std_shift_is_checkpointed_exported_and_applied_by_the_bundle(tmp_path):
+    import json
+
+    from metarl_tf.bundle import BundleError
+    from metarl_tf.maml import Adapter
+
+    config = get_preset("tiny").replace(log_std_shift=True)
+    first = MetaTrainer(config)
+    first.train_iteration()
+    first.save_checkpoint(tmp_path / "ckpt")
+    expected = comparable(first.train_iteration())
+    shift = first.log_std_shift.numpy()
+    assert np.any(shift != 0.0), "the shift was not learned"
+    np.testing.assert_array_equal(first.policy.get_parameters()[-1], config.init_log_std)
+    resumed = MetaTrainer(config)
+    assert resumed.restore_checkpoint(tmp_path / "ckpt")
+    assert comparable(resumed.train_iteration()) == expected
+    np.testing.assert_array_equal(resumed.log_std_shift.numpy(), shift)
+
+    bundle = load_bundle(first.export_bundle(tmp_path / "bundle"))
+    np.testing.assert_array_equal(bundle.log_std_shift, shift)
+    batch = first.sampler.sample(
+        bundle.policy.parameters, bundle.task_distribution.sample_tasks(2, 0), 1
+    )
+    with_shift = bundle.make_adapter()(bundle.policy.parameters, batch)[0]
+    a = bundle.adaptation
+    plain = Adapter(bundle.policy, bundle.step_sizes, a["gamma"], a["gae_lambda"], a["baseline"])
+    without = plain(bundle.policy.parameters, batch)[0]
+    np.testing.assert_allclose(
+        (with_shift[-1] - without[-1]).numpy(), np.stack([shift] * 2), rtol=1e-6
+    )
+    for p, q in zip(with_shift[:-1], without[:-1], strict=True):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+
+    meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+    meta["adaptation"]["log_std_shift"] = [0.0, 0.0, 0.0]
+    (tmp_path / "bundle" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="log_std_shift must be a list of"):
+        load_bundle(tmp_path / "bundle")
+    with pytest.raises(ValueError, match="log_std_shift needs outer='trpo'"):
+        get_preset("tiny").replace(log_std_shift=True, outer="ppo")
+    with pytest.raises(ValueError, match="log_std_shift needs a Gaussian policy"):
+        MetaTrainer(get_preset("bandit-k5").replace(log_std_shift=True, hidden_sizes=(4,)))

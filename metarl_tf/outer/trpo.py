@@ -115,6 +115,7 @@ def trpo_meta_step(
     stop_after: str | None = None,
     every_step_objective: bool = False,
     lvc: bool = False,
+    log_std_shift=None,
 ):
     """One MAML-TRPO update of ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
     ``learn_step_sizes``). Meant to run inside a ``tf.function``.
@@ -129,6 +130,9 @@ def trpo_meta_step(
     step. The same one JVP/VJP pass through the chain serves all levels.
     ``lvc``: differentiate through the inner steps with the Hessian of the low-variance-curvature
     inner loss (:func:`metarl_tf.maml.policy_gradient_loss`); the adaptation itself is unchanged.
+    ``log_std_shift``: a variable ``[action_dim]`` the first inner step adds to ``log σ``
+    (:func:`metarl_tf.maml.adapt`), learned here like the step sizes; the pre-adaptation
+    ``log σ`` (the policy's own) then stays fixed: exploration noise apart from the adapted one.
 
     Returns:
         dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
@@ -136,12 +140,25 @@ def trpo_meta_step(
     """
     theta = list(policy.parameters)
     alphas = list(step_sizes) if learn_step_sizes else []
+    shifts = [log_std_shift] if log_std_shift is not None else []
     inner, inner_adv = batch.inner_episodes, batch.inner_advantages
     outer, outer_adv = batch.outer_episodes, batch.outer_advantages
+    n_theta, n_alpha = len(theta), len(alphas)
 
-    def adapted(theta_values, alpha_values):
-        sizes = alpha_values if learn_step_sizes else step_sizes
-        return adapt(policy, theta_values, sizes, inner, inner_adv, inner_steps, first_order)
+    def adapted(values):
+        sizes = values[n_theta : n_theta + n_alpha] if learn_step_sizes else step_sizes
+        shift = values[-1] if shifts else None
+        return adapt(
+            policy, values[:n_theta], sizes, inner, inner_adv, inner_steps, first_order,
+            log_std_shift=shift,
+        )  # fmt: skip
+
+    def frozen(vector):
+        """With a learned shift the pre-adaptation log σ stays fixed: CG runs in the subspace
+        without it (its gradient and curvature entries zero)."""
+        if not shifts:
+            return vector
+        return [*vector[: n_theta - 1], tf.zeros_like(vector[n_theta - 1]), *vector[n_theta:]]
 
     sizes = alphas if learn_step_sizes else step_sizes
     # The Hessian/Fisher products below run ~2 * cg_iterations times at the same points: cache
@@ -161,9 +178,12 @@ def trpo_meta_step(
             hessians.append(functools.partial(inner_hvp, policy, point, episodes, adv, lvc=lvc))
             return inner_gradients(policy, point, episodes, adv)
 
-        result = adapt(policy, theta, sizes, inner, inner_adv, inner_steps, False, gradients)
+        result = adapt(
+            policy, theta, sizes, inner, inner_adv, inner_steps, False, gradients,
+            log_std_shift=log_std_shift,
+        )  # fmt: skip
     else:
-        result = adapted(theta, alphas)
+        result = adapted(theta + alphas + shifts)
     # The objective's levels: θ' only, or with ``every_step_objective`` every θ_j on the batch
     # it collected (inner batch j for j < k, the outer batch for θ_k), weighted 1/levels.
     inner_batches, inner_advs = per_step_batches(inner, inner_adv, inner_steps)
@@ -206,30 +226,32 @@ def trpo_meta_step(
         return by_step[inner_steps], [by_step.get(j) for j in range(1, inner_steps)]
 
     last, intermediate = to_cotangents(grad_levels)
-    g_theta, g_alpha = adaptation_vjp(
+    g_theta, g_alpha, *g_shift = adaptation_vjp(
         policy, result, sizes, inner, inner_adv, last, learn_step_sizes, first_order, hessians,
-        intermediate,
+        intermediate, with_shift=bool(shifts),
     )  # fmt: skip
-    grads = g_theta + (g_alpha or [])
-    n_theta = len(theta)
+    grads = frozen(g_theta + (g_alpha or []) + g_shift)
     if stop_after == "gradient":
         return {"loss_before": loss_before, "grad_norm": tf.sqrt(_dot(grads, grads))}
 
     def hvp(v):
+        v = frozen(v)
         us = adaptation_jvp(
             policy, result, sizes, inner, inner_adv, v[:n_theta],
-            v[n_theta:] if learn_step_sizes else None, first_order, hessians, every_step=True,
+            v[n_theta : n_theta + n_alpha] if learn_step_sizes else None, first_order, hessians,
+            every_step=True, v_shift=v[-1] if shifts else None,
         )  # fmt: skip
         fu = [
             [weight * x for x in fisher(us[j - 1])]
             for j, fisher in zip(levels, fishers, strict=True)
         ]
         last, intermediate = to_cotangents(fu)
-        h_theta, h_alpha = adaptation_vjp(
+        h_theta, h_alpha, *h_shift = adaptation_vjp(
             policy, result, sizes, inner, inner_adv, last, learn_step_sizes, first_order,
-            hessians, intermediate,
+            hessians, intermediate, with_shift=bool(shifts),
         )  # fmt: skip
-        return [h + cg_damping * vi for h, vi in zip(h_theta + (h_alpha or []), v, strict=True)]
+        products = h_theta + (h_alpha or []) + h_shift
+        return frozen([h + cg_damping * vi for h, vi in zip(products, v, strict=True)])
 
     # sᵀ(H + damping) s from CG's residual, not an 11th product (see conjugate_gradient).
     direction, s_h_s = conjugate_gradient(hvp, grads, cg_iterations, return_quadratic=True)
@@ -239,11 +261,11 @@ def trpo_meta_step(
     if stop_after == "direction":
         return {"loss_before": loss_before, "step_norm": tf.sqrt(_dot(full_step, full_step))}
 
-    old_values = [tf.identity(v) for v in theta + alphas]
+    old_values = [tf.identity(v) for v in theta + alphas + shifts]
 
     def evaluate(scale):
         candidate = [v - scale * s for v, s in zip(old_values, full_step, strict=True)]
-        cand = level_params(adapted(candidate[:n_theta], candidate[n_theta:]))
+        cand = level_params(adapted(candidate))
         loss, kl = 0.0, 0.0
         for ps, (episodes, adv), old_lp, old in zip(
             cand, data, old_log_probs, old_dists, strict=True
@@ -270,7 +292,7 @@ def trpo_meta_step(
     )
     # No acceptable step within ls_max_steps: keep the old parameters (as rllab/pytorch-maml-rl).
     scale = tf.where(accepted, scale, 0.0)
-    for var, old, step in zip(theta + alphas, old_values, full_step, strict=True):
+    for var, old, step in zip(theta + alphas + shifts, old_values, full_step, strict=True):
         var.assign(old - scale * step)
     return {
         "loss_before": loss_before,
