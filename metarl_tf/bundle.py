@@ -2,8 +2,10 @@
 
 Files:
     policy.keras     Keras 3 model holding θ (loads with ``safe_mode=True``).
-    meta.json        format version, task distribution, specs, policy and adaptation config,
-                     training summary, and the sha256 of every other file.
+    meta.json        format version, task distribution, specs, policy and adaptation config
+                     (with ``adaptation.log_std_shift``, a list of ``action_dim`` floats, when
+                     trained with ``--log-std-shift``), training summary, and the sha256 of every
+                     other file.
     step_sizes.npz   Meta-SGD step sizes, when learned (``allow_pickle=False``).
 
 No pickle anywhere; a bundle whose files do not match their checksums is refused.
