@@ -64,7 +64,8 @@ class Bundle:
         name: the directory name.
         meta: the parsed ``meta.json``.
         policy: the Keras policy holding the meta-initialization θ.
-        step_sizes: scalar α, or Meta-SGD step sizes (one float32 array per parameter).
+        step_sizes: scalar α, or Meta-SGD step sizes (one float32 array per parameter, or per-step
+            blocks of them: ``metarl_tf.maml.step_block``).
         task_distribution: the task distribution it was trained on.
     """
 
@@ -109,6 +110,15 @@ class Bundle:
         return Adapter(self.policy, sizes, a["gamma"], a["gae_lambda"], a["baseline"], shift)
 
 
+def _step_size_keys(parameter_names: list[str], blocks: int) -> list[str]:
+    """``step_sizes.npz`` keys: the parameter names (``/`` → ``__``), prefixed ``step<b>__`` for
+    per-step blocks."""
+    names = [n.replace("/", "__") for n in parameter_names]
+    if blocks == 1:
+        return names
+    return [f"step{b}__{n}" for b in range(blocks) for n in names]
+
+
 def save_bundle(
     path: str | os.PathLike,
     policy: GaussianMLPPolicy | CategoricalMLPPolicy,
@@ -137,12 +147,13 @@ def save_bundle(
     if isinstance(step_sizes, (int, float)):
         sizes_json: Any = float(step_sizes)
     else:
-        arrays = {
-            n: np.asarray(s, np.float32)
-            for n, s in zip(policy.parameter_names, step_sizes, strict=True)
-        }
-        np.savez(tmp / STEP_SIZES_FILE, **{n.replace("/", "__"): a for n, a in arrays.items()})
+        blocks = len(step_sizes) // len(policy.parameter_names)
+        keys = _step_size_keys(policy.parameter_names, blocks)
+        arrays = {k: np.asarray(s, np.float32) for k, s in zip(keys, step_sizes, strict=True)}
+        np.savez(tmp / STEP_SIZES_FILE, **arrays)
         sizes_json = {"file": STEP_SIZES_FILE}
+        if blocks > 1:
+            sizes_json["blocks"] = blocks
         files.append(STEP_SIZES_FILE)
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
@@ -234,15 +245,16 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         fname = sizes.get("file")
         if fname not in meta["files"]:
             raise BundleError(f"{meta_path}: step size file {fname!r} is not checksummed in files")
+        blocks = sizes.get("blocks", 1)
+        if not isinstance(blocks, int) or blocks < 1:
+            raise BundleError(f"{meta_path}: step_sizes.blocks must be a positive integer")
         with np.load(path / fname, allow_pickle=False) as data:
-            keys = [n.replace("/", "__") for n in policy.parameter_names]
+            keys = _step_size_keys(policy.parameter_names, blocks)
             missing = [k for k in keys if k not in data]
             if missing:
                 raise BundleError(f"{path / fname}: missing step sizes for {missing}")
             step_sizes: float | list[np.ndarray] = [np.asarray(data[k], np.float32) for k in keys]
-        for s, shape, n in zip(
-            step_sizes, policy.parameter_shapes, policy.parameter_names, strict=True
-        ):
+        for s, shape, n in zip(step_sizes, policy.parameter_shapes * blocks, keys, strict=True):
             if tuple(s.shape) != tuple(shape):
                 raise BundleError(
                     f"{path / fname}: step sizes of {n} have shape {s.shape}, expected {shape}"

@@ -63,6 +63,11 @@ def _add_train(sub) -> None:
         "not only after the last",
     )  # fmt: skip
     p.add_argument(
+        "--meta-sgd-per-step", action="store_true", default=None,
+        help="with --meta-sgd: one set of step sizes per inner step (continuing a bundle with "
+        "shared step sizes starts every step from them)",
+    )  # fmt: skip
+    p.add_argument(
         "--log-std-shift", action="store_true", default=None,
         help="TRPO, Gaussian policies: learn a shift of log σ that the first inner step adds, and "
         "keep the pre-adaptation log σ at --init-log-std (exploration noise apart from the "
@@ -201,6 +206,7 @@ def _train_config(args):
         "outer_learning_rate": args.outer_learning_rate,
         "algo": args.algo, "gae_lambda": args.gae_lambda, "gamma": args.gamma,
         "every_step_objective": args.every_step_objective, "lvc": args.lvc,
+        "meta_sgd_per_step": args.meta_sgd_per_step,
         "log_std_shift": args.log_std_shift,
     }  # fmt: skip
     overrides["meta_batch_size"] = args.meta_batch_size

@@ -24,6 +24,9 @@ class TrainConfig:
             episodes (batch ``j`` sampled by the policy adapted ``j`` times).
         inner_step_size: inner step size α (initial value when ``meta_sgd``).
         meta_sgd: learn one step size per parameter entry (Meta-SGD).
+        meta_sgd_per_step: with ``meta_sgd``, one set of step sizes per inner step (MAML++'s
+            per-step learning rates): step ``j`` uses block ``j``; adaptations longer than
+            ``inner_steps`` reuse the last block.
         first_order: drop second-order terms of the meta-gradient (FOMAML).
         every_step_objective: with ``inner_steps > 1`` (TRPO only), the outer objective is the
             mean of the surrogates after every inner step (each on the batch that step's policy
@@ -69,6 +72,7 @@ class TrainConfig:
     inner_steps: int = 1
     inner_step_size: float = 0.1
     meta_sgd: bool = False
+    meta_sgd_per_step: bool = False
     first_order: bool = False
     every_step_objective: bool = False
     lvc: bool = False
@@ -108,6 +112,8 @@ class TrainConfig:
                 "lvc changes the second-order terms of the TRPO meta-step: it needs outer='trpo' "
                 f"and first_order=False, got outer={self.outer!r}, first_order={self.first_order}"
             )
+        if self.meta_sgd_per_step and not self.meta_sgd:
+            raise ValueError("meta_sgd_per_step needs meta_sgd (learned step sizes)")
         if self.log_std_shift and self.outer != "trpo":
             raise ValueError(f"log_std_shift needs outer='trpo', got {self.outer!r}")
         if self.algo not in ("maml", "pretrain"):

@@ -117,6 +117,25 @@ def per_step_batches(episodes, advantages, steps: int | None = None) -> tuple[li
     return episodes, advantages
 
 
+def step_block(step_sizes, j: int, n_params: int) -> tuple[Any, int]:
+    """Step ``j``'s step sizes and their block index.
+
+    ``step_sizes`` is a scalar ``α`` (every step), one tensor per parameter (Meta-SGD, every
+    step), or per-step Meta-SGD blocks: a flat list of ``blocks × n_params`` tensors, block ``b``
+    for step ``b`` (steps past the last block reuse it).
+    """
+    if not isinstance(step_sizes, (list, tuple)) or len(step_sizes) == n_params:
+        return step_sizes, 0
+    blocks, rest = divmod(len(step_sizes), n_params)
+    if rest or blocks < 1:
+        raise ValueError(
+            f"{len(step_sizes)} step size tensors for {n_params} parameters: expected one per "
+            "parameter, or whole per-step blocks of them"
+        )
+    b = min(j, blocks - 1)
+    return step_sizes[b * n_params : (b + 1) * n_params], b
+
+
 def _scale(step_sizes, i):
     return step_sizes[i] if isinstance(step_sizes, (list, tuple)) else step_sizes
 
@@ -140,7 +159,8 @@ def adapt(
     Args:
         policy: provides ``forward(params, observations)``.
         params: weights ``[tasks, *shape]`` or shared ``[*shape]`` (tiled to every task).
-        step_sizes: scalar ``α`` or, for Meta-SGD, one tensor per parameter with its shape.
+        step_sizes: scalar ``α`` or, for Meta-SGD, one tensor per parameter with its shape (or
+            per-step blocks of them, :func:`step_block`).
         episodes: ``EpisodeBatch`` ``[tasks, episodes, T, ...]`` collected by ``params`` (every
             step uses it), or a sequence of them, one per step (``D^j`` collected by ``θ_{j−1}``).
         advantages: ``[tasks, episodes, T]`` from :func:`metarl_tf.advantages.compute_advantages`,
@@ -167,11 +187,11 @@ def adapt(
             loss, grads = gradients(params, batch, adv)
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]
+        sizes, _ = step_block(step_sizes, len(trace), len(params))
         trace.append((params, grads))
         losses.append(loss)
         params = [
-            p - _scale(step_sizes, i) * g
-            for i, (p, g) in enumerate(zip(params, grads, strict=True))
+            p - _scale(sizes, i) * g for i, (p, g) in enumerate(zip(params, grads, strict=True))
         ]
         if log_std_shift is not None and len(trace) == 1:
             params[-1] = params[-1] + log_std_shift
@@ -214,9 +234,11 @@ def adaptation_jvp(
         else:
             hvp = _hvp_fn(policy, point, episodes[j], advantages[j], hessians and hessians[j])
             hu = hvp(u)
-        u = [ui - _scale(step_sizes, i) * h for i, (ui, h) in enumerate(zip(u, hu, strict=True))]
+        sizes, _ = step_block(step_sizes, j, len(u))
+        u = [ui - _scale(sizes, i) * h for i, (ui, h) in enumerate(zip(u, hu, strict=True))]
         if v_steps is not None:
-            u = [ui - g * dv for ui, g, dv in zip(u, grads, v_steps, strict=True)]
+            dv_j, _ = step_block(v_steps, j, len(u))
+            u = [ui - g * dv for ui, g, dv in zip(u, grads, dv_j, strict=True)]
         if v_shift is not None and j == 0:
             u = [*u[:-1], u[-1] + v_shift]
         levels.append(u)
@@ -251,19 +273,19 @@ def adaptation_vjp(
             f"got {len(intermediate)}"
         )
     w = list(w)
-    w_steps = [tf.zeros_like(x[0]) for x in w] if with_steps else None
+    n = len(w)
+    w_steps = [tf.zeros_like(s) for s in step_sizes] if with_steps else None
     w_shift = None
     for j in reversed(range(len(result.trace))):
         point, grads = result.trace[j]
         if j == 0 and with_shift:  # w is the cotangent of θ_1, where the shift is added
             w_shift = tf.reduce_sum(w[-1], axis=0)
+        sizes, b = step_block(step_sizes, j, n)
         if with_steps:
-            w_steps = [
-                ws - tf.reduce_sum(g * wi, axis=0)
-                for ws, g, wi in zip(w_steps, grads, w, strict=True)
-            ]
+            for i, (g, wi) in enumerate(zip(grads, w, strict=True)):
+                w_steps[b * n + i] -= tf.reduce_sum(g * wi, axis=0)
         if not first_order:
-            aw = [_scale(step_sizes, i) * wi for i, wi in enumerate(w)]
+            aw = [_scale(sizes, i) * wi for i, wi in enumerate(w)]
             hvp = _hvp_fn(policy, point, episodes[j], advantages[j], hessians and hessians[j])
             haw = hvp(aw)
             w = [wi - h for wi, h in zip(w, haw, strict=True)]

@@ -51,8 +51,9 @@ CONTINUATION_FIELDS = RUN_FIELDS + (
     "inner_steps",
     "every_step_objective",
     "lvc",
+    "meta_sgd_per_step",
 )
-CHECKPOINT_SHIFT = "log_std_shift"  # fmt: skip
+CHECKPOINT_SHIFT = "log_std_shift"
 
 
 def read_metrics_rows(path: str | Path, up_to: int | None = None) -> list[dict[str, float]]:
@@ -109,8 +110,10 @@ class MetaTrainer:
             c.init_log_std,
         )
         if c.meta_sgd:
+            blocks = c.inner_steps if c.meta_sgd_per_step else 1
             self.step_sizes: Any = [
-                tf.Variable(tf.fill(shape, c.inner_step_size), name=f"alpha/{name}")
+                tf.Variable(tf.fill(shape, c.inner_step_size), name=f"alpha/step{b}/{name}")
+                for b in range(blocks)
                 for shape, name in zip(
                     self.policy.parameter_shapes, self.policy.parameter_names, strict=True
                 )
@@ -350,7 +353,12 @@ class MetaTrainer:
         )
         self.policy.set_parameters(bundle.policy.get_parameters())
         if self.config.meta_sgd:
-            for s, value in zip(self.step_sizes, bundle.step_sizes, strict=True):
+            values = list(bundle.step_sizes)
+            if len(values) < len(self.step_sizes):  # per-step blocks from shared step sizes
+                n = len(self.policy.parameters)
+                values = [values[min(b, len(values) // n - 1) * n + i]
+                          for b in range(len(self.step_sizes) // n) for i in range(n)]  # fmt: skip
+            for s, value in zip(self.step_sizes, values, strict=True):
                 s.assign(value)
         if self.log_std_shift is not None:
             self.log_std_shift.assign(bundle.log_std_shift)

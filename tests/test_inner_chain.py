@@ -644,3 +644,57 @@ def test_trpo_learns_the_shift_and_keeps_the_pre_adaptation_log_std(
         adapted[analytic] = np.concatenate([np.ravel(p) for p in new] + [shift.numpy()])
     np.testing.assert_allclose(adapted[True], adapted[False], rtol=1e-4, atol=1e-7)
     policy.set_parameters(start)
+
+
+# -- per-step Meta-SGD step sizes (TrainConfig.meta_sgd_per_step) -----------------------------
+
+
+def test_per_step_step_sizes_use_block_j_for_step_j_and_the_last_block_after(chain):
+    c = chain
+    rng = np.random.default_rng(4)
+    second = [tf.constant(rng.uniform(0.01, 0.2, t.shape)) for t in c["theta"]]
+    blocks = c["alphas"] + second
+    result = adapt(c["policy"], c["theta"], blocks, c["inner"], c["inner_adv"])
+    three = adapt(c["policy"], c["theta"], blocks, (*c["inner"], c["inner"][0]),
+                  (*c["inner_adv"], c["inner_adv"][0]))  # fmt: skip
+    for i in range(2):
+        theta = list(c["theta"])
+        for j, batch in enumerate([*c["inner"], c["inner"][0]]):
+            adv = [*c["inner_adv"], c["inner_adv"][0]][j]
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                loss = reference_loss(theta, *task(batch, adv, i))
+            grads = tape.gradient(loss, theta)
+            sizes = c["alphas"] if j == 0 else second  # step 3 reuses the last block
+            theta = [p - a * g for p, a, g in zip(theta, sizes, grads, strict=True)]
+            if j == 1:
+                for got, ref in zip(result.params, theta, strict=True):
+                    np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+        for got, ref in zip(three.params, theta, strict=True):
+            np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="whole per-step blocks"):
+        adapt(c["policy"], c["theta"], blocks[:-1], c["inner"], c["inner_adv"])
+
+
+def test_jvp_and_vjp_with_per_step_step_sizes_match_autodiff(chain):
+    c = chain
+    rng = np.random.default_rng(6)
+    blocks = c["alphas"] + [tf.constant(rng.uniform(0.01, 0.2, t.shape)) for t in c["theta"]]
+    v_theta = [tf.constant(rng.normal(size=t.shape)) for t in c["theta"]]
+    v_steps = [tf.constant(rng.normal(size=s.shape)) for s in blocks]
+    w = [tf.constant(rng.normal(size=(2, *t.shape))) for t in c["theta"]]
+    with (
+        tf.autodiff.ForwardAccumulator(c["theta"] + blocks, v_theta + v_steps) as acc,
+        tf.GradientTape() as tape,
+    ):
+        tape.watch(c["theta"] + blocks)
+        result = adapt(c["policy"], c["theta"], blocks, c["inner"], c["inner_adv"])
+    expected_jvp = [acc.jvp(p) for p in result.params]
+    expected_vjp = tape.gradient(result.params, c["theta"] + blocks, output_gradients=w)
+    args = (c["policy"], result, blocks, c["inner"], c["inner_adv"])
+    got_jvp = adaptation_jvp(*args, v_theta, v_steps)
+    got_theta, got_steps = adaptation_vjp(*args, w, True)
+    for g, e in zip(got_jvp, expected_jvp, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
+    for g, e in zip(got_theta + got_steps, expected_vjp, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)

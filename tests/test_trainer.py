@@ -200,3 +200,29 @@ def test_log_std_shift_is_checkpointed_exported_and_applied_by_the_bundle(tmp_pa
         get_preset("tiny").replace(log_std_shift=True, outer="ppo")
     with pytest.raises(ValueError, match="log_std_shift needs a Gaussian policy"):
         MetaTrainer(get_preset("bandit-k5").replace(log_std_shift=True, hidden_sizes=(4,)))
+
+
+def test_per_step_step_sizes_start_from_shared_ones_and_round_trip_through_a_bundle(tmp_path):
+    shared = MetaTrainer(get_preset("tiny").replace(meta_sgd=True))
+    shared.train_iteration()
+    shared.export_bundle(tmp_path / "shared")
+    config = get_preset("tiny").replace(meta_sgd=True, meta_sgd_per_step=True, inner_steps=2)
+    trainer = MetaTrainer(config)
+    trainer.init_from_bundle(tmp_path / "shared")
+    n = len(trainer.policy.parameters)
+    values = trainer.step_size_values()
+    assert len(values) == 2 * n
+    for b in range(2):
+        for got, expected in zip(
+            values[b * n : (b + 1) * n], shared.step_size_values(), strict=True
+        ):
+            np.testing.assert_array_equal(got, expected)
+    trainer.train_iteration()
+    values = trainer.step_size_values()
+    assert any(not np.array_equal(a, b) for a, b in zip(values[:n], values[n:], strict=True))
+    bundle = load_bundle(trainer.export_bundle(tmp_path / "per-step"))
+    assert bundle.meta["adaptation"]["step_sizes"]["blocks"] == 2
+    for got, expected in zip(bundle.step_sizes, values, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="meta_sgd_per_step needs meta_sgd"):
+        get_preset("tiny").replace(meta_sgd_per_step=True)
