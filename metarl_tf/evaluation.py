@@ -67,7 +67,7 @@ def method_curve(
         per_task.append(batch.episode_returns.mean(axis=1))
         batches.append(batch)
         if k < steps:
-            params = adapter(params, batch, 1)[0]
+            params = adapter(params, batch, 1, first_step=k)[0]
     per_task_arr = np.array(per_task)
     return {
         "per_task": per_task_arr.tolist(),

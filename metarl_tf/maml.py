@@ -150,6 +150,7 @@ def adapt(
     first_order: bool = False,
     gradients=None,
     log_std_shift=None,
+    first_step: int = 0,
 ) -> AdaptResult:
     """``steps`` inner gradient steps ``θ_j = θ_{j−1} − α ⊙ ∇L(θ_{j−1}; D^j)`` for every task.
 
@@ -173,6 +174,9 @@ def adapt(
         log_std_shift: optional ``[action_dim]`` added to the Gaussian's ``log_std`` (the last
             parameter) by the first step: the adapted policy's noise apart from the
             pre-adaptation (exploration) noise (``TrainConfig.log_std_shift``).
+        first_step: how many inner steps ``params`` already took from the meta-initialization
+            (when a chain is adapted one call per step): picks per-step step sizes and whether
+            the shift is still to be added.
     """
     episodes, advantages = per_step_batches(episodes, advantages, steps)
     tasks = episodes[0].mask.shape[0]
@@ -187,13 +191,14 @@ def adapt(
             loss, grads = gradients(params, batch, adv)
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]
-        sizes, _ = step_block(step_sizes, len(trace), len(params))
+        step = first_step + len(trace)  # this step's index in the whole chain
+        sizes, _ = step_block(step_sizes, step, len(params))
         trace.append((params, grads))
         losses.append(loss)
         params = [
             p - _scale(sizes, i) * g for i, (p, g) in enumerate(zip(params, grads, strict=True))
         ]
-        if log_std_shift is not None and len(trace) == 1:
+        if log_std_shift is not None and step == 0:
             params[-1] = params[-1] + log_std_shift
     return AdaptResult(params, tf.stack(losses), trace)
 
@@ -320,13 +325,13 @@ class Adapter:
         # matching, about 0.6 ms of a ~4 ms service adaptation (bench/serve_latency.py).
         self._concrete: dict[tuple, Any] = {}
 
-    def _adapt(self, params, episodes, steps: int):
+    def _adapt(self, params, episodes, steps: int, first_step: int = 0):
         from metarl_tf.advantages import compute_advantages
 
         advantages = compute_advantages(episodes, self.gamma, self.gae_lambda, self.baseline)
         result = adapt(
             self.policy, params, self.step_sizes, episodes, advantages, steps,
-            log_std_shift=self.log_std_shift,
+            log_std_shift=self.log_std_shift, first_step=first_step,
         )  # fmt: skip
         return result.params, result.losses, advantages
 
@@ -335,8 +340,19 @@ class Adapter:
         """How many times the compiled adaptation was traced (one per input shape and step count)."""
         return int(self._compiled.experimental_get_tracing_count())
 
-    def __call__(self, params, episodes, steps: int = 1):
+    @property
+    def depends_on_step(self) -> bool:
+        """Whether a step's rule depends on its index in the chain (per-step step sizes, or a
+        ``log_std_shift`` added by the first step only)."""
+        n = len(self.policy.parameter_shapes)
+        per_step = isinstance(self.step_sizes, (list, tuple)) and len(self.step_sizes) > n
+        return per_step or self.log_std_shift is not None
+
+    def __call__(self, params, episodes, steps: int = 1, first_step: int = 0):
         """Adapts ``params`` (shared ``[*shape]`` or per-task ``[tasks, *shape]``) on ``episodes``.
+
+        ``first_step``: the inner steps ``params`` already took from the meta-initialization
+        (a chain adapted one call per step passes ``0, 1, ...``; see :func:`adapt`).
 
         Returns:
             ``(adapted params [tasks, *shape], inner losses [steps, tasks], advantages)``.
@@ -344,10 +360,13 @@ class Adapter:
         episodes = type(episodes)(*[tf.convert_to_tensor(x, tf.float32) for x in episodes])
         params = [tf.convert_to_tensor(p, tf.float32) for p in params]
         steps = int(steps)
-        key = (steps, type(episodes), *(tuple(x.shape) for x in (*params, *episodes)))
+        first_step = int(first_step) if self.depends_on_step else 0  # no retrace when unused
+        key = (steps, first_step, type(episodes), *(tuple(x.shape) for x in (*params, *episodes)))
         fn = self._concrete.get(key)
         if fn is None:
-            fn = self._concrete[key] = self._compiled.get_concrete_function(params, episodes, steps)
+            fn = self._concrete[key] = self._compiled.get_concrete_function(
+                params, episodes, steps, first_step
+            )
         # The inputs match the traced signature by construction (same key): call with the flat
         # tensor list, skipping the per-call signature binding and casts (~0.7 ms of a ~4 ms
         # service adaptation; TensorFlow is pinned to 2.21, where `_call_flat` has this form).

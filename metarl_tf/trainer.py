@@ -199,12 +199,12 @@ class MetaTrainer:
         params = self.policy.parameters
         inner_np, inner, inner_adv = [], [], []
         sampling_s = adapt_s = 0.0
-        for seed in inner_seeds:
+        for step, seed in enumerate(inner_seeds):
             t0 = time.perf_counter()
             batch_np = self.sampler.sample(params, tasks, seed)
             batch = _to_tensors(batch_np)
             t1 = time.perf_counter()
-            params, _, adv = self.adapter(params, batch, 1)
+            params, _, adv = self.adapter(params, batch, 1, first_step=step)
             adapt_s += time.perf_counter() - t1
             sampling_s += t1 - t0
             inner_np.append(batch_np)
@@ -356,8 +356,17 @@ class MetaTrainer:
             values = list(bundle.step_sizes)
             if len(values) < len(self.step_sizes):  # per-step blocks from shared step sizes
                 n = len(self.policy.parameters)
-                values = [values[min(b, len(values) // n - 1) * n + i]
-                          for b in range(len(self.step_sizes) // n) for i in range(n)]  # fmt: skip
+                shift = bundle.log_std_shift
+                # Steps after the first adapt on episodes collected with σ·exp(shift), whose
+                # network gradients are ~exp(−shift) times larger: start their network step
+                # sizes that much smaller (log σ's gradient, r²/σ² − 1, does not scale).
+                scale = 1.0 if shift is None else float(np.exp(np.mean(shift)))
+                values = [
+                    values[min(b, len(values) // n - 1) * n + i]
+                    * (scale if b > 0 and i < n - 1 and shift is not None else 1.0)
+                    for b in range(len(self.step_sizes) // n)
+                    for i in range(n)
+                ]
             for s, value in zip(self.step_sizes, values, strict=True):
                 s.assign(value)
         if self.log_std_shift is not None:

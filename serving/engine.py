@@ -187,10 +187,16 @@ class AdaptationEngine:
         parent: str = META_ID,
     ) -> AdaptOutcome:
         """``steps`` inner steps from ``parent`` on one task's (already checked) episodes."""
-        start_params = self._meta_tensors if parent == META_ID else self.lookup(parent, "parent")
+        if parent == META_ID:
+            start_params, depth = self._meta_tensors, 0
+        else:
+            start_params = self.lookup(parent, "parent")
+            depth = self.store.get(parent).extra.get("depth", 0)
         bucket = next(b for b in self.buckets if b >= len(episodes))
         batch = pad_episodes(episodes, length=self.max_episode_length, num_episodes=bucket)
-        params, losses, _ = self.adapter(start_params, batch, steps)
+        # depth: the inner steps the parent took from the meta-initialization, so that per-step
+        # step sizes and a log σ shift apply as in training (metarl_tf.maml.adapt's first_step)
+        params, losses, _ = self.adapter(start_params, batch, steps, first_step=depth)
         adapted = [p.numpy()[0] for p in params]
         losses = np.asarray(losses)[:, 0]
         if not (np.isfinite(losses).all() and all(np.isfinite(p).all() for p in adapted)):
@@ -201,7 +207,7 @@ class AdaptationEngine:
                 "rewards and observations of the scale the bundle was trained on",
                 status=422,
             )
-        stored = self.store.add(adapted, parent=parent, steps=steps)
+        stored = self.store.add(adapted, parent=parent, steps=steps, depth=depth + steps)
         return AdaptOutcome(
             stored.policy_id,
             parent,

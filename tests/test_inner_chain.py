@@ -698,3 +698,23 @@ def test_jvp_and_vjp_with_per_step_step_sizes_match_autodiff(chain):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
     for g, e in zip(got_theta + got_steps, expected_vjp, strict=True):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-11)
+
+
+def test_a_chain_adapted_one_call_per_step_equals_the_whole_chain(chain):
+    """``first_step``: the trainer and the evaluator adapt one call per step; with per-step step
+    sizes and a log σ shift, step ``j`` must use block ``j`` and add the shift only at step 0."""
+    c = chain
+    rng = np.random.default_rng(5)
+    blocks = c["alphas"] + [tf.constant(rng.uniform(0.01, 0.2, t.shape)) for t in c["theta"]]
+    shift = tf.constant([0.3, -0.7], tf.float64)
+    whole = adapt(c["policy"], c["theta"], blocks, c["inner"], c["inner_adv"], log_std_shift=shift)
+    params = c["theta"]
+    for j in range(2):
+        params = adapt(c["policy"], params, blocks, c["inner"][j], c["inner_adv"][j],
+                       log_std_shift=shift, first_step=j).params  # fmt: skip
+    for got, expected in zip(params, whole.params, strict=True):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-12, atol=1e-14)
+    # without first_step the second call would add the shift again and reuse block 0
+    again = adapt(c["policy"], whole.trace[1][0], blocks, c["inner"][1], c["inner_adv"][1],
+                  log_std_shift=shift).params  # fmt: skip
+    assert not np.allclose(again[-1].numpy(), whole.params[-1].numpy())

@@ -50,3 +50,39 @@ def test_service_start_fails_with_the_reason(bandit_bundle, tmp_path):
     proc = ServiceProcess(bundle=bandit_bundle, ready_timeout=60, log_path=tmp_path / "log")
     with pytest.raises(RuntimeError, match="CategoricalMLPPolicy"):
         proc.start()
+
+
+def test_adapting_a_stored_policy_continues_its_chain(tmp_path, make_policy):
+    """With per-step step sizes and a log σ shift, one step from the meta-initialization and
+    then one from the returned id equal two steps in one request (same episodes): the engine
+    passes the parent's depth on (``first_step``)."""
+    import numpy as np
+
+    from metarl_tf.envs import Navigation2D
+    from serving.engine import AdaptationEngine
+
+    policy = make_policy(hidden=(8,))
+    rng = np.random.default_rng(0)
+    sizes = [rng.uniform(0.01, 0.2, s).astype(np.float32) for s in policy.parameter_shapes * 2]
+    path = save_bundle(
+        tmp_path / "nav", policy, sizes, Navigation2D(horizon=5),
+        adaptation={"steps": 2, "gamma": 0.99, "gae_lambda": 1.0, "baseline": "linear",
+                    "log_std_shift": [-0.5, -0.3]},
+    )  # fmt: skip
+    engine = AdaptationEngine(load_bundle(path), ServiceSettings(bundle=path))
+    episodes = [
+        (
+            rng.normal(size=(5, 2)).astype(np.float32),
+            rng.normal(size=(5, 2)).astype(np.float32),
+            rng.normal(size=5).astype(np.float32),
+        )
+        for _ in range(3)
+    ]
+    first = engine.adapt(episodes, 1)
+    second = engine.adapt(episodes, 1, parent=first.policy_id)
+    both = engine.adapt(episodes, 2)
+    for got, expected in zip(second.parameters, both.parameters, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    log_std = policy.get_parameters()[-1]
+    assert not np.allclose(first.parameters[-1], log_std)  # the first step moved log σ
+    assert engine.store.get(second.policy_id).extra["depth"] == 2

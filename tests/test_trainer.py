@@ -226,3 +226,24 @@ def test_per_step_step_sizes_start_from_shared_ones_and_round_trip_through_a_bun
         np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match="meta_sgd_per_step needs meta_sgd"):
         get_preset("tiny").replace(meta_sgd_per_step=True)
+
+
+def test_per_step_blocks_from_a_shifted_bundle_start_later_network_steps_smaller(tmp_path):
+    """Continuing a bundle with a log σ shift: steps after the first adapt on episodes with
+    σ·exp(β), whose network gradients are ~exp(−β) larger, so their network step sizes start
+    exp(mean β) times the bundle's; the log σ step size is copied as is."""
+    first = MetaTrainer(get_preset("tiny").replace(meta_sgd=True, log_std_shift=True))
+    first.train_iteration()
+    first.log_std_shift.assign([-1.0, -0.5])
+    first.export_bundle(tmp_path / "shifted")
+    config = get_preset("tiny").replace(
+        meta_sgd=True, log_std_shift=True, meta_sgd_per_step=True, inner_steps=2
+    )
+    trainer = MetaTrainer(config)
+    trainer.init_from_bundle(tmp_path / "shifted")
+    n = len(trainer.policy.parameters)
+    values, shared = trainer.step_size_values(), first.step_size_values()
+    for i in range(n):
+        np.testing.assert_array_equal(values[i], shared[i])
+        factor = np.exp(-0.75) if i < n - 1 else 1.0
+        np.testing.assert_allclose(values[n + i], shared[i] * factor, rtol=1e-6)
