@@ -30,6 +30,10 @@ from metarl_tf.envs import TaskDistribution, make_task_distribution
 from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 
 FORMAT_VERSION = 1
+# Version 2: the adaptation rule has per-step step sizes (``step_sizes.blocks``) or a log σ shift
+# (``adaptation.log_std_shift``). Written only for such bundles, so that a reader of version 1,
+# which would ignore them and adapt differently, refuses the bundle instead.
+FORMAT_VERSION_STEP_RULES = 2
 POLICY_FILE = "policy.keras"
 META_FILE = "meta.json"
 STEP_SIZES_FILE = "step_sizes.npz"
@@ -159,7 +163,13 @@ def save_bundle(
         shutil.copyfile(src, tmp / name)
         files.append(name)
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": (
+            FORMAT_VERSION_STEP_RULES
+            if isinstance(sizes_json, dict)
+            and "blocks" in sizes_json
+            or adaptation.get("log_std_shift") is not None
+            else FORMAT_VERSION
+        ),
         "name": path.name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "task_distribution": {"name": task_distribution.name, "config": task_distribution.config()},
@@ -215,9 +225,10 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     except json.JSONDecodeError as err:
         raise BundleError(f"{meta_path}: not valid JSON ({err})") from None
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, FORMAT_VERSION_STEP_RULES):
         raise BundleError(
-            f"{meta_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+            f"{meta_path}: format_version {version!r} is not supported (expected "
+            f"{FORMAT_VERSION} or {FORMAT_VERSION_STEP_RULES})"
         )
     for key in ("files", "policy", "adaptation", "task_distribution"):
         if key not in meta:

@@ -157,7 +157,7 @@ TAMPERING = {
     ),
     "format-version": (
         lambda p: edit_meta(p, lambda m: m.update(format_version=99)),
-        r"format_version 99 is not supported \(expected 1\)",
+        r"format_version 99 is not supported \(expected 1 or 2\)",
     ),
     "missing-key": (
         lambda p: edit_meta(p, lambda m: m.pop("files")),

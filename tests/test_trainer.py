@@ -178,6 +178,7 @@ def test_log_std_shift_is_checkpointed_exported_and_applied_by_the_bundle(tmp_pa
 
     bundle = load_bundle(first.export_bundle(tmp_path / "bundle"))
     np.testing.assert_array_equal(bundle.log_std_shift, shift)
+    assert bundle.meta["format_version"] == 2  # a version-1 reader would ignore the shift
     batch = first.sampler.sample(
         bundle.policy.parameters, bundle.task_distribution.sample_tasks(2, 0), 1
     )
@@ -222,6 +223,8 @@ def test_per_step_step_sizes_start_from_shared_ones_and_round_trip_through_a_bun
     assert any(not np.array_equal(a, b) for a, b in zip(values[:n], values[n:], strict=True))
     bundle = load_bundle(trainer.export_bundle(tmp_path / "per-step"))
     assert bundle.meta["adaptation"]["step_sizes"]["blocks"] == 2
+    assert bundle.meta["format_version"] == 2
+    assert load_bundle(tmp_path / "shared").meta["format_version"] == 1
     for got, expected in zip(bundle.step_sizes, values, strict=True):
         np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match="meta_sgd_per_step needs meta_sgd"):
