@@ -105,7 +105,12 @@ class AdaptationEngine:
         self.parameter_shapes = [list(s) for s in bundle.policy.parameter_shapes]
         horizon = int(bundle.task_distribution.horizon)
         self.max_episode_length = min(settings.max_episode_length or horizon, horizon)
-        self.default_steps = int(bundle.adaptation.get("steps", 1))
+        # A bundle with a log σ shift (train --log-std-shift) takes one step per batch: its
+        # later steps expect episodes of the adapted policy, not of the exploring one.
+        self.one_step_per_batch = bundle.log_std_shift is not None
+        self.default_steps = (
+            1 if self.one_step_per_batch else int(bundle.adaptation.get("steps", 1))
+        )
         self.buckets = episode_buckets(settings.max_episodes)
         self.meta_parameters = bundle.policy.get_parameters()
         self.adapter = bundle.make_adapter()
@@ -192,6 +197,17 @@ class AdaptationEngine:
         else:
             start_params = self.lookup(parent, "parent")
             depth = self.store.get(parent).extra.get("depth", 0)
+        if self.one_step_per_batch and depth == 0 and steps > 1:
+            raise RequestError(
+                f"this bundle explores with its own noise before adaptation (a log σ shift is "
+                f"added by the first inner step), so its later steps need episodes collected by "
+                f"the adapted policy: {steps} steps on episodes of 'meta' would adapt on the "
+                "wrong noise; adapt with steps 1, collect episodes with the returned policy_id, "
+                "and call /adapt again with parent=<that policy_id>",
+                "steps",
+                "1 when parent is 'meta' (then one /adapt per batch, passing parent)",
+                status=422,
+            )
         bucket = next(b for b in self.buckets if b >= len(episodes))
         batch = pad_episodes(episodes, length=self.max_episode_length, num_episodes=bucket)
         # depth: the inner steps the parent took from the meta-initialization, so that per-step

@@ -54,12 +54,14 @@ def test_service_start_fails_with_the_reason(bandit_bundle, tmp_path):
 
 def test_adapting_a_stored_policy_continues_its_chain(tmp_path, make_policy):
     """With per-step step sizes and a log σ shift, one step from the meta-initialization and
-    then one from the returned id equal two steps in one request (same episodes): the engine
-    passes the parent's depth on (``first_step``)."""
+    then one from the returned id equal the in-process 2-step chain (same episodes): the engine
+    passes the parent's depth on (``first_step``). Such a bundle takes one step per batch from
+    'meta' (default 1; more is a 422 that says what to do)."""
     import numpy as np
 
     from metarl_tf.envs import Navigation2D
     from serving.engine import AdaptationEngine
+    from serving.validation import RequestError
 
     policy = make_policy(hidden=(8,))
     rng = np.random.default_rng(0)
@@ -69,7 +71,9 @@ def test_adapting_a_stored_policy_continues_its_chain(tmp_path, make_policy):
         adaptation={"steps": 2, "gamma": 0.99, "gae_lambda": 1.0, "baseline": "linear",
                     "log_std_shift": [-0.5, -0.3]},
     )  # fmt: skip
-    engine = AdaptationEngine(load_bundle(path), ServiceSettings(bundle=path))
+    bundle = load_bundle(path)
+    engine = AdaptationEngine(bundle, ServiceSettings(bundle=path))
+    assert engine.default_steps == 1
     episodes = [
         (
             rng.normal(size=(5, 2)).astype(np.float32),
@@ -80,9 +84,14 @@ def test_adapting_a_stored_policy_continues_its_chain(tmp_path, make_policy):
     ]
     first = engine.adapt(episodes, 1)
     second = engine.adapt(episodes, 1, parent=first.policy_id)
-    both = engine.adapt(episodes, 2)
-    for got, expected in zip(second.parameters, both.parameters, strict=True):
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    log_std = policy.get_parameters()[-1]
-    assert not np.allclose(first.parameters[-1], log_std)  # the first step moved log σ
     assert engine.store.get(second.policy_id).extra["depth"] == 2
+    from metarl_tf.rollout import pad_episodes
+
+    batch = pad_episodes(episodes, length=engine.max_episode_length, num_episodes=4)
+    expected = bundle.make_adapter()(bundle.policy.parameters, batch, 2)[0]
+    for got, e in zip(second.parameters, expected, strict=True):
+        np.testing.assert_allclose(got, e.numpy()[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(RequestError, match="steps 1, collect episodes with the returned") as err:
+        engine.adapt(episodes, 2)
+    assert err.value.status == 422 and err.value.field == "steps"
+    engine.adapt(episodes, 2, parent=first.policy_id)  # after the first step, any number
