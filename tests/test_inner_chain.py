@@ -31,6 +31,29 @@ def task(batch, adv, i):
     return batch.observations[i], batch.actions[i], batch.mask[i], adv[i]
 
 
+def hand_written_chain(theta, batches, advs, sizes_per_step, i, shift=None):
+    """Task ``i``'s inner steps by hand, step ``j`` on ``batches[j]`` with
+    ``sizes_per_step[j]`` (and ``shift`` added to log σ after step 0): ``(θ after each step,
+    loss before each step)``."""
+    theta, thetas, losses = list(theta), [], []
+    for j, (batch, adv) in enumerate(zip(batches, advs, strict=True)):
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            loss = reference_loss(theta, *task(batch, adv, i))
+        grads = tape.gradient(loss, theta)
+        theta = [p - a * g for p, a, g in zip(theta, sizes_per_step[j], grads, strict=True)]
+        if j == 0 and shift is not None:
+            theta[-1] = theta[-1] + shift
+        thetas.append(theta)
+        losses.append(loss)
+    return thetas, losses
+
+
+def assert_task_params(got, expected, i):
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g[i].numpy(), e.numpy(), rtol=1e-10, atol=1e-12)
+
+
 @pytest.fixture
 def chain(make_policy, synthetic_batch, to_tensors):
     """hidden (4,), 2 tasks × 2 episodes × horizon 4; inner batches D¹, D² and outer D' all
@@ -61,16 +84,12 @@ def test_chain_equals_hand_written_steps_each_on_its_own_batch(chain, run_mode):
     result = fn(c["theta"])
     assert result.losses.shape == (2, 2)
     for i in range(2):
-        theta = list(c["theta"])
+        thetas, losses = hand_written_chain(
+            c["theta"], c["inner"], c["inner_adv"], [c["alphas"]] * 2, i
+        )
         for j in range(2):
-            with tf.GradientTape() as tape:
-                tape.watch(theta)
-                loss = reference_loss(theta, *task(c["inner"][j], c["inner_adv"][j], i))
-            grads = tape.gradient(loss, theta)
-            np.testing.assert_allclose(result.losses[j, i].numpy(), loss.numpy(), rtol=1e-10)
-            theta = [p - a * g for p, a, g in zip(theta, c["alphas"], grads, strict=True)]
-        for got, ref in zip(result.params, theta, strict=True):
-            np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(result.losses[j, i].numpy(), losses[j].numpy(), rtol=1e-10)
+        assert_task_params(result.params, thetas[-1], i)
     # and it is not the old behaviour (both steps on the first batch)
     same = adapt(c["policy"], c["theta"], c["alphas"], c["inner"][0], c["inner_adv"][0], 2)
     assert not np.allclose(same.params[0].numpy(), result.params[0].numpy())
@@ -561,17 +580,10 @@ def test_log_std_shift_is_added_by_the_first_step_only(chain):
     result = adapt(c["policy"], c["theta"], c["alphas"], c["inner"], c["inner_adv"],
                    log_std_shift=shift)  # fmt: skip
     for i in range(2):
-        theta = list(c["theta"])
-        for j in range(2):
-            with tf.GradientTape() as tape:
-                tape.watch(theta)
-                loss = reference_loss(theta, *task(c["inner"][j], c["inner_adv"][j], i))
-            grads = tape.gradient(loss, theta)
-            theta = [p - a * g for p, a, g in zip(theta, c["alphas"], grads, strict=True)]
-            if j == 0:
-                theta[-1] = theta[-1] + shift
-        for got, ref in zip(result.params, theta, strict=True):
-            np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+        thetas, _ = hand_written_chain(
+            c["theta"], c["inner"], c["inner_adv"], [c["alphas"]] * 2, i, shift
+        )
+        assert_task_params(result.params, thetas[-1], i)
 
 
 def test_jvp_and_vjp_with_a_log_std_shift_match_autodiff(chain):
@@ -658,20 +670,12 @@ def test_per_step_step_sizes_use_block_j_for_step_j_and_the_last_block_after(cha
     three = adapt(c["policy"], c["theta"], blocks, (*c["inner"], c["inner"][0]),
                   (*c["inner_adv"], c["inner_adv"][0]))  # fmt: skip
     for i in range(2):
-        theta = list(c["theta"])
-        for j, batch in enumerate([*c["inner"], c["inner"][0]]):
-            adv = [*c["inner_adv"], c["inner_adv"][0]][j]
-            with tf.GradientTape() as tape:
-                tape.watch(theta)
-                loss = reference_loss(theta, *task(batch, adv, i))
-            grads = tape.gradient(loss, theta)
-            sizes = c["alphas"] if j == 0 else second  # step 3 reuses the last block
-            theta = [p - a * g for p, a, g in zip(theta, sizes, grads, strict=True)]
-            if j == 1:
-                for got, ref in zip(result.params, theta, strict=True):
-                    np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
-        for got, ref in zip(three.params, theta, strict=True):
-            np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+        thetas, _ = hand_written_chain(  # step 3 reuses the last block
+            c["theta"], (*c["inner"], c["inner"][0]), (*c["inner_adv"], c["inner_adv"][0]),
+            [c["alphas"], second, second], i,
+        )  # fmt: skip
+        assert_task_params(result.params, thetas[1], i)
+        assert_task_params(three.params, thetas[2], i)
     with pytest.raises(ValueError, match="whole per-step blocks"):
         adapt(c["policy"], c["theta"], blocks[:-1], c["inner"], c["inner_adv"])
 
