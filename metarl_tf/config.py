@@ -114,8 +114,11 @@ class TrainConfig:
             )
         if self.meta_sgd_per_step and not self.meta_sgd:
             raise ValueError("meta_sgd_per_step needs meta_sgd (learned step sizes)")
-        if self.log_std_shift and self.outer != "trpo":
-            raise ValueError(f"log_std_shift needs outer='trpo', got {self.outer!r}")
+        if self.log_std_shift and (self.outer != "trpo" or self.algo != "maml"):
+            raise ValueError(
+                f"log_std_shift needs outer='trpo' and algo='maml', got outer={self.outer!r}, "
+                f"algo={self.algo!r}"
+            )
         if self.algo not in ("maml", "pretrain"):
             raise ValueError(f"algo must be 'maml' or 'pretrain', got {self.algo!r}")
         for name in (

@@ -197,8 +197,9 @@ def test_log_std_shift_is_checkpointed_exported_and_applied_by_the_bundle(tmp_pa
     (tmp_path / "bundle" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="log_std_shift must be a list of"):
         load_bundle(tmp_path / "bundle")
-    with pytest.raises(ValueError, match="log_std_shift needs outer='trpo'"):
-        get_preset("tiny").replace(log_std_shift=True, outer="ppo")
+    for bad in ({"outer": "ppo"}, {"algo": "pretrain"}):
+        with pytest.raises(ValueError, match="log_std_shift needs outer='trpo' and algo='maml'"):
+            get_preset("tiny").replace(log_std_shift=True, **bad)
     with pytest.raises(ValueError, match="log_std_shift needs a Gaussian policy"):
         MetaTrainer(get_preset("bandit-k5").replace(log_std_shift=True, hidden_sizes=(4,)))
 
