@@ -341,12 +341,13 @@ class Adapter:
         return int(self._compiled.experimental_get_tracing_count())
 
     @property
-    def depends_on_step(self) -> bool:
-        """Whether a step's rule depends on its index in the chain (per-step step sizes, or a
-        ``log_std_shift`` added by the first step only)."""
+    def last_distinct_step(self) -> int:
+        """From this step index on every step follows the same rule (the last block of per-step
+        step sizes, no shift), so ``first_step`` is clamped to it: a service chaining many
+        adaptations compiles at most this many + 1 variants."""
         n = len(self.policy.parameter_shapes)
-        per_step = isinstance(self.step_sizes, (list, tuple)) and len(self.step_sizes) > n
-        return per_step or self.log_std_shift is not None
+        blocks = len(self.step_sizes) // n if isinstance(self.step_sizes, (list, tuple)) else 1
+        return max(blocks - 1, 1 if self.log_std_shift is not None else 0)
 
     def __call__(self, params, episodes, steps: int = 1, first_step: int = 0):
         """Adapts ``params`` (shared ``[*shape]`` or per-task ``[tasks, *shape]``) on ``episodes``.
@@ -360,7 +361,7 @@ class Adapter:
         episodes = type(episodes)(*[tf.convert_to_tensor(x, tf.float32) for x in episodes])
         params = [tf.convert_to_tensor(p, tf.float32) for p in params]
         steps = int(steps)
-        first_step = int(first_step) if self.depends_on_step else 0  # no retrace when unused
+        first_step = min(int(first_step), self.last_distinct_step)  # no retrace beyond it
         key = (steps, first_step, type(episodes), *(tuple(x.shape) for x in (*params, *episodes)))
         fn = self._concrete.get(key)
         if fn is None:

@@ -83,7 +83,9 @@ class PretrainTrainer(MetaTrainer):
     selection_metric = "returns/pre_adaptation"
 
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None):
-        super().__init__(config.replace(algo="pretrain", meta_sgd=False), run_dir)
+        super().__init__(
+            config.replace(algo="pretrain", meta_sgd=False, meta_sgd_per_step=False), run_dir
+        )
 
     def _meta_step_fn(self, batch: MetaBatch, stop_after: str | None = None):
         """One joint update on ``batch.outer_episodes`` (see :func:`pretrain_step`)."""

@@ -354,19 +354,26 @@ class MetaTrainer:
         self.policy.set_parameters(bundle.policy.get_parameters())
         if self.config.meta_sgd:
             values = list(bundle.step_sizes)
-            if len(values) < len(self.step_sizes):  # per-step blocks from shared step sizes
-                n = len(self.policy.parameters)
+            n = len(self.policy.parameters)
+            have, want = len(values) // n, len(self.step_sizes) // n
+            if have > want:
+                raise ValueError(
+                    f"bundle {path} has {have} per-step blocks of step sizes; continue it with "
+                    f"--meta-sgd-per-step and --inner-steps >= {have}"
+                )
+            if have == 1 and want > 1:  # per-step blocks from shared step sizes
                 shift = bundle.log_std_shift
                 # Steps after the first adapt on episodes collected with σ·exp(shift), whose
                 # network gradients are ~exp(−shift) times larger: start their network step
                 # sizes that much smaller (log σ's gradient, r²/σ² − 1, does not scale).
                 scale = 1.0 if shift is None else float(np.exp(np.mean(shift)))
-                values = [
-                    values[min(b, len(values) // n - 1) * n + i]
-                    * (scale if b > 0 and i < n - 1 and shift is not None else 1.0)
-                    for b in range(len(self.step_sizes) // n)
-                    for i in range(n)
+                values = values + [
+                    v * (scale if i < n - 1 else 1.0)
+                    for _ in range(want - 1)
+                    for i, v in enumerate(values[:n])
                 ]
+            elif have < want:  # learned blocks kept; later steps reuse the last one, as before
+                values = values + values[-n:] * (want - have)
             for s, value in zip(self.step_sizes, values, strict=True):
                 s.assign(value)
         if self.log_std_shift is not None:

@@ -146,6 +146,10 @@ class AdaptationEngine:
                     params, _, _ = self.adapter(self.meta_parameters, batch, steps)
                     params[0].numpy()
                     self.warmup["compiled"].append([bucket, steps])
+                    # and adapting a stored policy further (its depth clamped, Adapter)
+                    for depth in range(1, self.adapter.last_distinct_step + 1):
+                        stored = [p.numpy()[0] for p in params]  # unbatched, as in the store
+                        self.adapter(stored, batch, steps, first_step=depth)[0][0].numpy()
         self.numpy_act(self.meta_parameters, np.zeros((1, self.obs_dim), np.float32), True, None)
         self.warmup.update(done=True, seconds=round(time.perf_counter() - start, 3))
         # Move everything alive now (TensorFlow, Keras, the bundle: millions of objects) out of
@@ -164,8 +168,12 @@ class AdaptationEngine:
         """Weights of ``"meta"`` or a stored policy; unknown/expired ids raise a 404."""
         if policy_id == META_ID:
             return self.meta_parameters
+        return self.lookup_stored(policy_id, field).parameters
+
+    def lookup_stored(self, policy_id: str, field: str = "policy_id"):
+        """The stored policy (weights and depth); unknown/expired ids raise a 404."""
         try:
-            return self.store.get(policy_id).parameters
+            return self.store.get(policy_id)
         except PolicyNotFound as err:
             raise RequestError(
                 err.reason, field, "'meta' or a live policy_id returned by /adapt", status=404
@@ -195,8 +203,8 @@ class AdaptationEngine:
         if parent == META_ID:
             start_params, depth = self._meta_tensors, 0
         else:
-            start_params = self.lookup(parent, "parent")
-            depth = self.store.get(parent).extra.get("depth", 0)
+            stored = self.lookup_stored(parent, "parent")
+            start_params, depth = stored.parameters, stored.extra.get("depth", 0)
         if self.one_step_per_batch and depth == 0 and steps > 1:
             raise RequestError(
                 f"this bundle explores with its own noise before adaptation (a log σ shift is "

@@ -722,3 +722,23 @@ def test_a_chain_adapted_one_call_per_step_equals_the_whole_chain(chain):
     again = adapt(c["policy"], whole.trace[1][0], blocks, c["inner"][1], c["inner_adv"][1],
                   log_std_shift=shift).params  # fmt: skip
     assert not np.allclose(again[-1].numpy(), whole.params[-1].numpy())
+
+
+def test_adapter_compiles_each_distinct_step_rule_once(make_policy, synthetic_batch, to_tensors):
+    """Beyond the last per-step block (and past the shifted first step) every step follows the
+    same rule: a long chain of one-step calls compiles no more variants."""
+    from metarl_tf.maml import Adapter
+
+    policy = make_policy()
+    batch = to_tensors(synthetic_batch(tasks=1, episodes=2, horizon=4, seed=1))
+    sizes = [tf.fill(s, 0.1) for s in policy.parameter_shapes * 2]
+    adapter = Adapter(policy, sizes, 0.99, log_std_shift=tf.constant([-0.5, -0.5]))
+    assert adapter.last_distinct_step == 1
+    params = policy.parameters
+    for depth in range(6):
+        params = [p[0] for p in adapter(params, batch, 1, first_step=depth)[0]]
+    assert adapter.tracing_count == 2
+    plain = Adapter(policy, 0.1, 0.99)
+    for depth in range(3):
+        plain(policy.parameters, batch, 1, first_step=depth)
+    assert plain.last_distinct_step == 0 and plain.tracing_count == 1

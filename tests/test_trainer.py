@@ -6,7 +6,7 @@ import pytest
 
 from metarl_tf.bundle import load_bundle
 from metarl_tf.config import PRESETS, TrainConfig, get_preset
-from metarl_tf.trainer import MetaTrainer
+from metarl_tf.trainer import MetaTrainer, make_trainer
 
 VOLATILE = ("time/", "charts/peak_rss_mb")  # wall-clock and memory: differ run to run
 
@@ -251,3 +251,31 @@ def test_per_step_blocks_from_a_shifted_bundle_start_later_network_steps_smaller
         np.testing.assert_array_equal(values[i], shared[i])
         factor = np.exp(-0.75) if i < n - 1 else 1.0
         np.testing.assert_allclose(values[n + i], shared[i] * factor, rtol=1e-6)
+
+
+def test_per_step_blocks_continue_as_learned_and_are_not_dropped(tmp_path):
+    config = get_preset("tiny").replace(
+        meta_sgd=True, log_std_shift=True, meta_sgd_per_step=True, inner_steps=2
+    )
+    two = MetaTrainer(config)
+    for i, s in enumerate(two.step_sizes):
+        s.assign(tf_fill_like(s, 0.1 if i < len(two.policy.parameters) else 0.2))
+    two.log_std_shift.assign([-1.0, -1.0])
+    two.export_bundle(tmp_path / "two")
+    three = MetaTrainer(config.replace(inner_steps=3))
+    three.init_from_bundle(tmp_path / "two")
+    n = len(three.policy.parameters)
+    values = three.step_size_values()
+    for b, expected in ((0, 0.1), (1, 0.2), (2, 0.2)):  # learned blocks kept, the last reused
+        for v in values[b * n : (b + 1) * n]:
+            np.testing.assert_allclose(v, expected)
+    with pytest.raises(ValueError, match="has 2 per-step blocks of step sizes; continue it with"):
+        MetaTrainer(config.replace(meta_sgd_per_step=False)).init_from_bundle(tmp_path / "two")
+    # the pretrained baseline has no step sizes to learn, per step or not
+    make_trainer(config.replace(algo="pretrain", log_std_shift=False))
+
+
+def tf_fill_like(variable, value):
+    import tensorflow as tf
+
+    return tf.fill(variable.shape, value)
