@@ -275,7 +275,12 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     shift = meta["adaptation"].get("log_std_shift")
     if shift is not None:
         expected = list(policy.parameter_shapes[-1])
-        if policy.parameter_names[-1] != "log_std" or np.shape(shift) != tuple(expected):
+        numeric = all(isinstance(x, (int, float)) and np.isfinite(x) for x in np.ravel(shift))
+        if (
+            policy.parameter_names[-1] != "log_std"
+            or np.shape(shift) != tuple(expected)
+            or not numeric
+        ):
             raise BundleError(
                 f"{meta_path}: adaptation.log_std_shift must be a list of {expected} floats for "
                 f"a Gaussian policy's log_std, got {shift!r}"

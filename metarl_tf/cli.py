@@ -70,8 +70,8 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--log-std-shift", action="store_true", default=None,
         help="TRPO, Gaussian policies: learn a shift of log σ that the first inner step adds, and "
-        "keep the pre-adaptation log σ at --init-log-std (exploration noise apart from the "
-        "adapted policy's)",
+        "keep the pre-adaptation log σ fixed (at --init-log-std, or the --init-from bundle's "
+        "value): exploration noise apart from the adapted policy's",
     )  # fmt: skip
     p.add_argument(
         "--lvc", action="store_true", default=None,

@@ -193,10 +193,11 @@ def test_log_std_shift_is_checkpointed_exported_and_applied_by_the_bundle(tmp_pa
         np.testing.assert_array_equal(p.numpy(), q.numpy())
 
     meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
-    meta["adaptation"]["log_std_shift"] = [0.0, 0.0, 0.0]
-    (tmp_path / "bundle" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="log_std_shift must be a list of"):
-        load_bundle(tmp_path / "bundle")
+    for bad in ([0.0, 0.0, 0.0], [0.0, "x"], [0.0, float("nan")]):
+        meta["adaptation"]["log_std_shift"] = bad
+        (tmp_path / "bundle" / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(BundleError, match="log_std_shift must be a list of"):
+            load_bundle(tmp_path / "bundle")
     for bad in ({"outer": "ppo"}, {"algo": "pretrain"}):
         with pytest.raises(ValueError, match="log_std_shift needs outer='trpo' and algo='maml'"):
             get_preset("tiny").replace(log_std_shift=True, **bad)
