@@ -25,8 +25,10 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from metarl_tf.envs import TaskDistribution, make_task_distribution
+from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 
 FORMAT_VERSION = 1
@@ -98,18 +100,12 @@ class Bundle:
 
     def make_adapter(self):
         """The compiled :class:`metarl_tf.maml.Adapter` with this bundle's settings."""
-        from metarl_tf.maml import Adapter
-
         a = self.adaptation
         sizes = self.step_sizes
         if self.learned_step_sizes:
-            import tensorflow as tf
-
             sizes = [tf.constant(s) for s in sizes]
         shift = self.log_std_shift
         if shift is not None:
-            import tensorflow as tf
-
             shift = tf.constant(shift)
         return Adapter(self.policy, sizes, a["gamma"], a["gae_lambda"], a["baseline"], shift)
 
@@ -151,7 +147,7 @@ def save_bundle(
     if isinstance(step_sizes, (int, float)):
         sizes_json: Any = float(step_sizes)
     else:
-        blocks = len(step_sizes) // len(policy.parameter_names)
+        blocks = step_size_blocks(step_sizes, len(policy.parameter_names))
         keys = _step_size_keys(policy.parameter_names, blocks)
         arrays = {k: np.asarray(s, np.float32) for k, s in zip(keys, step_sizes, strict=True)}
         np.savez(tmp / STEP_SIZES_FILE, **arrays)
@@ -162,14 +158,11 @@ def save_bundle(
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
         files.append(name)
+    step_rules = "blocks" in (sizes_json if isinstance(sizes_json, dict) else {}) or (
+        adaptation.get("log_std_shift") is not None
+    )
     meta = {
-        "format_version": (
-            FORMAT_VERSION_STEP_RULES
-            if isinstance(sizes_json, dict)
-            and "blocks" in sizes_json
-            or adaptation.get("log_std_shift") is not None
-            else FORMAT_VERSION
-        ),
+        "format_version": FORMAT_VERSION_STEP_RULES if step_rules else FORMAT_VERSION,
         "name": path.name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "task_distribution": {"name": task_distribution.name, "config": task_distribution.config()},

@@ -117,21 +117,26 @@ def per_step_batches(episodes, advantages, steps: int | None = None) -> tuple[li
     return episodes, advantages
 
 
-def step_block(step_sizes, j: int, n_params: int) -> tuple[Any, int]:
-    """Step ``j``'s step sizes and their block index.
-
-    ``step_sizes`` is a scalar ``α`` (every step), one tensor per parameter (Meta-SGD, every
-    step), or per-step Meta-SGD blocks: a flat list of ``blocks × n_params`` tensors, block ``b``
-    for step ``b`` (steps past the last block reuse it).
-    """
-    if not isinstance(step_sizes, (list, tuple)) or len(step_sizes) == n_params:
-        return step_sizes, 0
+def step_size_blocks(step_sizes, n_params: int) -> int:
+    """How many per-step blocks ``step_sizes`` holds: 1 for a scalar ``α`` or one tensor per
+    parameter (Meta-SGD, every step), ``b`` for a flat list of ``b × n_params`` tensors."""
+    if not isinstance(step_sizes, (list, tuple)):
+        return 1
     blocks, rest = divmod(len(step_sizes), n_params)
     if rest or blocks < 1:
         raise ValueError(
             f"{len(step_sizes)} step size tensors for {n_params} parameters: expected one per "
             "parameter, or whole per-step blocks of them"
         )
+    return blocks
+
+
+def step_block(step_sizes, j: int, n_params: int) -> tuple[Any, int]:
+    """Step ``j``'s step sizes and their block index: block ``b`` for step ``b``, steps past the
+    last block reuse it (:func:`step_size_blocks`)."""
+    blocks = step_size_blocks(step_sizes, n_params)
+    if blocks == 1:
+        return step_sizes, 0
     b = min(j, blocks - 1)
     return step_sizes[b * n_params : (b + 1) * n_params], b
 
@@ -345,8 +350,7 @@ class Adapter:
         """From this step index on every step follows the same rule (the last block of per-step
         step sizes, no shift), so ``first_step`` is clamped to it: a service chaining many
         adaptations compiles at most this many + 1 variants."""
-        n = len(self.policy.parameter_shapes)
-        blocks = len(self.step_sizes) // n if isinstance(self.step_sizes, (list, tuple)) else 1
+        blocks = step_size_blocks(self.step_sizes, len(self.policy.parameter_shapes))
         return max(blocks - 1, 1 if self.log_std_shift is not None else 0)
 
     def __call__(self, params, episodes, steps: int = 1, first_step: int = 0):

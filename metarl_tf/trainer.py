@@ -19,7 +19,7 @@ from metarl_tf.advantages import compute_advantages
 from metarl_tf.bundle import load_bundle, save_bundle
 from metarl_tf.config import TrainConfig
 from metarl_tf.envs import make_task_distribution
-from metarl_tf.maml import Adapter
+from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
 from metarl_tf.policy import make_policy
 from metarl_tf.rollout import EpisodeBatch, Sampler
@@ -35,24 +35,10 @@ RUN_FIELDS = ("iterations", "checkpoint_every")
 # inner steps trained for and the objective over them (e.g. continue a 1-step meta-init with a
 # 2-step objective), not the task distribution, the policy or the inner step rule.
 CONTINUATION_FIELDS = RUN_FIELDS + (
-    "init_log_std",
-    "meta_batch_size",
-    "episodes_per_task",
-    "outer",
-    "max_kl",
-    "cg_iterations",
-    "cg_damping",
-    "ls_max_steps",
-    "ls_backtrack_ratio",
-    "outer_learning_rate",
-    "ppo_epochs",
-    "ppo_clip",
-    "seed",
-    "inner_steps",
-    "every_step_objective",
-    "lvc",
-    "meta_sgd_per_step",
-)
+    "init_log_std", "meta_batch_size", "episodes_per_task", "outer", "max_kl", "cg_iterations",
+    "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "outer_learning_rate", "ppo_epochs",
+    "ppo_clip", "seed", "inner_steps", "every_step_objective", "lvc", "meta_sgd_per_step",
+)  # fmt: skip
 CHECKPOINT_SHIFT = "log_std_shift"
 
 
@@ -355,7 +341,7 @@ class MetaTrainer:
         if self.config.meta_sgd:
             values = list(bundle.step_sizes)
             n = len(self.policy.parameters)
-            have, want = len(values) // n, len(self.step_sizes) // n
+            have, want = step_size_blocks(values, n), step_size_blocks(self.step_sizes, n)
             if have > want:
                 raise ValueError(
                     f"bundle {path} has {have} per-step blocks of step sizes; continue it with "

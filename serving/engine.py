@@ -144,11 +144,10 @@ class AdaptationEngine:
                 batch = pad_episodes([episode], length=length, num_episodes=bucket)
                 for steps in steps_list:
                     params, _, _ = self.adapter(self.meta_parameters, batch, steps)
-                    params[0].numpy()
+                    stored = [p.numpy()[0] for p in params]  # unbatched, as in the store
                     self.warmup["compiled"].append([bucket, steps])
                     # and adapting a stored policy further (its depth clamped, Adapter)
                     for depth in range(1, self.adapter.last_distinct_step + 1):
-                        stored = [p.numpy()[0] for p in params]  # unbatched, as in the store
                         self.adapter(stored, batch, steps, first_step=depth)[0][0].numpy()
         self.numpy_act(self.meta_parameters, np.zeros((1, self.obs_dim), np.float32), True, None)
         self.warmup.update(done=True, seconds=round(time.perf_counter() - start, 3))
