@@ -16,6 +16,16 @@ import numpy as np
 import metarl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    """argparse type of comma-separated numbers, e.g. ``3,1``."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, e.g. 3,1, got {text!r}"
+        ) from None
+
+
 def _add_train(sub) -> None:
     from metarl_tf.config import PRESETS
 
@@ -61,6 +71,11 @@ def _add_train(sub) -> None:
         "--every-step-objective", action="store_true", default=None,
         help="with --inner-steps k > 1 (TRPO): maximize the mean return after every inner step, "
         "not only after the last",
+    )  # fmt: skip
+    p.add_argument(
+        "--step-weights", type=_float_list,
+        help="with --every-step-objective: comma-separated weight of each inner step's return "
+        "in the objective (normalized; e.g. 3,1 favours the first step; default equal)",
     )  # fmt: skip
     p.add_argument(
         "--meta-sgd-per-step", action="store_true", default=None,
@@ -206,6 +221,7 @@ def _train_config(args):
         "outer_learning_rate": args.outer_learning_rate,
         "algo": args.algo, "gae_lambda": args.gae_lambda, "gamma": args.gamma,
         "every_step_objective": args.every_step_objective, "lvc": args.lvc,
+        "step_weights": args.step_weights,
         "meta_sgd_per_step": args.meta_sgd_per_step,
         "log_std_shift": args.log_std_shift,
     }  # fmt: skip

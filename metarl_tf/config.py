@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,9 @@ class TrainConfig:
         every_step_objective: with ``inner_steps > 1`` (TRPO only), the outer objective is the
             mean of the surrogates after every inner step (each on the batch that step's policy
             collected) under the mean of their KLs, not the last step's alone.
+        step_weights: with ``every_step_objective``, one weight per inner step for its
+            surrogate and KL (normalized to sum 1; e.g. ``(3, 1)`` favours the first step); empty
+            = equal weights.
         lvc: differentiate through the inner steps with the Hessian of ProMP's
             low-variance-curvature inner loss (TRPO only; second order only): the meta-gradient
             then credits the pre-adaptation policy for the data it collects. The adaptation
@@ -75,6 +79,7 @@ class TrainConfig:
     meta_sgd_per_step: bool = False
     first_order: bool = False
     every_step_objective: bool = False
+    step_weights: tuple[float, ...] = ()
     lvc: bool = False
     log_std_shift: bool = False
     gamma: float = 0.99
@@ -107,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"baseline must be 'linear' or 'none', got {self.baseline!r}")
         if self.every_step_objective and self.outer != "trpo":
             raise ValueError(f"every_step_objective needs outer='trpo', got {self.outer!r}")
+        if self.step_weights:
+            if not self.every_step_objective:
+                raise ValueError("step_weights needs every_step_objective")
+            objective_weights(self.inner_steps, self.step_weights)
         if self.lvc and (self.outer != "trpo" or self.first_order):
             raise ValueError(
                 "lvc changes the second-order terms of the TRPO meta-step: it needs outer='trpo' "
@@ -140,6 +149,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden_sizes"] = list(self.hidden_sizes)
+        d["step_weights"] = list(self.step_weights)
         return d
 
     @classmethod
@@ -149,12 +159,29 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
         d = dict(d)
-        if "hidden_sizes" in d:
-            d["hidden_sizes"] = tuple(d["hidden_sizes"])
+        for name in ("hidden_sizes", "step_weights"):
+            if name in d:
+                d[name] = tuple(d[name])
         return cls(**d)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def objective_weights(levels: int, step_weights=None) -> list[float]:
+    """The weights of the every-step objective's ``levels`` surrogates and KLs: equal without
+    ``step_weights``, else those normalized to sum 1 (``ValueError`` on a wrong count, a
+    negative or non-finite weight, or all zero)."""
+    if not step_weights:
+        return [1.0 / levels] * levels
+    weights = [float(w) for w in step_weights]
+    if len(weights) != levels:
+        raise ValueError(
+            f"step_weights needs one weight per inner step ({levels}), got {len(weights)}"
+        )
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"step_weights must be finite, >= 0 and not all 0, got {weights}")
+    return [w / sum(weights) for w in weights]
 
 
 PRESETS: dict[str, TrainConfig] = {

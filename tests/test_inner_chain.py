@@ -508,8 +508,9 @@ def test_every_step_trpo_step_fills_the_trust_region_of_the_mean_kl_over_steps(
         result = adapt(policy, theta, 0.1, inner, inner_adv)
         return [(result.trace[1][0], inner[1], inner_adv[1]), (result.params, outer, outer_adv)]
 
-    def quadratic_kl(theta, step, old, which):
-        """½ Δᵀ ∇²KL Δ at θ (KL = 0 with zero gradient there), for the levels in ``which``."""
+    def quadratic_kl(theta, step, old, weights):
+        """½ Δᵀ ∇²KL Δ at θ (KL = 0 with zero gradient there) of the levels' KLs weighted by
+        ``weights``."""
         with tf.GradientTape() as outer_tape:
             outer_tape.watch(theta)
             with tf.GradientTape() as inner_tape:
@@ -518,13 +519,18 @@ def test_every_step_trpo_step_fills_the_trust_region_of_the_mean_kl_over_steps(
                     mean_kl(policy, p, e, *o)
                     for (p, e, _), o in zip(levels(theta), old, strict=True)
                 ]
-                kl = tf.add_n([kls[i] for i in which]) / len(which)
+                kl = tf.add_n([w * k for w, k in zip(weights, kls, strict=True)])
             grad = inner_tape.gradient(kl, theta)
             g_dot_step = tf.add_n([tf.reduce_sum(g * d) for g, d in zip(grad, step, strict=True)])
         h_step = outer_tape.gradient(g_dot_step, theta)
         return 0.5 * sum(float(tf.reduce_sum(h * d)) for h, d in zip(h_step, step, strict=True))
 
-    for every_step in (True, False):
+    # (every_step_objective, step_weights, the levels' weights)
+    for every_step, step_weights, weights in (
+        (True, None, [0.5, 0.5]),
+        (False, None, [0.0, 1.0]),
+        (True, (3.0, 1.0), [0.75, 0.25]),
+    ):
         policy = make_policy(hidden=(8,))
         theta = [tf.constant(p) for p in policy.get_parameters()]
         before = levels(theta)
@@ -535,28 +541,26 @@ def test_every_step_trpo_step_fills_the_trust_region_of_the_mean_kl_over_steps(
         stats = trpo_meta_step(
             policy, 0.1, batch, learn_step_sizes=False, inner_steps=2, first_order=False,
             max_kl=max_kl, cg_iterations=10, cg_damping=0.0, ls_max_steps=10,
-            ls_backtrack_ratio=0.8, every_step_objective=every_step,
+            ls_backtrack_ratio=0.8, every_step_objective=every_step, step_weights=step_weights,
         )  # fmt: skip
         assert float(stats["accepted"]) == 1.0
         bound = 0.8 ** (2 * (int(stats["line_search_steps"]) - 1)) * max_kl  # scale² · max_kl
         new = [tf.constant(p) for p in policy.get_parameters()]
         step = [n - t for n, t in zip(new, theta, strict=True)]
-        model_mean = quadratic_kl(theta, step, old, [0, 1])
-        model_last = quadratic_kl(theta, step, old, [1])
+        # The step fills the trust region of its own weighted KL and not the other ones'.
+        for other in ([0.5, 0.5], [0.0, 1.0], [0.75, 0.25]):
+            model = quadratic_kl(theta, step, old, other)
+            if other == weights:
+                assert model == pytest.approx(bound, rel=1e-3)
+            else:
+                assert abs(model - bound) > 0.05 * bound
         after = levels(new)
         kls = [float(mean_kl(policy, p, e, *o)) for (p, e, _), o in zip(after, old, strict=True)]
         losses = [
             float(surrogate_loss(policy, p, e, a, lp))
             for (p, e, a), lp in zip(after, old_logp, strict=True)
         ]
-        if every_step:
-            assert model_mean == pytest.approx(bound, rel=1e-3)
-            assert abs(model_last - bound) > 0.05 * bound
-            kl, loss = np.mean(kls), np.mean(losses)
-        else:
-            assert model_last == pytest.approx(bound, rel=1e-3)
-            assert abs(model_mean - bound) > 0.05 * bound
-            kl, loss = kls[1], losses[1]
+        kl, loss = np.dot(weights, kls), np.dot(weights, losses)
         assert kl == pytest.approx(float(stats["kl"]), rel=1e-3) and kl < max_kl
         assert loss == pytest.approx(float(stats["loss_after"]), rel=1e-4, abs=1e-7)
         assert loss < float(stats["loss_before"])
@@ -569,6 +573,42 @@ def test_every_step_objective_is_a_trpo_config_option():
     assert np.isfinite(row["returns/post_adaptation"])
     with pytest.raises(ValueError, match="every_step_objective needs outer='trpo'"):
         get_preset("tiny").replace(outer="ppo", every_step_objective=True)
+
+
+def test_step_weights_are_validated_and_reach_the_trainer_and_the_cli(monkeypatch):
+    from metarl_tf.cli import _train_config, build_parser
+    from metarl_tf.config import TrainConfig, objective_weights
+
+    assert objective_weights(2) == [0.5, 0.5]
+    assert objective_weights(2, (3, 1)) == [0.75, 0.25]
+    tiny = get_preset("tiny").replace(inner_steps=2, every_step_objective=True)
+    with pytest.raises(ValueError, match="needs every_step_objective"):
+        tiny.replace(every_step_objective=False, step_weights=(3.0, 1.0))
+    with pytest.raises(ValueError, match="one weight per inner step \\(2\\), got 3"):
+        tiny.replace(step_weights=(1.0, 1.0, 1.0))
+    for bad in ((1.0, -1.0), (0.0, 0.0), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="finite, >= 0 and not all 0"):
+            tiny.replace(step_weights=bad)
+    config = tiny.replace(step_weights=(3.0, 1.0))
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    args = build_parser().parse_args(
+        ["train", "--preset", "tiny", "--inner-steps", "2", "--every-step-objective",
+         "--step-weights", "3,1"]
+    )  # fmt: skip
+    assert _train_config(args).step_weights == (3.0, 1.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--step-weights", "3;1"])
+    import metarl_tf.trainer as trainer_module
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["step_weights"])
+        return trpo_meta_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "trpo_meta_step", recording)
+    row = MetaTrainer(config).train_iteration()
+    assert np.isfinite(row["returns/post_adaptation"]) and seen == [(3.0, 1.0)]
 
 
 # -- a learned shift of log σ added by the first inner step (TrainConfig.log_std_shift) --------

@@ -26,6 +26,7 @@ import functools
 
 import tensorflow as tf
 
+from metarl_tf.config import objective_weights
 from metarl_tf.curvature import analytic_curvature_for
 from metarl_tf.maml import (
     adapt,
@@ -114,6 +115,7 @@ def trpo_meta_step(
     analytic_curvature: bool = True,
     stop_after: str | None = None,
     every_step_objective: bool = False,
+    step_weights=None,
     lvc: bool = False,
     log_std_shift=None,
 ):
@@ -128,6 +130,8 @@ def trpo_meta_step(
     every step (θ_j on inner batch j + 1, which θ_j collected; θ_k on the outer batch) under the
     mean of their KLs, instead of the last step's alone: adaptation that keeps improving step by
     step. The same one JVP/VJP pass through the chain serves all levels.
+    ``step_weights``: with ``every_step_objective``, the weights of the steps' surrogates and KLs
+    (one per inner step, normalized to sum 1) instead of equal ones.
     ``lvc``: differentiate through the inner steps with the Hessian of the low-variance-curvature
     inner loss (:func:`metarl_tf.maml.policy_gradient_loss`); the adaptation itself is unchanged.
     ``log_std_shift``: a variable ``[action_dim]`` the first inner step adds to ``log σ``
@@ -192,7 +196,7 @@ def trpo_meta_step(
         (outer, outer_adv) if j == inner_steps else (inner_batches[j], inner_advs[j])
         for j in levels
     ]
-    weight = 1.0 / len(levels)
+    weights = objective_weights(len(levels), step_weights if every_step_objective else None)
 
     def level_params(res):
         return [res.params if j == inner_steps else res.trace[j][0] for j in levels]
@@ -206,7 +210,7 @@ def trpo_meta_step(
             log_prob = policy.log_prob(dists[-1], episodes.actions)
             old_log_probs.append(tf.stop_gradient(log_prob))
             losses.append(surrogate_from_log_prob(log_prob, old_log_probs[-1], adv, episodes.mask))
-        loss_before = weight * tf.add_n(losses)
+        loss_before = tf.add_n([w * x for w, x in zip(weights, losses, strict=True)])
     grad_levels = tape.gradient(loss_before, params)
     old_dists = [tf.nest.map_structure(tf.stop_gradient, d) for d in dists]
     if analytic_curvature:
@@ -242,8 +246,8 @@ def trpo_meta_step(
             every_step=True, v_shift=v[-1] if shifts else None,
         )  # fmt: skip
         fu = [
-            [weight * x for x in fisher(us[j - 1])]
-            for j, fisher in zip(levels, fishers, strict=True)
+            [w * x for x in fisher(us[j - 1])]
+            for j, w, fisher in zip(levels, weights, fishers, strict=True)
         ]
         last, intermediate = to_cotangents(fu)
         h_theta, h_alpha, *h_shift = adaptation_vjp(
@@ -267,8 +271,8 @@ def trpo_meta_step(
         candidate = [v - scale * s for v, s in zip(old_values, full_step, strict=True)]
         cand = level_params(adapted(candidate))
         loss, kl = 0.0, 0.0
-        for ps, (episodes, adv), old_lp, old in zip(
-            cand, data, old_log_probs, old_dists, strict=True
+        for ps, (episodes, adv), old_lp, old, weight in zip(
+            cand, data, old_log_probs, old_dists, weights, strict=True
         ):
             dist = policy.forward(ps, episodes.observations)  # one pass: surrogate and KL
             log_prob = policy.log_prob(dist, episodes.actions)
