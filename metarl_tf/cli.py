@@ -16,14 +16,18 @@ import numpy as np
 import metarl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    """argparse type of comma-separated numbers, e.g. ``3,1``."""
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, e.g. 3,1, got {text!r}"
-        ) from None
+def _list_of(kind, example: str):
+    """argparse type of comma-separated ``kind`` values, e.g. ``3,1``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__} values, e.g. {example}, got {text!r}"
+            ) from None
+
+    return parse
 
 
 def _add_train(sub) -> None:
@@ -73,7 +77,7 @@ def _add_train(sub) -> None:
         "not only after the last",
     )  # fmt: skip
     p.add_argument(
-        "--step-weights", type=_float_list,
+        "--step-weights", type=_list_of(float, "3,1"),
         help="with --every-step-objective: comma-separated weight of each inner step's return "
         "in the objective (normalized; e.g. 3,1 favours the first step; default equal)",
     )  # fmt: skip
@@ -105,6 +109,11 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--init-log-std", type=float, help="initial log standard deviation of the policy"
     )
+    p.add_argument(
+        "--hidden-sizes", type=_list_of(int, "100,100"),
+        help="the policy's hidden layer widths, e.g. 100,100",
+    )  # fmt: skip
+    p.add_argument("--activation", choices=["tanh", "relu"], help="the policy's hidden activation")
     p.add_argument(
         "--gamma",
         type=float,
@@ -221,7 +230,8 @@ def _train_config(args):
         "outer_learning_rate": args.outer_learning_rate,
         "algo": args.algo, "gae_lambda": args.gae_lambda, "gamma": args.gamma,
         "every_step_objective": args.every_step_objective, "lvc": args.lvc,
-        "step_weights": args.step_weights,
+        "step_weights": args.step_weights, "hidden_sizes": args.hidden_sizes,
+        "activation": args.activation,
         "meta_sgd_per_step": args.meta_sgd_per_step,
         "log_std_shift": args.log_std_shift,
     }  # fmt: skip

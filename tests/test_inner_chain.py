@@ -598,6 +598,11 @@ def test_step_weights_are_validated_and_reach_the_trainer_and_the_cli(monkeypatc
     assert _train_config(args).step_weights == (3.0, 1.0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--step-weights", "3;1"])
+    args = build_parser().parse_args(["train", "--hidden-sizes", "100,100", "--activation", "relu"])
+    assert _train_config(args).hidden_sizes == (100, 100)
+    assert _train_config(args).activation == "relu"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--hidden-sizes", "100.5"])
     import metarl_tf.trainer as trainer_module
 
     seen = []
