@@ -26,3 +26,25 @@ def test_serve_latency_rejects_too_few_requests(args, message):
     )
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_eval_noise_first_row_is_evaluates_own_figure(tiny_run, tmp_path):
+    """bench/eval_noise.py scores the same tasks under several noise seeds; with the task seed as
+    the first noise seed that row is exactly ``evaluate``'s figure, and other seeds differ."""
+    import importlib.util
+    import json
+
+    from metarl_tf.bundle import load_bundle
+    from metarl_tf.evaluation import evaluate
+
+    spec = importlib.util.spec_from_file_location("eval_noise", BENCH / "eval_noise.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "noise.json"
+    bundle = str(tiny_run["bundle_2"])
+    args = [bundle, "--seed", "3", "--tasks", "3", "--episodes", "2", "--steps", "1"]
+    assert module.main([*args, "--noise-seeds", "3,7", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["mean_return_by_noise_seed"]
+    expected = evaluate(load_bundle(bundle), 3, 2, 1, seed=3)["methods"]["maml"]["mean_return"]
+    assert rows["3"] == pytest.approx(expected, rel=1e-6)
+    assert rows["7"] != pytest.approx(rows["3"])
