@@ -190,10 +190,12 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d": TrainConfig(),
     # Same, with Meta-SGD per-parameter step sizes learned by TRPO.
     "nav2d-metasgd": TrainConfig(meta_sgd=True),
-    # Meta-SGD from a narrower initial policy (σ = 0.2) and smaller initial step sizes:
-    # saved_models/nav2d-maml-1step (80 iterations), which the shipped saved_models/nav2d-maml
-    # continues with --inner-steps 2 --every-step-objective (README, "Learning"). With σ = 1 most
-    # actions saturate the ±0.1 clip, and after adaptation the policy jitters around the goal.
+    # Meta-SGD from a narrower initial policy (σ = 0.2) and smaller initial step sizes: the base
+    # of saved_models/nav2d-maml-1step (80 iterations) and, with --hidden-sizes 100,100
+    # --activation relu --log-std-shift and then --meta-sgd-per-step --inner-steps 2
+    # --every-step-objective, of the shipped saved_models/nav2d-maml (README, "Learning"). With
+    # σ = 1 most actions saturate the ±0.1 clip, and after adaptation the policy jitters around
+    # the goal.
     "nav2d-metasgd-lowstd": TrainConfig(meta_sgd=True, init_log_std=-1.6, inner_step_size=0.05),
     # The MAML paper's own policy network for the RL experiments: two hidden layers of 100 ReLUs.
     "nav2d-paper-net": TrainConfig(hidden_sizes=(100, 100), activation="relu"),
@@ -218,8 +220,9 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d-ppo": TrainConfig(outer="ppo", outer_learning_rate=3e-3, ppo_epochs=5, ppo_clip=0.2),
     # `nav2d` with two inner steps during meta-training, each on freshly collected episodes.
     "nav2d-2step": TrainConfig(inner_steps=2),
-    # Baselines (python -m metarl_tf train --algo pretrain): the shipped nav2d-maml's network and
-    # initial sigma, trained jointly on all tasks without adaptation (TRPO); the oracle sees the goal.
+    # Baselines (python -m metarl_tf train --algo pretrain): nav2d-metasgd-lowstd's network (2x64
+    # tanh) and initial sigma, trained jointly on all tasks without adaptation (TRPO); the oracle
+    # sees the goal.
     "nav2d-pretrain": TrainConfig(algo="pretrain", init_log_std=-1.6, inner_step_size=0.05),
     "nav2d-oracle": TrainConfig(
         task_distribution="nav2d-oracle", algo="pretrain", init_log_std=-1.6, inner_step_size=0.05
