@@ -2,7 +2,7 @@
 and scored under several noise seeds. Prints the mean return after 0..K inner steps per noise
 seed, and their spread; asserts nothing.
 
-    PYTHONPATH=. python bench/eval_noise.py saved_models/nav2d-maml [--seed 1] [--tasks 40]
+    python bench/eval_noise.py saved_models/nav2d-maml [--seed 1] [--tasks 40]
         [--episodes 20] [--steps 2] [--noise-seeds 1,1001,1002,1003,1004,1005] [--json PATH]
 
 ``evaluate --seed S`` draws its tasks from seed ``S`` and its action noise from seed ``S`` too;
@@ -33,11 +33,16 @@ def main(argv=None) -> int:
     p.add_argument("--noise-seeds", help="comma-separated; default: --seed, then 1001..1005")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
-    noise_seeds = (
-        [int(x) for x in args.noise_seeds.split(",")]
-        if args.noise_seeds
-        else [args.seed, *range(1001, 1006)]
-    )
+    try:
+        noise_seeds = (
+            [int(x) for x in args.noise_seeds.split(",")]
+            if args.noise_seeds
+            else [args.seed, *range(1001, 1006)]
+        )
+    except ValueError:
+        p.error(f"--noise-seeds takes comma-separated integers, got {args.noise_seeds!r}")
+    if len(set(noise_seeds)) != len(noise_seeds):
+        p.error(f"--noise-seeds must be distinct, got {args.noise_seeds!r}")
 
     from metarl_tf.bundle import load_bundle
     from metarl_tf.evaluation import EVAL_SEED_SALT, adaptation_curve
@@ -46,7 +51,10 @@ def main(argv=None) -> int:
     tasks = bundle.task_distribution.sample_tasks(args.tasks, seed=EVAL_SEED_SALT + args.seed)
     rows = {}
     print(f"{args.bundle}: {args.tasks} tasks of seed {args.seed} x {args.episodes} episodes")
-    print("noise seed   " + "".join(f"{f'{k} steps':>10}" for k in range(args.steps + 1)))
+    print(
+        "noise seed   "
+        + "".join(f"{f'{k} step' + ('s' if k != 1 else ''):>10}" for k in range(args.steps + 1))
+    )
     for noise in noise_seeds:
         curve = adaptation_curve(bundle, tasks, args.episodes, args.steps, noise)
         rows[noise] = curve["mean_return"]

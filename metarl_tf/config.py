@@ -32,9 +32,10 @@ class TrainConfig:
         every_step_objective: with ``inner_steps > 1`` (TRPO only), the outer objective is the
             mean of the surrogates after every inner step (each on the batch that step's policy
             collected) under the mean of their KLs, not the last step's alone.
-        step_weights: with ``every_step_objective``, one weight per inner step for its
+        step_weights: with ``every_step_objective``, one positive weight per inner step for its
             surrogate and KL (normalized to sum 1; e.g. ``(3, 1)`` favours the first step); empty
-            = equal weights.
+            = equal weights. TRPO bounds the weighted mean KL, so a step of weight ``w`` may move
+            its policy by up to about ``max_kl / w``.
         lvc: differentiate through the inner steps with the Hessian of ProMP's
             low-variance-curvature inner loss (TRPO only; second order only): the meta-gradient
             then credits the pre-adaptation policy for the data it collects. The adaptation
@@ -112,6 +113,10 @@ class TrainConfig:
             raise ValueError(f"baseline must be 'linear' or 'none', got {self.baseline!r}")
         if self.every_step_objective and self.outer != "trpo":
             raise ValueError(f"every_step_objective needs outer='trpo', got {self.outer!r}")
+        if self.step_weights is None:  # JSON null / an explicit None: equal weights
+            object.__setattr__(self, "step_weights", ())
+        if self.hidden_sizes and min(self.hidden_sizes) < 1:
+            raise ValueError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
         if self.step_weights:
             if not self.every_step_objective:
                 raise ValueError("step_weights needs every_step_objective")
@@ -170,8 +175,12 @@ class TrainConfig:
 
 def objective_weights(levels: int, step_weights=None) -> list[float]:
     """The weights of the every-step objective's ``levels`` surrogates and KLs: equal without
-    ``step_weights``, else those normalized to sum 1 (``ValueError`` on a wrong count, a
-    negative or non-finite weight, or all zero)."""
+    ``step_weights``, else those normalized to sum 1 (``ValueError`` on a wrong count or a
+    weight that is not a positive finite number).
+
+    The trust region bounds the *weighted* mean KL, so a level of weight ``w`` may move by up to
+    about ``max_kl / w``: a zero weight would leave that level's policy unconstrained, hence
+    weights must be positive."""
     if not step_weights:
         return [1.0 / levels] * levels
     weights = [float(w) for w in step_weights]
@@ -179,8 +188,8 @@ def objective_weights(levels: int, step_weights=None) -> list[float]:
         raise ValueError(
             f"step_weights needs one weight per inner step ({levels}), got {len(weights)}"
         )
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"step_weights must be finite, >= 0 and not all 0, got {weights}")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"step_weights must be positive finite numbers, got {weights}")
     return [w / sum(weights) for w in weights]
 
 

@@ -48,3 +48,11 @@ def test_eval_noise_first_row_is_evaluates_own_figure(tiny_run, tmp_path):
     expected = evaluate(load_bundle(bundle), 3, 2, 1, seed=3)["methods"]["maml"]["mean_return"]
     assert rows["3"] == pytest.approx(expected, rel=1e-6)
     assert rows["7"] != pytest.approx(rows["3"])
+    for bad, message in (("3,3", "must be distinct"), ("3;7", "comma-separated integers")):
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / "eval_noise.py"), bundle, "--noise-seeds", bad],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and message in proc.stderr

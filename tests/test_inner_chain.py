@@ -586,11 +586,14 @@ def test_step_weights_are_validated_and_reach_the_trainer_and_the_cli(monkeypatc
         tiny.replace(every_step_objective=False, step_weights=(3.0, 1.0))
     with pytest.raises(ValueError, match="one weight per inner step \\(2\\), got 3"):
         tiny.replace(step_weights=(1.0, 1.0, 1.0))
-    for bad in ((1.0, -1.0), (0.0, 0.0), (float("nan"), 1.0)):
-        with pytest.raises(ValueError, match="finite, >= 0 and not all 0"):
+    for bad in ((1.0, -1.0), (1.0, 0.0), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="must be positive finite numbers"):
             tiny.replace(step_weights=bad)
     config = tiny.replace(step_weights=(3.0, 1.0))
     assert TrainConfig.from_dict(config.to_dict()) == config
+    assert tiny.replace(step_weights=None).to_dict()["step_weights"] == []
+    with pytest.raises(ValueError, match="hidden_sizes must be positive widths"):
+        tiny.replace(hidden_sizes=(0, 5))
     args = build_parser().parse_args(
         ["train", "--preset", "tiny", "--inner-steps", "2", "--every-step-objective",
          "--step-weights", "3,1"]

@@ -87,6 +87,37 @@ def test_init_from_bundle_may_change_the_batch_and_records_it(tiny_run, tmp_path
 
 
 @pytest.mark.slow
+def test_a_bundle_from_before_step_weights_continues_with_them(tiny_run, tmp_path):
+    """A bundle whose saved configuration predates ``step_weights`` loads with equal weights and
+    continues with a weighted 2-step objective; the change is recorded, and a checkpoint of the
+    continuation resumes with the weights."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run["bundle_2"], old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["training"]["config"]["step_weights"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    config = tiny_run["trainer"].config.replace(
+        inner_steps=2, every_step_objective=True, step_weights=(3.0, 1.0), iterations=3
+    )
+    weighted = MetaTrainer(config)
+    weighted.init_from_bundle(old)
+    weighted.train_iteration()
+    weighted.save_checkpoint(tmp_path / "ckpt")
+    resumed = MetaTrainer(config)
+    assert resumed.restore_checkpoint(tmp_path / "ckpt")
+    training = load_bundle(resumed.export_bundle(tmp_path / "b")).meta["training"]
+    assert training["config"]["step_weights"] == [3.0, 1.0]
+    (step,) = training["continued_from"]
+    assert step["changed"]["step_weights"] == []
+    assert step["changed"]["inner_steps"] == 1
+    with pytest.raises(ValueError, match="another configuration.*step_weights"):
+        MetaTrainer(config.replace(step_weights=(1.0, 3.0))).restore_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.slow
 def test_init_from_bundle_refuses_another_configuration(tiny_run):
     other = MetaTrainer(tiny_run["trainer"].config.replace(inner_step_size=0.5))
     with pytest.raises(ValueError, match=r"another configuration.*inner_step_size"):

@@ -131,7 +131,8 @@ def trpo_meta_step(
     mean of their KLs, instead of the last step's alone: adaptation that keeps improving step by
     step. The same one JVP/VJP pass through the chain serves all levels.
     ``step_weights``: with ``every_step_objective``, the weights of the steps' surrogates and KLs
-    (one per inner step, normalized to sum 1) instead of equal ones.
+    (one positive weight per inner step, normalized to sum 1) instead of equal ones; the trust
+    region then bounds the weighted mean KL.
     ``lvc``: differentiate through the inner steps with the Hessian of the low-variance-curvature
     inner loss (:func:`metarl_tf.maml.policy_gradient_loss`); the adaptation itself is unchanged.
     ``log_std_shift``: a variable ``[action_dim]`` the first inner step adds to ``log σ``
@@ -189,7 +190,8 @@ def trpo_meta_step(
     else:
         result = adapted(theta + alphas + shifts)
     # The objective's levels: θ' only, or with ``every_step_objective`` every θ_j on the batch
-    # it collected (inner batch j for j < k, the outer batch for θ_k), weighted 1/levels.
+    # it collected (inner batch j for j < k, the outer batch for θ_k), weighted by
+    # objective_weights (1/levels unless step_weights).
     inner_batches, inner_advs = per_step_batches(inner, inner_adv, inner_steps)
     levels = list(range(1, inner_steps + 1)) if every_step_objective else [inner_steps]
     data = [
