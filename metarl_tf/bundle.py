@@ -144,6 +144,8 @@ def save_bundle(
     tmp.chmod(0o755)
     files = [POLICY_FILE]
     policy.save(tmp / POLICY_FILE)
+    # per-step blocks or a log σ shift: a rule a version-1 reader would get wrong
+    step_rules = adaptation.get("log_std_shift") is not None
     if isinstance(step_sizes, (int, float)):
         sizes_json: Any = float(step_sizes)
     else:
@@ -154,13 +156,11 @@ def save_bundle(
         sizes_json = {"file": STEP_SIZES_FILE}
         if blocks > 1:
             sizes_json["blocks"] = blocks
+            step_rules = True
         files.append(STEP_SIZES_FILE)
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
         files.append(name)
-    step_rules = "blocks" in (sizes_json if isinstance(sizes_json, dict) else {}) or (
-        adaptation.get("log_std_shift") is not None
-    )
     meta = {
         "format_version": FORMAT_VERSION_STEP_RULES if step_rules else FORMAT_VERSION,
         "name": path.name,

@@ -37,7 +37,8 @@ RUN_FIELDS = ("iterations", "checkpoint_every")
 CONTINUATION_FIELDS = RUN_FIELDS + (
     "init_log_std", "meta_batch_size", "episodes_per_task", "outer", "max_kl", "cg_iterations",
     "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "outer_learning_rate", "ppo_epochs",
-    "ppo_clip", "seed", "inner_steps", "every_step_objective", "step_weights", "lvc", "meta_sgd_per_step",
+    "ppo_clip", "seed", "inner_steps", "every_step_objective", "step_weights", "lvc",
+    "meta_sgd_per_step",
 )  # fmt: skip
 CHECKPOINT_SHIFT = "log_std_shift"
 
@@ -149,7 +150,7 @@ class MetaTrainer:
                 max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
                 ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
                 stop_after=stop_after, every_step_objective=c.every_step_objective, lvc=c.lvc,
-                step_weights=c.step_weights or None, log_std_shift=self.log_std_shift,
+                step_weights=c.step_weights, log_std_shift=self.log_std_shift,
             )  # fmt: skip
         if c.outer == "ppo":
             return ppo_meta_step(
