@@ -15,6 +15,12 @@ passes (Pearlmutter, 1994): directional derivatives of the forward and backward 
   categorical policy (``L = −Σ mask·Â·log softmax(z)[a] / Σ mask``; the Fisher is
   ``diag(p) − ppᵀ`` per sample in logit space).
 
+The products are bound by memory traffic (they stream ``[tasks, n, width]`` tensors; a 64-wide
+matmul costs about as much as an elementwise pass), so the code counts passes: biases ride in the
+matmuls on a constant-1 feature, and for a narrow input (Nav2D's position) the inner-loss
+Hessian's R-backward below the second layer reduces to small cached tensors
+(:class:`_FirstLayerTerms`).
+
 All equal the autodiff products (``metarl_tf.maml.inner_hvp``,
 ``metarl_tf.outer.trpo.fisher_vector_product``) to float tolerance; ``tests/test_curvature.py``
 checks that. Parameters are per task (``[tasks, *shape]``), in the policy's parameter order.
@@ -22,6 +28,8 @@ checks that. Parameters are per task (``[tasks, *shape]``), in the policy's para
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -58,6 +66,56 @@ def _split_bias(grad):
 # Narrow layers (e.g. the policy head, 2 outputs) take their two backward products as one matmul
 # of concatenated operands; for wide ones the concatenation would copy more than it saves.
 _CONCAT_MAX_WIDTH = 16
+# Inputs at most this wide (with the constant-1 feature) get the first-layer shortcut of the
+# inner-loss Hessian (:class:`_FirstLayerTerms`); its set-up grows with the width.
+_NARROW_INPUT_MAX = 8
+
+
+class _FirstLayerTerms:
+    """The direction-independent parts of R-backward below the second layer, for a narrow input.
+
+    The R-backward pass streams ``[tasks, n, width]`` tensors and is bound by memory traffic, not
+    by arithmetic. Below the second layer it only serves the first layer's gradient
+    ``x̃ᵀ R(δ_1)``, with ``x̃ = [x, 1]`` a few features wide (Nav2D: 3). With ``a = act'(z_1)``,
+    ``R(h_1) = a ⊙ (x̃ Ṽ_1)`` and ``R(δ_1) = a ⊙ (R(δ_2) W_2ᵀ + δ_2 V_2ᵀ) + c ⊙ R(h_1)``
+    (``c`` the tanh cross term), three of its terms contract over the samples with a factor that
+    does not depend on the direction, so they reduce to small cached tensors:
+
+    - ``R(h_1)ᵀ δ_2`` (the second layer's kernel): ``Σ_k Ṽ_1[k, j] P[k, j, m]``;
+    - ``x̃ᵀ (a ⊙ δ_2 V_2ᵀ)``: ``Σ_m V_2[j, m] P[k, j, m]``;
+    - ``x̃ᵀ (c ⊙ R(h_1))``: ``Σ_l Ṽ_1[l, j] Q[k, l, j]``;
+
+    with ``P[k, j, m] = Σ_n x̃_k a_j δ_2,m`` and ``Q[k, l, j] = Σ_n x̃_k x̃_l c_j a_j``. Only
+    ``x̃ᵀ (a ⊙ R(δ_2) W_2ᵀ)`` is left to stream: per product, two wide matmuls and three
+    elementwise passes fewer. (Stored ``[tasks, j, k, m]`` and ``[tasks, j, k, l]``, so each term
+    is one batched matmul over ``(tasks, j)``.)
+    """
+
+    def __init__(self, x_tilde, dact, delta, cross):
+        shape = tf.shape(x_tilde)
+        tasks, n = shape[0], shape[1]
+        k, width, width_next = x_tilde.shape[-1], dact.shape[-1], delta.shape[-1]
+        d = tf.reshape(x_tilde[..., :, None] * dact[..., None, :], [tasks, n, k * width])
+        p = tf.reshape(tf.matmul(d, delta, transpose_a=True), [tasks, k, width, width_next])
+        self.p = tf.transpose(p, [0, 2, 1, 3])  # [tasks, j, k, m]
+        self.q = None
+        if cross is not None:
+            pairs = tf.reshape(x_tilde[..., :, None] * x_tilde[..., None, :], [tasks, n, k * k])
+            q = tf.reshape(tf.matmul(pairs, cross * dact, transpose_a=True), [tasks, k, k, width])
+            self.q = tf.transpose(q, [0, 3, 1, 2])  # [tasks, j, k, l]
+
+    def second_kernel_term(self, v_first):
+        """``R(h_1)ᵀ δ_2`` ``[tasks, j, m]`` for the stacked first-layer direction ``[tasks, k, j]``."""
+        v = tf.transpose(v_first, [0, 2, 1])[:, :, None, :]  # [tasks, j, 1, k]
+        return tf.matmul(v, self.p)[:, :, 0, :]
+
+    def first_layer_terms(self, v_first, v_second_kernel):
+        """``x̃ᵀ (a ⊙ δ_2 V_2ᵀ + c ⊙ R(h_1))`` ``[tasks, k, j]`` (stacked kernel and bias)."""
+        out = tf.matmul(self.p, v_second_kernel[..., None])  # [tasks, j, k, 1]
+        if self.q is not None:
+            v = tf.transpose(v_first, [0, 2, 1])[..., None]  # [tasks, j, l, 1]
+            out += tf.matmul(self.q, v)
+        return tf.transpose(out[..., 0], [0, 2, 1])
 
 
 class _MLP:
@@ -142,19 +200,47 @@ class _MLP:
             return [None] * len(self.kernels)
         return [None] + [-2.0 * h * d for h, d in zip(self.hidden, delta_hs[1:], strict=True)]
 
-    def r_backward(self, r_delta, r_inputs, deltas, deltas_t, cross_terms, v_kernels):
-        """R-operator of :meth:`backward`: given ``R(∂L/∂output)``, the cached ``δ`` of the
-        loss's backward pass (and their transposes ``deltas_t``) and its
-        :meth:`activation_cross_terms`, the Hessian-vector product's kernel and bias parts (flat
-        list)."""
+    def r_backward_cache(self, deltas, delta_hs):
+        """What :meth:`r_backward` needs from the loss's backward pass (``deltas``, ``delta_hs``
+        of :meth:`backward`), computed once per point: the transposed ``δ``, the
+        :meth:`activation_cross_terms`, and the :class:`_FirstLayerTerms` when the input is
+        narrow (``None`` otherwise, or without a hidden layer)."""
+        cross_terms = self.activation_cross_terms(delta_hs)
+        first = None
+        if len(self.kernels) > 1 and self.inputs[0].shape[-1] <= _NARROW_INPUT_MAX:
+            first = _FirstLayerTerms(self.inputs[0], self.dact[0], deltas[1], cross_terms[1])
+        # With the shortcut the second layer's R(h)ᵀ δ comes from it: no transposed δ there.
+        deltas_t = [
+            None if (first is not None and i == 1) else _transpose(d) for i, d in enumerate(deltas)
+        ]
+        return _BackwardCache(deltas, deltas_t, cross_terms, first)
+
+    def r_backward(self, r_delta, r_inputs, cache, tangent_layers):
+        """R-operator of :meth:`backward`: given ``R(∂L/∂output)``, the ``R(h)`` of
+        :meth:`r_forward`, the :meth:`r_backward_cache` of the loss's backward pass and the
+        direction's kernels and biases (flat list), the Hessian-vector product's kernel and bias
+        parts (flat list)."""
+        deltas, deltas_t, cross_terms, first = cache
+        v_kernels, v_biases = tangent_layers[0::2], tangent_layers[1::2]
         out = []
         for i in reversed(range(len(self.kernels))):
             delta = deltas[i]
-            g_kernel, g_bias = _split_bias(tf.matmul(self.inputs_t[i], r_delta))
-            if r_inputs[i] is not None:  # R(h)ᵀ δ = (δᵀ R(h))ᵀ, the big operand untransposed
+            g_stacked = tf.matmul(self.inputs_t[i], r_delta)
+            if i == 0 and first is not None:
+                g_stacked += first.first_layer_terms(
+                    _stack_bias(v_kernels[0], v_biases[0]), v_kernels[1]
+                )
+            g_kernel, g_bias = _split_bias(g_stacked)
+            if i == 1 and first is not None:
+                g_kernel += first.second_kernel_term(_stack_bias(v_kernels[0], v_biases[0]))
+            elif r_inputs[i] is not None:  # R(h)ᵀ δ = (δᵀ R(h))ᵀ, the big operand untransposed
                 g_kernel += _transpose(tf.matmul(deltas_t[i], r_inputs[i]))
             out.append((g_kernel, g_bias))
             if i == 0:
+                continue
+            if i == 1 and first is not None:
+                # Only x̃ᵀ (act' ⊙ R(δ) Wᵀ) streams; the rest of R(δ_1) is in `first`.
+                r_delta = tf.matmul(r_delta, self.kernels[i], transpose_b=True) * self.dact[0]
                 continue
             # R(δ_h) = R(δ) Wᵀ + δ Vᵀ; R(δ_{z, i-1}) = R(δ_h) ⊙ act' + cross ⊙ R(h_i).
             if delta.shape[-1] is not None and delta.shape[-1] <= _CONCAT_MAX_WIDTH:
@@ -170,6 +256,16 @@ class _MLP:
             if cross_terms[i] is not None:
                 r_delta += cross_terms[i] * r_inputs[i]
         return _flat_list(out[::-1])
+
+
+class _BackwardCache(NamedTuple):
+    """:meth:`_MLP.r_backward_cache`: ``δ`` per layer, their transposes, the activation cross
+    terms, and the first-layer shortcut (or ``None``)."""
+
+    deltas: list
+    deltas_t: list
+    cross_terms: list
+    first: _FirstLayerTerms | None
 
 
 def _flat_list(grads):
@@ -201,7 +297,7 @@ class InnerLossHessian:
         self.residual = a - net.output  # r = a − μ
         # ∂L/∂μ = −w r / σ²
         d_mean = -self.weight * self.residual * net.inv_var
-        grads, self.deltas, delta_hs = net.backward(d_mean)
+        grads, deltas, delta_hs = net.backward(d_mean)
         # The loss and its gradient come with the cached passes (metarl_tf.maml.adapt's
         # ``gradients`` hook): L = −Σ w log N, ∂L/∂log σ = −Σ w (r²/σ² − 1).
         log_prob = gaussian_log_prob(net.output, net.log_std[:, None, :], a)
@@ -211,8 +307,7 @@ class InnerLossHessian:
         self.score_log_std = scaled_sq - 1.0
         g_log_std = -tf.reduce_sum(self.weight * self.score_log_std, axis=1)
         self.gradient = [*_flat_list(grads), g_log_std]
-        self.deltas_t = [_transpose(d) for d in self.deltas]
-        self.cross_terms = net.activation_cross_terms(delta_hs)
+        self.backward_cache = net.r_backward_cache(deltas, delta_hs)
 
     def __call__(self, v):
         net, w, r = self.net, self.weight, self.residual
@@ -228,9 +323,7 @@ class InnerLossHessian:
             )
             r_delta -= w * score_v * r * net.inv_var
             g_log_std -= tf.reduce_sum(w * score_v * self.score_log_std, axis=1)
-        grads = net.r_backward(
-            r_delta, r_inputs, self.deltas, self.deltas_t, self.cross_terms, v[:-1][0::2]
-        )
+        grads = net.r_backward(r_delta, r_inputs, self.backward_cache, v[:-1])
         return [*grads, g_log_std]
 
 
@@ -294,13 +387,12 @@ class CategoricalInnerLossHessian:
         self.probs = tf.nn.softmax(net.output)
         one_hot = tf.one_hot(tf.cast(tf.round(a[..., 0]), tf.int32), net.output.shape[-1])
         self.score = one_hot - self.probs  # ∂log p_a/∂z
-        grads, self.deltas, delta_hs = net.backward(-self.weight * self.score)
+        grads, deltas, delta_hs = net.backward(-self.weight * self.score)
         # As InnerLossHessian: the loss and its gradient from the cached passes.
         log_prob = categorical_log_prob(net.output, a)
         self.loss = -tf.reduce_sum(self.weight[..., 0] * log_prob, axis=1)
         self.gradient = _flat_list(grads)
-        self.deltas_t = [_transpose(d) for d in self.deltas]
-        self.cross_terms = net.activation_cross_terms(delta_hs)
+        self.backward_cache = net.r_backward_cache(deltas, delta_hs)
 
     def __call__(self, v):
         net = self.net
@@ -310,9 +402,7 @@ class CategoricalInnerLossHessian:
             r_delta -= (
                 self.weight * tf.reduce_sum(self.score * r_logits, -1, keepdims=True) * self.score
             )
-        return net.r_backward(
-            r_delta, r_inputs, self.deltas, self.deltas_t, self.cross_terms, v[0::2]
-        )
+        return net.r_backward(r_delta, r_inputs, self.backward_cache, v)
 
 
 class CategoricalFisher:

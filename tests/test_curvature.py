@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from metarl_tf import curvature
 from metarl_tf.curvature import GaussianFisher, InnerLossHessian
 from metarl_tf.maml import inner_gradients, inner_hvp, policy_gradient_loss
 from metarl_tf.outer.trpo import fisher_vector_product
@@ -29,14 +30,23 @@ def assert_close(got, expected, rtol=1e-4):
     assert err < rtol, f"relative error {err:.2e}"
 
 
+# obs_dim 2 takes the inner-loss Hessian's first-layer shortcut (a narrow input), 9 the general
+# R-backward (test_first_layer_shortcut_is_taken_for_narrow_inputs checks which is which).
 @pytest.fixture(
-    params=[("tanh", (8, 3)), ("relu", (8, 3)), ("tanh", (4,))],
-    ids=lambda p: f"{p[0]}-{'x'.join(map(str, p[1]))}",
+    params=[
+        ("tanh", (8, 3), 2),
+        ("tanh", (8, 3), 9),
+        ("relu", (8, 3), 2),
+        ("relu", (8, 3), 9),
+        ("tanh", (4,), 2),
+        ("tanh", (4,), 9),
+    ],
+    ids=lambda p: f"{p[0]}-{'x'.join(map(str, p[1]))}-obs{p[2]}",
 )
 def per_task_setup(request, make_policy, synthetic_batch, to_tensors):
-    activation, hidden = request.param
-    policy = make_policy(hidden=hidden, activation=activation)
-    episodes = to_tensors(synthetic_batch(tasks=2, episodes=2, horizon=5, seed=1))
+    activation, hidden, obs_dim = request.param
+    policy = make_policy(hidden=hidden, activation=activation, obs_dim=obs_dim)
+    episodes = to_tensors(synthetic_batch(tasks=2, episodes=2, horizon=5, obs_dim=obs_dim, seed=1))
     rng = np.random.default_rng(2)
     params = [
         tf.constant(np.stack([p, p + rng.normal(0, 0.2, p.shape)]), tf.float32)
@@ -56,6 +66,15 @@ def test_inner_loss_hessian_matches_autodiff(per_task_setup):
     expected = hessian_vector_product(total_loss, params, v)
     assert_close(InnerLossHessian(params, episodes, adv, policy.activation)(v), expected)
     assert_close(inner_hvp(policy, params, episodes, adv, v), expected)
+
+
+def test_first_layer_shortcut_is_taken_for_narrow_inputs(per_task_setup):
+    policy, episodes, params, adv, _ = per_task_setup
+    h = InnerLossHessian(params, episodes, adv, policy.activation)
+    narrow = episodes.observations.shape[-1] + 1 <= curvature._NARROW_INPUT_MAX
+    assert (h.backward_cache.first is not None) == narrow
+    if narrow:  # the tanh cross term of the first hidden layer is cached too; ReLU has none
+        assert (h.backward_cache.first.q is not None) == (policy.activation == "tanh")
 
 
 def test_inner_loss_hessian_gives_the_loss_and_gradient_of_autodiff(per_task_setup):
