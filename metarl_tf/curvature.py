@@ -79,16 +79,21 @@ class _FirstLayerTerms:
     ``x̃ᵀ R(δ_1)``, with ``x̃ = [x, 1]`` a few features wide (Nav2D: 3). With ``a = act'(z_1)``,
     ``R(h_1) = a ⊙ (x̃ Ṽ_1)`` and ``R(δ_1) = a ⊙ (R(δ_2) W_2ᵀ + δ_2 V_2ᵀ) + c ⊙ R(h_1)``
     (``c`` the tanh cross term), three of its terms contract over the samples with a factor that
-    does not depend on the direction, so they reduce to small cached tensors:
+    does not depend on the direction, so they reduce to small cached tensors. (Layers are numbered
+    from 1 here: ``a = dact[0]``; ``W_2, V_2 = kernels[1], v_kernels[1]``, kernels only, as no
+    bias reaches ``h_1``; ``δ_2 = deltas[1]``, the output's δ with one hidden layer; ``Ṽ_1`` the
+    stacked first-layer direction ``[V_1; v_b1]``, bias row last; ``c = cross_terms[1] =
+    −2 h_1 ⊙ δ_2 W_2ᵀ`` with tanh, none with ReLU.)
 
     - ``R(h_1)ᵀ δ_2`` (the second layer's kernel): ``Σ_k Ṽ_1[k, j] P[k, j, m]``;
     - ``x̃ᵀ (a ⊙ δ_2 V_2ᵀ)``: ``Σ_m V_2[j, m] P[k, j, m]``;
     - ``x̃ᵀ (c ⊙ R(h_1))``: ``Σ_l Ṽ_1[l, j] Q[k, l, j]``;
 
     with ``P[k, j, m] = Σ_n x̃_k a_j δ_2,m`` and ``Q[k, l, j] = Σ_n x̃_k x̃_l c_j a_j``. Only
-    ``x̃ᵀ (a ⊙ R(δ_2) W_2ᵀ)`` is left to stream: per product, two wide matmuls and three
-    elementwise passes fewer. (Stored ``[tasks, j, k, m]`` and ``[tasks, j, k, l]``, so each term
-    is one batched matmul over ``(tasks, j)``.)
+    ``x̃ᵀ (a ⊙ R(δ_2) W_2ᵀ)`` is left to stream: per product, two wide matmuls (one concatenated
+    one when the second layer is at most ``_CONCAT_MAX_WIDTH`` wide) and three elementwise passes
+    fewer with tanh, one with ReLU (no cross term). (Stored ``[tasks, j, k, m]`` and
+    ``[tasks, j, k, l]``, so each term is one batched matmul over ``(tasks, j)``.)
     """
 
     def __init__(self, x_tilde, dact, delta, cross):
@@ -207,11 +212,14 @@ class _MLP:
         narrow (``None`` otherwise, or without a hidden layer)."""
         cross_terms = self.activation_cross_terms(delta_hs)
         first = None
-        if len(self.kernels) > 1 and self.inputs[0].shape[-1] <= _NARROW_INPUT_MAX:
+        width = self.inputs[0].shape[-1]
+        if len(self.kernels) > 1 and width is not None and width <= _NARROW_INPUT_MAX:
             first = _FirstLayerTerms(self.inputs[0], self.dact[0], deltas[1], cross_terms[1])
-        # With the shortcut the second layer's R(h)ᵀ δ comes from it: no transposed δ there.
+        # The transposed δ serve R(h)ᵀ δ: none for the first layer (R(x) = 0), and none for the
+        # second with the shortcut, which gives it.
         deltas_t = [
-            None if (first is not None and i == 1) else _transpose(d) for i, d in enumerate(deltas)
+            None if i == 0 or (first is not None and i == 1) else _transpose(d)
+            for i, d in enumerate(deltas)
         ]
         return _BackwardCache(deltas, deltas_t, cross_terms, first)
 
@@ -222,17 +230,16 @@ class _MLP:
         parts (flat list)."""
         deltas, deltas_t, cross_terms, first = cache
         v_kernels, v_biases = tangent_layers[0::2], tangent_layers[1::2]
+        v_first = None if first is None else _stack_bias(v_kernels[0], v_biases[0])
         out = []
         for i in reversed(range(len(self.kernels))):
             delta = deltas[i]
             g_stacked = tf.matmul(self.inputs_t[i], r_delta)
             if i == 0 and first is not None:
-                g_stacked += first.first_layer_terms(
-                    _stack_bias(v_kernels[0], v_biases[0]), v_kernels[1]
-                )
+                g_stacked += first.first_layer_terms(v_first, v_kernels[1])
             g_kernel, g_bias = _split_bias(g_stacked)
             if i == 1 and first is not None:
-                g_kernel += first.second_kernel_term(_stack_bias(v_kernels[0], v_biases[0]))
+                g_kernel += first.second_kernel_term(v_first)
             elif r_inputs[i] is not None:  # R(h)ᵀ δ = (δᵀ R(h))ᵀ, the big operand untransposed
                 g_kernel += _transpose(tf.matmul(deltas_t[i], r_inputs[i]))
             out.append((g_kernel, g_bias))

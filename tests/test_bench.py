@@ -28,18 +28,24 @@ def test_serve_latency_rejects_too_few_requests(args, message):
     assert message in proc.stderr
 
 
+def _load_bench(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_eval_noise_first_row_is_evaluates_own_figure(tiny_run, tmp_path):
     """bench/eval_noise.py scores the same tasks under several noise seeds; with the task seed as
     the first noise seed that row is exactly ``evaluate``'s figure, and other seeds differ."""
-    import importlib.util
     import json
 
     from metarl_tf.bundle import load_bundle
     from metarl_tf.evaluation import evaluate
 
-    spec = importlib.util.spec_from_file_location("eval_noise", BENCH / "eval_noise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("eval_noise")
     out = tmp_path / "noise.json"
     bundle = str(tiny_run["bundle_2"])
     args = [bundle, "--seed", "3", "--tasks", "3", "--episodes", "2", "--steps", "1"]
@@ -56,3 +62,26 @@ def test_eval_noise_first_row_is_evaluates_own_figure(tiny_run, tmp_path):
             timeout=120,
         )
         assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_curvature_products_counts_each_ops_bytes_and_runs(tmp_path):
+    """bench/curvature_products.py: the traffic count of a known graph (one multiply of two
+    4 MB tensors: 12 MB; a small add: not counted), and a run on the tiny preset."""
+    import json
+
+    import tensorflow as tf
+
+    module = _load_bench("curvature_products")
+
+    @tf.function
+    def mul(a, b, c):
+        return a * b, c + c
+
+    big = tf.TensorSpec([1000, 1000], tf.float32)
+    small = tf.TensorSpec([10, 10], tf.float32)
+    assert module.graph_traffic_bytes(mul.get_concrete_function(big, big, small)) == 12_000_000
+    out = tmp_path / "products.json"
+    args = ["--preset", "tiny", "--products", "1", "--compare-general", "--json", str(out)]
+    assert module.main(args) == 0
+    rows = json.loads(out.read_text())["products"]
+    assert set(rows) == {"inner-loss Hessian", "inner-loss Hessian, general path", "Fisher"}

@@ -196,11 +196,21 @@ def assert_close(got, expected, rtol=1e-4):
     assert err < rtol, f"relative error {err:.2e}"
 
 
-@pytest.fixture(params=[("tanh", (8, 3)), ("relu", (8, 3)), ("tanh", (4,))], ids=str)
+# obs_dim 3 takes the inner-loss Hessian's first-layer shortcut (metarl_tf.curvature), 9 not.
+@pytest.fixture(
+    params=[
+        ("tanh", (8, 3), 3),
+        ("relu", (8, 3), 3),
+        ("tanh", (4,), 3),
+        ("tanh", (8, 3), 9),
+        ("relu", (4,), 9),
+    ],
+    ids=str,
+)
 def setup(request):
-    activation, hidden = request.param
-    policy = make_categorical(hidden=hidden, activation=activation)
-    episodes = discrete_batch(seed=1)
+    activation, hidden, obs_dim = request.param
+    policy = make_categorical(hidden=hidden, activation=activation, obs_dim=obs_dim)
+    episodes = discrete_batch(seed=1, obs_dim=obs_dim)
     rng = np.random.default_rng(2)
     params = [
         tf.constant(np.stack([p, p + rng.normal(0, 0.3, p.shape)]), tf.float32)
@@ -237,6 +247,8 @@ def test_categorical_inner_loss_hessian_matches_autodiff(setup):
     h = CategoricalInnerLossHessian(params, episodes, adv, policy.activation)
     np.testing.assert_allclose(h.loss.numpy(), losses.numpy(), rtol=1e-5, atol=1e-6)
     assert_close(h.gradient, grads, rtol=1e-5)
+    # obs 3 took the first-layer shortcut, obs 9 the general R-backward (see the fixture)
+    assert (h.backward_cache.first is not None) == (episodes.observations.shape[-1] == 3)
 
 
 def test_categorical_fisher_matches_autodiff_kl_hessian(setup):

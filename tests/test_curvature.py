@@ -71,7 +71,9 @@ def test_inner_loss_hessian_matches_autodiff(per_task_setup):
 def test_first_layer_shortcut_is_taken_for_narrow_inputs(per_task_setup):
     policy, episodes, params, adv, _ = per_task_setup
     h = InnerLossHessian(params, episodes, adv, policy.activation)
-    narrow = episodes.observations.shape[-1] + 1 <= curvature._NARROW_INPUT_MAX
+    # obs 2 (3 wide with the constant) must take it and obs 9 must not, whatever the threshold
+    assert 3 <= curvature._NARROW_INPUT_MAX < 10
+    narrow = episodes.observations.shape[-1] == 2
     assert (h.backward_cache.first is not None) == narrow
     if narrow:  # the tanh cross term of the first hidden layer is cached too; ReLU has none
         assert (h.backward_cache.first.q is not None) == (policy.activation == "tanh")
