@@ -432,7 +432,8 @@ def test_trpo_step_is_the_same_with_analytic_and_autodiff_curvature(preset, over
             cg_damping=1e-5, ls_max_steps=15, ls_backtrack_ratio=0.8,
             analytic_curvature=analytic, every_step_objective=config.every_step_objective,
         )  # fmt: skip
-        step = np.concatenate([(v.numpy() - s.numpy()).ravel() for v, s in zip(variables, start)])
+        moved = zip(variables, start, strict=True)
+        step = np.concatenate([(v.numpy() - s.numpy()).ravel() for v, s in moved])
         return step, {k: float(x) for k, x in stats.items()}
 
     (analytic, stats_a), (autodiff, stats_b) = update(True), update(False)
