@@ -109,17 +109,21 @@ class _FirstLayerTerms:
             q = tf.reshape(tf.matmul(pairs, cross * dact, transpose_a=True), [tasks, k, k, width])
             self.q = tf.transpose(q, [0, 3, 1, 2])  # [tasks, j, k, l]
 
+    @staticmethod
+    def direction(v_kernel, v_bias):
+        """The first layer's direction, stacked ``[V_1; v_b1]`` and laid out ``[tasks, j, k]``
+        as both terms below take it."""
+        return tf.transpose(_stack_bias(v_kernel, v_bias), [0, 2, 1])
+
     def second_kernel_term(self, v_first):
-        """``R(h_1)ᵀ δ_2`` ``[tasks, j, m]`` for the stacked first-layer direction ``[tasks, k, j]``."""
-        v = tf.transpose(v_first, [0, 2, 1])[:, :, None, :]  # [tasks, j, 1, k]
-        return tf.matmul(v, self.p)[:, :, 0, :]
+        """``R(h_1)ᵀ δ_2`` ``[tasks, j, m]`` for the first-layer :meth:`direction`."""
+        return tf.matmul(v_first[:, :, None, :], self.p)[:, :, 0, :]  # [tasks, j, 1, k] @ P
 
     def first_layer_terms(self, v_first, v_second_kernel):
         """``x̃ᵀ (a ⊙ δ_2 V_2ᵀ + c ⊙ R(h_1))`` ``[tasks, k, j]`` (stacked kernel and bias)."""
         out = tf.matmul(self.p, v_second_kernel[..., None])  # [tasks, j, k, 1]
         if self.q is not None:
-            v = tf.transpose(v_first, [0, 2, 1])[..., None]  # [tasks, j, l, 1]
-            out += tf.matmul(self.q, v)
+            out += tf.matmul(self.q, v_first[..., None])  # [tasks, j, k, l] @ [tasks, j, l, 1]
         return tf.transpose(out[..., 0], [0, 2, 1])
 
 
@@ -230,7 +234,7 @@ class _MLP:
         parts (flat list)."""
         deltas, deltas_t, cross_terms, first = cache
         v_kernels, v_biases = tangent_layers[0::2], tangent_layers[1::2]
-        v_first = None if first is None else _stack_bias(v_kernels[0], v_biases[0])
+        v_first = None if first is None else first.direction(v_kernels[0], v_biases[0])
         out = []
         for i in reversed(range(len(self.kernels))):
             delta = deltas[i]
