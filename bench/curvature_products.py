@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-# Measure this checkout's package (e.g. a git worktree), not whichever copy is installed.
+# Measure this checkout's package (e.g. a git worktree), not whichever copy is installed; and
+# share train_speed.py's timing (also when this file is loaded by path, as the tests do).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_speed import _timed  # noqa: E402
 
 import metarl_tf  # noqa: E402, F401  (environment for TensorFlow)
 
@@ -44,19 +47,6 @@ def graph_traffic_bytes(concrete_function) -> int:
     return total
 
 
-def _least_time(fn, *args, repeats: int = 5) -> float:
-    import tensorflow as tf
-
-    fn(*args)  # trace
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn(*args)
-        [x.numpy() for x in tf.nest.flatten(out)]
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def measure_product(make, point, vector, products: int) -> dict:
     """Per-product time and traffic of ``make(point)(v)``: ``products`` chained products minus
     the set-up alone, both as compiled functions."""
@@ -74,7 +64,10 @@ def measure_product(make, point, vector, products: int) -> dict:
             v = [x * 1e-3 for x in product(v)]
         return v
 
-    seconds = (_least_time(chained, point, vector) - _least_time(setup_only, point)) / products
+    def least_time(fn, *args):
+        return _timed(lambda: [x.numpy() for x in tf.nest.flatten(fn(*args))], repeats=5)
+
+    seconds = (least_time(chained, point, vector) - least_time(setup_only, point)) / products
     traffic = (
         graph_traffic_bytes(chained.get_concrete_function(point, vector))
         - graph_traffic_bytes(setup_only.get_concrete_function(point))
