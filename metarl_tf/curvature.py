@@ -71,7 +71,7 @@ _CONCAT_MAX_WIDTH = 16
 _NARROW_INPUT_MAX = 8
 
 
-class _FirstLayerTerms:
+class _FirstLayerTerms(NamedTuple):
     """The direction-independent parts of R-backward below the second layer, for a narrow input.
 
     The R-backward pass streams ``[tasks, n, width]`` tensors and is bound by memory traffic, not
@@ -96,18 +96,23 @@ class _FirstLayerTerms:
     ``[tasks, j, k, l]``, so each term is one batched matmul over ``(tasks, j)``.)
     """
 
-    def __init__(self, x_tilde, dact, delta, cross):
+    p: tf.Tensor  # [tasks, j, k, m]
+    q: tf.Tensor | None  # [tasks, j, k, l]; None without a cross term
+
+    @classmethod
+    def build(cls, x_tilde, dact, delta, cross):
+        """From the first layer's input ``x̃``, ``a = act'(z_1)``, ``δ_2`` and ``c`` (or None)."""
         shape = tf.shape(x_tilde)
         tasks, n = shape[0], shape[1]
         k, width, width_next = x_tilde.shape[-1], dact.shape[-1], delta.shape[-1]
         d = tf.reshape(x_tilde[..., :, None] * dact[..., None, :], [tasks, n, k * width])
         p = tf.reshape(tf.matmul(d, delta, transpose_a=True), [tasks, k, width, width_next])
-        self.p = tf.transpose(p, [0, 2, 1, 3])  # [tasks, j, k, m]
-        self.q = None
+        q = None
         if cross is not None:
             pairs = tf.reshape(x_tilde[..., :, None] * x_tilde[..., None, :], [tasks, n, k * k])
             q = tf.reshape(tf.matmul(pairs, cross * dact, transpose_a=True), [tasks, k, k, width])
-            self.q = tf.transpose(q, [0, 3, 1, 2])  # [tasks, j, k, l]
+            q = tf.transpose(q, [0, 3, 1, 2])
+        return cls(tf.transpose(p, [0, 2, 1, 3]), q)
 
     @staticmethod
     def direction(v_kernel, v_bias):
@@ -127,7 +132,39 @@ class _FirstLayerTerms:
         return tf.transpose(out[..., 0], [0, 2, 1])
 
 
-class _MLP:
+class _Carried:
+    """A cached curvature object whose tensors can leave the ``tf.function`` that computed them
+    and enter another: :meth:`carry` gives them as a nest (sub-objects as nested dicts),
+    :meth:`restore` rebuilds the object from that nest without recomputing anything. The trainer
+    caches the inner loss's passes while it adapts for sampling and the TRPO meta-step reuses
+    them (``MetaBatch.inner_curvature``).
+    """
+
+    _static: tuple[str, ...] = ()  # Python-valued attributes: not carried, given to restore
+    _parts: dict[str, type[_Carried]] = {}  # attribute -> class of a carried sub-object
+
+    def carry(self) -> dict:
+        """The object's tensors (``None`` and lists/tuples of them included), as a nest."""
+        return {
+            k: v.carry() if isinstance(v, _Carried) else v
+            for k, v in vars(self).items()
+            if k not in self._static
+        }
+
+    @classmethod
+    def restore(cls, carried: dict, **static):
+        """The object :meth:`carry` came from; ``static`` holds every Python-valued attribute of
+        it and of its parts (e.g. ``activation=``, ``lvc=``)."""
+        obj = cls.__new__(cls)
+        for k, v in carried.items():
+            part = cls._parts.get(k)
+            setattr(obj, k, v if part is None else part.restore(v, **static))
+        for k in cls._static:
+            setattr(obj, k, static[k])
+        return obj
+
+
+class _MLP(_Carried):
     """Cached forward pass of the network at per-task ``params`` on ``x [tasks, n, obs]``.
 
     ``has_log_std``: the last parameter is the Gaussian's ``log_std`` (not a layer). ``output``
@@ -138,11 +175,12 @@ class _MLP:
     cached constant-1 input feature and precompute what does not depend on the direction.
     """
 
+    _static = ("activation",)
+
     def __init__(self, params, x, activation: str, has_log_std: bool = True):
         if activation not in ("tanh", "relu"):
             raise ValueError(f"no analytic curvature for activation {activation!r}")
         self.activation = activation
-        self.has_log_std = has_log_std
         if has_log_std:
             *layers, self.log_std = params
         else:
@@ -168,6 +206,10 @@ class _MLP:
         self.inputs_t = [_transpose(h) for h in self.inputs]
         if has_log_std:
             self.inv_var = tf.exp(-2.0 * self.log_std)[:, None, :]  # [tasks, 1, A]
+
+    @property
+    def has_log_std(self) -> bool:
+        return self.log_std is not None
 
     def r_forward(self, tangent):
         """``(R(h_l) for every layer input, R(output))`` along ``tangent`` (same structure as
@@ -218,7 +260,7 @@ class _MLP:
         first = None
         width = self.inputs[0].shape[-1]
         if len(self.kernels) > 1 and width is not None and width <= _NARROW_INPUT_MAX:
-            first = _FirstLayerTerms(self.inputs[0], self.dact[0], deltas[1], cross_terms[1])
+            first = _FirstLayerTerms.build(self.inputs[0], self.dact[0], deltas[1], cross_terms[1])
         # The transposed δ serve R(h)ᵀ δ: none for the first layer (R(x) = 0), and none for the
         # second with the shortcut, which gives it.
         deltas_t = [
@@ -283,7 +325,7 @@ def _flat_list(grads):
     return [g for pair in grads for g in pair]
 
 
-class InnerLossHessian:
+class InnerLossHessian(_Carried):
     """``v ↦ ∇²L_i(θ_i) v_i`` for every task, at a fixed point ``params``.
 
     Args:
@@ -294,6 +336,9 @@ class InnerLossHessian:
         lvc: the Hessian of the low-variance-curvature loss
             (``metarl_tf.maml.policy_gradient_loss``): adds ``−Σ w (∇log π·v) ∇log π``.
     """
+
+    _static = ("lvc",)
+    _parts = {"net": _MLP}
 
     def __init__(self, params, episodes, advantages, activation: str, lvc: bool = False):
         self.lvc = lvc
@@ -373,7 +418,7 @@ def _softmax_jvp(p, t):
     return p * t - p * tf.reduce_sum(p * t, axis=-1, keepdims=True)
 
 
-class CategoricalInnerLossHessian:
+class CategoricalInnerLossHessian(_Carried):
     """``v ↦ ∇²L_i(θ_i) v_i`` of the categorical policy's inner loss, at a fixed point ``params``.
 
     ``∂L/∂z = w (p − onehot(a))`` per sample (``w = mask·Â / Σ mask``), so
@@ -386,6 +431,9 @@ class CategoricalInnerLossHessian:
         activation: the policy's hidden activation.
         lvc: as :class:`InnerLossHessian`.
     """
+
+    _static = ("lvc",)
+    _parts = {"net": _MLP}
 
     def __init__(self, params, episodes, advantages, activation: str, lvc: bool = False):
         self.lvc = lvc

@@ -330,14 +330,24 @@ class Adapter:
         # matching, about 0.6 ms of a ~4 ms service adaptation (bench/serve_latency.py).
         self._concrete: dict[tuple, Any] = {}
 
-    def _adapt(self, params, episodes, steps: int, first_step: int = 0):
+    def _adapt(self, params, episodes, steps: int, first_step: int = 0, hessian_cls=None):
         from metarl_tf.advantages import compute_advantages
 
         advantages = compute_advantages(episodes, self.gamma, self.gae_lambda, self.baseline)
+        carried, gradients = [], None
+        if hessian_cls is not None:
+
+            def gradients(point, batch, adv):
+                hessian = hessian_cls(point, batch, adv, self.policy.activation)
+                carried.append(hessian.carry())
+                return hessian.loss, hessian.gradient
+
         result = adapt(
             self.policy, params, self.step_sizes, episodes, advantages, steps,
-            log_std_shift=self.log_std_shift, first_step=first_step,
+            gradients=gradients, log_std_shift=self.log_std_shift, first_step=first_step,
         )  # fmt: skip
+        if hessian_cls is not None:
+            return result.params, result.losses, advantages, carried[0]
         return result.params, result.losses, advantages
 
     @property
@@ -362,15 +372,30 @@ class Adapter:
         Returns:
             ``(adapted params [tasks, *shape], inner losses [steps, tasks], advantages)``.
         """
+        return self._run(params, episodes, steps, first_step)
+
+    def with_curvature(self, params, episodes, hessian_cls, first_step: int = 0):
+        """One inner step as :meth:`__call__`, its loss and gradient from the cached passes of
+        ``hessian_cls`` (an inner-loss Hessian of :mod:`metarl_tf.curvature`) at ``params``.
+
+        Returns:
+            ``(adapted params, inner losses [1, tasks], advantages, carried)``: ``carried`` is
+            the Hessian's :meth:`~metarl_tf.curvature._Carried.carry`, which the TRPO meta-step
+            takes back (``MetaBatch.inner_curvature``) instead of recomputing those passes.
+        """
+        return self._run(params, episodes, 1, first_step, hessian_cls)
+
+    def _run(self, params, episodes, steps, first_step, hessian_cls=None):
         episodes = type(episodes)(*[tf.convert_to_tensor(x, tf.float32) for x in episodes])
         params = [tf.convert_to_tensor(p, tf.float32) for p in params]
         steps = int(steps)
         first_step = min(int(first_step), self.last_distinct_step)  # no retrace beyond it
-        key = (steps, first_step, type(episodes), *(tuple(x.shape) for x in (*params, *episodes)))
+        key = (steps, first_step, hessian_cls, type(episodes))
+        key += tuple(tuple(x.shape) for x in (*params, *episodes))
         fn = self._concrete.get(key)
         if fn is None:
             fn = self._concrete[key] = self._compiled.get_concrete_function(
-                params, episodes, steps, first_step
+                params, episodes, steps, first_step, hessian_cls
             )
         # The inputs match the traced signature by construction (same key): call with the flat
         # tensor list, skipping the per-call signature binding and casts (~0.7 ms of a ~4 ms

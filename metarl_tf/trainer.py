@@ -18,6 +18,7 @@ import tensorflow as tf
 from metarl_tf.advantages import compute_advantages
 from metarl_tf.bundle import load_bundle, save_bundle
 from metarl_tf.config import TrainConfig
+from metarl_tf.curvature import analytic_curvature_for
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
@@ -117,6 +118,13 @@ class MetaTrainer:
         self.adapter = Adapter(
             self.policy, self.step_sizes, c.gamma, c.gae_lambda, c.baseline, self.log_std_shift
         )
+        # Second-order TRPO needs the inner loss's forward/backward passes at every inner step's
+        # point for its Hessian products; the sampling adaptation computes them once for both.
+        self._hessian_cls = (
+            analytic_curvature_for(self.policy)[0]
+            if c.outer == "trpo" and not c.first_order
+            else None
+        )
         self.optimizer = (
             keras.optimizers.Adam(c.outer_learning_rate) if c.outer in ("adam", "ppo") else None
         )
@@ -184,14 +192,20 @@ class MetaTrainer:
             numpy batches (``inner_np``, ``outer_np``) and the seconds spent sampling / adapting.
         """
         params = self.policy.parameters
-        inner_np, inner, inner_adv = [], [], []
+        inner_np, inner, inner_adv, curvature = [], [], [], []
         sampling_s = adapt_s = 0.0
         for step, seed in enumerate(inner_seeds):
             t0 = time.perf_counter()
             batch_np = self.sampler.sample(params, tasks, seed)
             batch = _to_tensors(batch_np)
             t1 = time.perf_counter()
-            params, _, adv = self.adapter(params, batch, 1, first_step=step)
+            if self._hessian_cls is not None:  # the meta-step reuses the inner step's passes
+                params, _, adv, carried = self.adapter.with_curvature(
+                    params, batch, self._hessian_cls, first_step=step
+                )
+                curvature.append(carried)
+            else:
+                params, _, adv = self.adapter(params, batch, 1, first_step=step)
             adapt_s += time.perf_counter() - t1
             sampling_s += t1 - t0
             inner_np.append(batch_np)
@@ -202,7 +216,9 @@ class MetaTrainer:
         outer = _to_tensors(outer_np)
         outer_adv = self._outer_advantages(outer)
         sampling_s += time.perf_counter() - t0
-        batch = MetaBatch(tuple(inner), tuple(inner_adv), outer, outer_adv)
+        batch = MetaBatch(
+            tuple(inner), tuple(inner_adv), outer, outer_adv, tuple(curvature) or None
+        )
         info = {
             "inner_np": inner_np,
             "outer_np": outer_np,

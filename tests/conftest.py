@@ -79,6 +79,32 @@ def _values_of(params):
     return [np.array(p.numpy() if hasattr(p, "numpy") else p) for p in params]
 
 
+def _check_carried_hessian(hessian_cls, policy, episodes, params, adv, v, lvc):
+    """Builds ``hessian_cls`` (an inner-loss Hessian of ``metarl_tf.curvature``) in one
+    ``tf.function``, restores its ``carry()`` in another: the loss, gradient and product of ``v``
+    must equal those of the Hessian built afresh."""
+    fresh = hessian_cls(params, episodes, adv, policy.activation, lvc=lvc)
+    carried = tf.function(lambda: hessian_cls(params, episodes, adv, policy.activation).carry())()
+    leaves = tf.nest.flatten(carried)
+    assert leaves and all(isinstance(x, tf.Tensor) or x is None for x in leaves)
+
+    @tf.function
+    def restored(carried, v):
+        h = hessian_cls.restore(carried, activation=policy.activation, lvc=lvc)
+        return h.loss, h.gradient, h(v)
+
+    loss, gradient, product = restored(carried, v)
+    np.testing.assert_allclose(loss.numpy(), fresh.loss.numpy(), rtol=1e-6)
+    for got, expected in zip([*gradient, *product], [*fresh.gradient, *fresh(v)], strict=True):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture
+def check_carried_hessian():
+    """``check_carried_hessian(hessian_cls, policy, episodes, params, adv, v, lvc)``."""
+    return _check_carried_hessian
+
+
 @pytest.fixture
 def make_policy():
     """Factory: ``make_policy(hidden=(4,), obs_dim=2, act_dim=2, seed=0, ...)``."""

@@ -251,6 +251,13 @@ def test_categorical_inner_loss_hessian_matches_autodiff(setup):
     assert (h.backward_cache.first is not None) == (episodes.observations.shape[-1] == 3)
 
 
+@pytest.mark.parametrize("lvc", [False, True], ids=["plain", "lvc"])
+def test_carried_categorical_inner_loss_hessian_restores_in_another_function(
+    setup, check_carried_hessian, lvc
+):
+    check_carried_hessian(CategoricalInnerLossHessian, *setup, lvc=lvc)
+
+
 def test_categorical_fisher_matches_autodiff_kl_hessian(setup):
     policy, episodes, params, _, v = setup
     old = policy.forward(params, episodes.observations)

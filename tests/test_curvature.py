@@ -163,3 +163,12 @@ def test_lvc_hessian_is_the_plain_one_plus_the_score_outer_product(per_task_setu
     assert np.linalg.norm(flat) > 0.1 * np.linalg.norm(
         np.concatenate([x.numpy().ravel() for x in plain])
     )
+
+
+@pytest.mark.parametrize("lvc", [False, True], ids=["plain", "lvc"])
+def test_carried_inner_loss_hessian_restores_in_another_function(
+    per_task_setup, check_carried_hessian, lvc
+):
+    # The trainer builds it while adapting for sampling; the TRPO meta-step restores it
+    # (MetaBatch.inner_curvature) and must get what building it afresh gives.
+    check_carried_hessian(InnerLossHessian, *per_task_setup, lvc=lvc)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from metarl_tf.config import get_preset
-from metarl_tf.curvature import GaussianFisher, InnerLossHessian
+from metarl_tf.curvature import GaussianFisher, InnerLossHessian, analytic_curvature_for
 from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp, per_step_batches
 from metarl_tf.outer import MetaBatch, trpo_meta_step
 from metarl_tf.outer.trpo import fisher_vector_product
@@ -361,10 +361,15 @@ def test_trainer_with_one_inner_step_equals_the_single_batch_iteration():
     tasks = ref.dist.sample_tasks(config.meta_batch_size, task_seed)
     inner = ref.sampler.sample(ref.policy.parameters, tasks, inner_seed)
     inner_t = type(inner)(*[tf.constant(x) for x in inner])
-    adapted, _, inner_adv = ref.adapter(ref.policy.parameters, inner_t, 1)
+    # second-order TRPO: the inner step's cached passes go with the batch to the meta-step
+    hessian_cls, _ = analytic_curvature_for(ref.policy)
+    adapted, _, inner_adv, carried = ref.adapter.with_curvature(
+        ref.policy.parameters, inner_t, hessian_cls
+    )
     outer = ref.sampler.sample(adapted, tasks, outer_seed)
     outer_t = type(outer)(*[tf.constant(x) for x in outer])
-    stats = ref._meta_step(MetaBatch(inner_t, inner_adv, outer_t, ref._outer_advantages(outer_t)))
+    outer_adv = ref._outer_advantages(outer_t)
+    stats = ref._meta_step(MetaBatch(inner_t, inner_adv, outer_t, outer_adv, (carried,)))
     for key, value in stats.items():
         assert metrics[f"losses/{key}"] == float(value), key
     assert metrics["returns/pre_adaptation"] == float(np.mean(inner.episode_returns))
@@ -400,7 +405,7 @@ def test_trpo_and_adam_steps_through_two_fresh_batches(
     from metarl_tf.policy import gaussian_log_prob
 
     batch = two_batch_chain(synthetic_batch, to_tensors)
-    inner, inner_adv, outer, outer_adv = batch
+    inner, inner_adv, outer, outer_adv = batch[:4]
 
     def setup():
         policy = make_policy(hidden=(8,))
@@ -501,7 +506,7 @@ def test_every_step_trpo_step_fills_the_trust_region_of_the_mean_kl_over_steps(
     from metarl_tf.policy import gaussian_log_prob
 
     batch = two_batch_chain(synthetic_batch, to_tensors)
-    inner, inner_adv, outer, outer_adv = batch
+    inner, inner_adv, outer, outer_adv = batch[:4]
     max_kl = 0.01
 
     def levels(theta):

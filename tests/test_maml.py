@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from metarl_tf.advantages import compute_advantages
+from metarl_tf.curvature import InnerLossHessian
 from metarl_tf.maml import (
     Adapter,
     adapt,
@@ -315,3 +316,28 @@ def test_adapter_equals_eager_advantages_plus_adapt(make_policy, synthetic_batch
     # the meta-parameters themselves are untouched
     for p, p0 in zip(policy.parameters, make_policy(hidden=(4,)).parameters, strict=True):
         np.testing.assert_array_equal(p.numpy(), p0.numpy())
+
+
+def test_adapter_with_curvature_adapts_as_the_plain_adapter(
+    make_policy, synthetic_batch, to_tensors
+):
+    """The trainer's sampling adaptation for second-order TRPO: the same step (gradient from the
+    cached passes, not autodiff), plus the carried passes at the point it adapted from."""
+    policy = make_policy(hidden=(4,))
+    episodes = to_tensors(synthetic_batch(tasks=2, episodes=3, horizon=5, seed=11))
+    sizes = [tf.fill(s, 0.2 + 0.1 * b) for b in range(2) for s in policy.parameter_shapes]
+    adapter = Adapter(policy, sizes, gamma=0.95, gae_lambda=0.9)  # Meta-SGD, per-step blocks
+    tiled = [tf.stack([tf.convert_to_tensor(p)] * 2) for p in policy.parameters]
+    for first_step in (0, 1):
+        params, losses, advantages = adapter(tiled, episodes, 1, first_step)
+        got = adapter.with_curvature(tiled, episodes, InnerLossHessian, first_step)
+        np.testing.assert_array_equal(got[2].numpy(), advantages.numpy())
+        np.testing.assert_allclose(got[1].numpy(), losses.numpy(), rtol=1e-5, atol=1e-6)
+        assert_grads_close(got[0], params, rtol=1e-5, atol=1e-6)
+        restored = InnerLossHessian.restore(got[3], activation=policy.activation, lvc=False)
+        _, grads = inner_gradients(policy, tiled, episodes, advantages)
+        assert_grads_close(restored.gradient, grads, rtol=1e-5, atol=1e-6)
+    # the two step rules differ (0.2 vs 0.3): the steps above were not the same one twice
+    assert not np.allclose(
+        adapter(tiled, episodes, 1, 0)[0][0], adapter(tiled, episodes, 1, 1)[0][0]
+    )

@@ -414,16 +414,19 @@ def test_lvc_is_a_second_order_trpo_config_option():
 )
 def test_trpo_step_is_the_same_with_analytic_and_autodiff_curvature(preset, overrides):
     """The cached passes (the inner steps' loss and gradient, the surrogate's gradient at θ' from
-    the Fisher's forward pass, the Hessian and Fisher products) give the update autodiff does.
-    Three CG iterations, as above: more amplify float32 round-off on these tiny problems."""
+    the Fisher's forward pass, the Hessian and Fisher products) give the update autodiff does,
+    whether the inner steps' passes are carried from the sampling adaptation (the trainer's
+    batch) or computed in the step. Three CG iterations, as above: more amplify float32
+    round-off on these tiny problems."""
     config = get_preset(preset).replace(**overrides)
     trainer = MetaTrainer(config)
     tasks = trainer.dist.sample_tasks(config.meta_batch_size, 5)
     batch, _ = trainer.sample_meta_batch(tasks, list(range(1, config.inner_steps + 1)), 9)
+    assert len(batch.inner_curvature) == config.inner_steps
     variables = trainer._meta_variables
     start = [tf.constant(v.numpy()) for v in variables]
 
-    def update(analytic):
+    def update(analytic, batch=batch):
         for v, s in zip(variables, start, strict=True):
             v.assign(s)
         stats = trpo_meta_step(
@@ -437,8 +440,39 @@ def test_trpo_step_is_the_same_with_analytic_and_autodiff_curvature(preset, over
         return step, {k: float(x) for k, x in stats.items()}
 
     (analytic, stats_a), (autodiff, stats_b) = update(True), update(False)
-    assert stats_a["accepted"] == stats_b["accepted"] == 1.0
+    not_carried, stats_c = update(True, batch._replace(inner_curvature=None))
+    assert stats_a["accepted"] == stats_b["accepted"] == stats_c["accepted"] == 1.0
     assert np.linalg.norm(analytic) > 0
     np.testing.assert_allclose(analytic, autodiff, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(analytic, not_carried, rtol=1e-5, atol=1e-8)
     for key in ("loss_before", "loss_after", "kl", "inner_loss"):
         assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-7), key
+        assert stats_a[key] == pytest.approx(stats_c[key], rel=1e-5, abs=1e-8), key
+
+
+def test_trainer_carries_the_inner_curvature_only_to_second_order_trpo():
+    """Second-order TRPO gets the inner steps' cached passes with its batch (one per step);
+    first order, PPO and Adam need none and get none. A wrong count is refused."""
+    batches = {}
+    for name, overrides in [
+        ("second order", {"inner_steps": 2}),
+        ("first order", {"first_order": True}),
+        ("ppo", {"outer": "ppo"}),
+        ("adam", {"outer": "adam"}),
+    ]:
+        config = get_preset("tiny").replace(**overrides)
+        trainer = MetaTrainer(config)
+        tasks = trainer.dist.sample_tasks(config.meta_batch_size, 5)
+        seeds = list(range(1, config.inner_steps + 1))
+        batches[name] = (trainer, trainer.sample_meta_batch(tasks, seeds, 9)[0])
+    for name in ("first order", "ppo", "adam"):
+        assert batches[name][1].inner_curvature is None, name
+    trainer, batch = batches["second order"]
+    assert len(batch.inner_curvature) == 2
+    short = batch._replace(inner_curvature=batch.inner_curvature[:1])
+    with pytest.raises(ValueError, match=r"2 \(one per inner step\) expected, got 1"):
+        trpo_meta_step(
+            trainer.policy, trainer.step_sizes, short,
+            learn_step_sizes=False, inner_steps=2, first_order=False, max_kl=0.01,
+            cg_iterations=1, cg_damping=1e-5, ls_max_steps=1, ls_backtrack_ratio=0.8,
+        )  # fmt: skip

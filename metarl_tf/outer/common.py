@@ -18,12 +18,18 @@ class MetaBatch(NamedTuple):
             several inner batches).
         outer_episodes: ``D'_i``, collected by the adapted ``π_θ'_i``.
         outer_advantages: ``Â`` of ``D'_i``.
+        inner_curvature: optional, one per inner step: the cached passes of the inner loss at the
+            point that step adapted from (``Adapter.with_curvature``'s ``carried``, the policy's
+            inner-loss Hessian class of :mod:`metarl_tf.curvature`). The TRPO meta-step (second
+            order, analytic curvature) then takes the inner losses, gradients and Hessians from
+            them instead of recomputing them; they must come from the current parameters.
     """
 
     inner_episodes: tuple
     inner_advantages: tf.Tensor
     outer_episodes: tuple
     outer_advantages: tf.Tensor
+    inner_curvature: tuple | None = None
 
 
 def _masked_task_mean(x, mask):

@@ -186,8 +186,18 @@ def trpo_meta_step(
         hessian_cls, fisher_cls = analytic_curvature_for(policy)
     if not first_order:
         hessians = []  # v ↦ H_j v of every inner step, recorded as adapt computes its gradients
+        carried = list(batch.inner_curvature or []) if analytic_curvature else []
+        if carried and len(carried) != inner_steps:
+            raise ValueError(
+                f"batch.inner_curvature: {inner_steps} (one per inner step) expected, "
+                f"got {len(carried)}"
+            )
 
         def gradients(point, episodes, adv):
+            if carried:  # computed while adapting for sampling, at this same point
+                state = carried.pop(0)
+                hessians.append(hessian_cls.restore(state, activation=policy.activation, lvc=lvc))
+                return hessians[-1].loss, hessians[-1].gradient
             if analytic_curvature:
                 hessians.append(hessian_cls(point, episodes, adv, policy.activation, lvc))
                 return hessians[-1].loss, hessians[-1].gradient
