@@ -469,10 +469,15 @@ def test_trainer_carries_the_inner_curvature_only_to_second_order_trpo():
         assert batches[name][1].inner_curvature is None, name
     trainer, batch = batches["second order"]
     assert len(batch.inner_curvature) == 2
+    kwargs = dict(
+        learn_step_sizes=False, inner_steps=2, first_order=False, max_kl=0.01, cg_iterations=1,
+        cg_damping=1e-5, ls_max_steps=1, ls_backtrack_ratio=0.8,
+    )  # fmt: skip
     short = batch._replace(inner_curvature=batch.inner_curvature[:1])
     with pytest.raises(ValueError, match=r"2 \(one per inner step\) expected, got 1"):
-        trpo_meta_step(
-            trainer.policy, trainer.step_sizes, short,
-            learn_step_sizes=False, inner_steps=2, first_order=False, max_kl=0.01,
-            cg_iterations=1, cg_damping=1e-5, ls_max_steps=1, ls_backtrack_ratio=0.8,
-        )  # fmt: skip
+        trpo_meta_step(trainer.policy, trainer.step_sizes, short, **kwargs)
+    # passes cached at other parameters (a batch sampled before an update) are refused
+    kernel = trainer.policy.parameters[0]
+    kernel.assign(kernel + 0.01)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="computed at other parameters"):
+        trpo_meta_step(trainer.policy, trainer.step_sizes, batch, **kwargs)

@@ -197,6 +197,12 @@ def trpo_meta_step(
             if carried:  # computed while adapting for sampling, at this same point
                 state = carried.pop(0)
                 hessians.append(hessian_cls.restore(state, activation=policy.activation, lvc=lvc))
+                if len(hessians) == 1:  # a batch sampled before the last update is refused
+                    tf.debugging.assert_equal(
+                        hessians[0].net.kernels[0], point[0],
+                        message="batch.inner_curvature was computed at other parameters than the "
+                        "policy's current ones (sample the batch again after an update)",
+                    )  # fmt: skip
                 return hessians[-1].loss, hessians[-1].gradient
             if analytic_curvature:
                 hessians.append(hessian_cls(point, episodes, adv, policy.activation, lvc))
