@@ -308,7 +308,9 @@ def adaptation_vjp(
 
 class Adapter:
     """Advantages + :func:`adapt`, compiled once: the adaptation the trainer, the evaluator and
-    the service all run (so an adaptation over HTTP equals the in-process one).
+    the service all run (so an adaptation over HTTP equals the in-process one). With
+    second-order TRPO the trainer calls :meth:`with_curvature`: the same step, its gradient from
+    the cached passes the meta-step reuses (equal to autodiff's to float rounding).
 
     Args:
         policy: the policy (its ``forward``).
