@@ -354,7 +354,8 @@ class Adapter:
 
     @property
     def tracing_count(self) -> int:
-        """How many times the compiled adaptation was traced (one per input shape and step count)."""
+        """How many times the compiled adaptation was traced (one per input shape, step count and
+        gradient path: autodiff, or a :meth:`with_curvature` Hessian class)."""
         return int(self._compiled.experimental_get_tracing_count())
 
     @property
