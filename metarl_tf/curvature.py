@@ -149,13 +149,16 @@ class _Carried:
 
     _static: tuple[str, ...] = ()  # Python-valued attributes: not carried, given to restore
     _parts: dict[str, type[_Carried]] = {}  # attribute -> class of a carried sub-object
+    # Tensors only the constructor needs: not carried (a restored object has no such attribute),
+    # so they do not stay alive from the sampling adaptation to the end of the meta-step.
+    _set_up_only: tuple[str, ...] = ()
 
     def carry(self) -> dict:
         """The object's tensors (``None`` and lists/tuples of them included), as a nest."""
         return {
             k: v.carry() if isinstance(v, _Carried) else v
             for k, v in vars(self).items()
-            if k not in self._static
+            if k not in self._static and k not in self._set_up_only
         }
 
     @classmethod
@@ -192,6 +195,7 @@ class _MLP(_Carried):
     """
 
     _static = ("activation",)
+    _set_up_only = ("biases", "hidden", "output")
 
     def __init__(self, params, x, activation: str, has_log_std: bool = True):
         if activation not in ("tanh", "relu"):
@@ -289,13 +293,15 @@ class _MLP(_Carried):
         if last > 0 and width is not None and width <= _NARROW_INPUT_MAX:
             delta = _transpose(deltas[1]) if last == 1 else deltas[1]  # [tasks, n, width]
             first = _FirstLayerTerms.build(self.inputs[0], self.dact[0], delta, cross_terms[1])
-        # The transposed δ serve R(h)ᵀ δ: none for the first layer (R(x) = 0), none for the
-        # second with the shortcut, which gives it, and none for the output layer, whose δ is
-        # output-major already.
+        # r_backward needs no δ for the first layer (R(x) = 0), none for the second with the
+        # shortcut, which gives its terms, and the transposed δ (for R(h)ᵀ δ) of neither, nor
+        # of the output layer, whose δ is output-major already.
+        unused = [i == 0 or (first is not None and i == 1) for i in range(len(deltas))]
         deltas_t = [
-            None if i in (0, last) or (first is not None and i == 1) else _transpose(d)
-            for i, d in enumerate(deltas)
+            None if skip or i == last else _transpose(d)
+            for i, (skip, d) in enumerate(zip(unused, deltas, strict=True))
         ]
+        deltas = [None if skip else d for skip, d in zip(unused, deltas, strict=True)]
         return _BackwardCache(deltas, deltas_t, cross_terms, first)
 
     def r_backward(self, r_delta, r_inputs, cache, tangent_layers):
@@ -349,8 +355,9 @@ class _MLP(_Carried):
 
 
 class _BackwardCache(NamedTuple):
-    """:meth:`_MLP.r_backward_cache`: ``δ`` per layer, their transposes, the activation cross
-    terms, and the first-layer shortcut (or ``None``)."""
+    """:meth:`_MLP.r_backward_cache`: ``δ`` per layer and their transposes (``None`` where
+    :meth:`_MLP.r_backward` needs none), the activation cross terms, and the first-layer shortcut
+    (or ``None``)."""
 
     deltas: list
     deltas_t: list

@@ -87,6 +87,8 @@ def _check_carried_hessian(hessian_cls, policy, episodes, params, adv, v, lvc):
     carried = tf.function(lambda: hessian_cls(params, episodes, adv, policy.activation).carry())()
     leaves = tf.nest.flatten(carried)
     assert leaves and all(isinstance(x, tf.Tensor) or x is None for x in leaves)
+    # tensors only the constructor needs stay behind (they would stay alive until the meta-step)
+    assert not {"hidden", "output", "biases"} & set(carried["net"])
 
     @tf.function
     def restored(carried, v):
