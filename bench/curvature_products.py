@@ -98,6 +98,7 @@ def main(argv=None) -> int:
 
     from metarl_tf import curvature
     from metarl_tf.config import get_preset
+    from metarl_tf.maml import tile_parameters
     from metarl_tf.trainer import MetaTrainer
 
     config = get_preset(args.preset)
@@ -110,12 +111,8 @@ def main(argv=None) -> int:
     hessian_cls, fisher_cls = curvature.analytic_curvature_for(policy)
     tasks = trainer.dist.sample_tasks(config.meta_batch_size, 123)
     batch, _ = trainer.sample_meta_batch(tasks, [1], 0)
-    inner, inner_adv = batch.inner_episodes, batch.inner_advantages
-    if not hasattr(inner, "mask"):  # a one-element sequence of inner batches
-        inner, inner_adv = inner[0], inner_adv[0]
-    theta = [
-        tf.tile(p[None], [config.meta_batch_size] + [1] * len(p.shape)) for p in policy.parameters
-    ]
+    inner, inner_adv = batch.inner_episodes[0], batch.inner_advantages[0]  # the one inner step's
+    theta = tile_parameters(policy.parameters, config.meta_batch_size)
     vector = [tf.random.stateless_normal(t.shape, seed=[1, i]) for i, t in enumerate(theta)]
 
     def hessian(point):
