@@ -43,6 +43,11 @@ def _flatten(x, trailing: int):
     return tf.reshape(x, tf.concat([shape[:1], [-1], shape[x.shape.rank - trailing :]], 0))
 
 
+def _unflatten(x, like):
+    """``[tasks, E*T, d] -> [tasks, E, T, d]``, the leading axes of ``like [tasks, E, T, ...]``."""
+    return tf.reshape(x, tf.concat([tf.shape(like)[:3], tf.shape(x)[2:]], 0))
+
+
 def _with_ones(x):
     """``[..., n, d] -> [..., n, d + 1]``: a constant-1 feature, so one matmul applies a layer's
     kernel and bias (``[x, 1] [[W], [b]]``) and one gives both their gradients."""
@@ -369,6 +374,30 @@ def _flat_list(grads):
     return [g for pair in grads for g in pair]
 
 
+def _gaussian_log_prob_gradient(net, actions, weight):
+    """The gradient of ``−Σ_n w_n log N(a_n; μ(s_n), σ²)`` of every task, from the cached pass
+    ``net`` (a Gaussian's), for actions ``[tasks, n, A]`` and output-major weights ``w``
+    ``[tasks, 1, n]``: ``−w r / σ²`` on the mean (``r = a − μ``), ``−Σ w (r²/σ² − 1)`` on
+    ``log σ``.
+
+    Returns:
+        ``(gradient (flat list, the policy's parameter order), r [tasks, A, n],
+        r²/σ² − 1 [tasks, A, n], deltas, delta_hs)``, the last two from :meth:`_MLP.backward`.
+    """
+    residual = _transpose(actions - net.output)
+    grads, deltas, delta_hs = net.backward(-weight * residual * net.inv_var)
+    score_log_std = tf.square(residual) * net.inv_var - 1.0
+    g_log_std = -tf.reduce_sum(weight * score_log_std, axis=2)
+    return [*_flat_list(grads), g_log_std], residual, score_log_std, deltas, delta_hs
+
+
+def _surrogate_weights(fisher, episodes, advantages):
+    """``mask·Â / (Σ mask · tasks)`` ``[tasks, 1, n]`` (output-major), the weight of every sample's
+    ``log π`` in the surrogate's gradient at the Fisher's point: the KL's weights times ``Â``."""
+    adv = _flatten(tf.convert_to_tensor(advantages, tf.float32), 0)
+    return fisher.weight * adv[:, None, :]
+
+
 class InnerLossHessian(_Carried):
     """``v ↦ ∇²L_i(θ_i) v_i`` for every task, at a fixed point ``params``.
 
@@ -394,18 +423,14 @@ class InnerLossHessian(_Carried):
         w = mask * adv / tf.reduce_sum(mask, axis=1, keepdims=True)  # [t, n]
         # Per-sample terms in the output's space are output-major [t, A, n] (see _MLP).
         self.weight = w[:, None, :]  # [t, 1, n]
-        self.residual = _transpose(a - net.output)  # r = a − μ
-        # ∂L/∂μ = −w r / σ²
-        d_mean = -self.weight * self.residual * net.inv_var
-        grads, deltas, delta_hs = net.backward(d_mean)
         # The loss and its gradient come with the cached passes (metarl_tf.maml.adapt's
-        # ``gradients`` hook): L = −Σ w log N, ∂L/∂log σ = −Σ w (r²/σ² − 1).
+        # ``gradients`` hook): L = −Σ w log N. The residual r = a − μ and the per-sample
+        # ∂log N/∂log σ stay for the products (the LVC term needs the latter).
+        self.gradient, self.residual, self.score_log_std, deltas, delta_hs = (
+            _gaussian_log_prob_gradient(net, a, self.weight)
+        )
         log_prob = gaussian_log_prob(net.output, net.log_std[:, None, :], a)
         self.loss = -tf.reduce_sum(w * log_prob, axis=1)
-        # ∂log N/∂log σ = r²/σ² − 1 (the LVC term needs it per sample).
-        self.score_log_std = tf.square(self.residual) * net.inv_var - 1.0
-        g_log_std = -tf.reduce_sum(self.weight * self.score_log_std, axis=2)
-        self.gradient = [*_flat_list(grads), g_log_std]
         self.backward_cache = net.r_backward_cache(deltas, delta_hs)
 
     def __call__(self, v):
@@ -450,11 +475,31 @@ class GaussianFisher:
         x, self.weight, self.tasks = _kl_sample_weights(episodes)
         self.net = _MLP(params, x, activation)
 
+    def distribution(self, observations):
+        """The policy's ``forward`` output ``(mean, log_std)`` at ``params`` on the episodes'
+        ``observations``, from the cached pass (differentiable in ``params``)."""
+        mean = _unflatten(self.net.output, observations)
+        log_std = self.net.log_std[:, None, None, :]
+        return mean, tf.broadcast_to(log_std, tf.shape(mean))
+
+    def surrogate_gradient(self, episodes, advantages):
+        """The gradient of the TRPO surrogate ``−mean_i E[π/π_old · Â]`` at ``params`` (= old) on
+        ``episodes`` (these, with their actions), from the cached pass: ``−Σ w ∇log π``,
+        ``w = mask·Â / (Σ mask · tasks)``. Flat list, the policy's parameter order."""
+        a = _flatten(tf.convert_to_tensor(episodes.actions, tf.float32), 1)
+        w = _surrogate_weights(self, episodes, advantages)
+        return _gaussian_log_prob_gradient(self.net, a, w)[0]
+
     def __call__(self, u):
         net = self.net
         _, r_mean = net.r_forward(u)
         grads, _, _ = net.backward(self.weight * net.inv_var * r_mean)
         return [*_flat_list(grads), 2.0 * u[-1] / self.tasks]
+
+
+def _one_hot_actions(actions, num_actions: int):
+    """Float-encoded action indices ``[tasks, n, 1]`` -> one-hot ``[tasks, n, num_actions]``."""
+    return tf.one_hot(tf.cast(tf.round(actions[..., 0]), tf.int32), num_actions)
 
 
 def _softmax_jvp(p, t):
@@ -491,7 +536,7 @@ class CategoricalInnerLossHessian(_Carried):
         # Per-sample terms in logit space are output-major [t, K, n] (see _MLP).
         self.weight = w[:, None, :]
         probs = tf.nn.softmax(net.output)
-        one_hot = tf.one_hot(tf.cast(tf.round(a[..., 0]), tf.int32), net.output.shape[-1])
+        one_hot = _one_hot_actions(a, net.output.shape[-1])
         self.probs = _transpose(probs)
         self.score = _transpose(one_hot - probs)  # ∂log p_a/∂z
         grads, deltas, delta_hs = net.backward(-self.weight * self.score)
@@ -526,6 +571,20 @@ class CategoricalFisher:
         x, self.weight, _ = _kl_sample_weights(episodes)
         self.net = _MLP(params, x, activation, has_log_std=False)
         self.probs = _transpose(tf.nn.softmax(self.net.output))  # output-major, see _MLP
+
+    def distribution(self, observations):
+        """The policy's ``forward`` output (logits) at ``params`` on the episodes'
+        ``observations``, from the cached pass (differentiable in ``params``)."""
+        return _unflatten(self.net.output, observations)
+
+    def surrogate_gradient(self, episodes, advantages):
+        """As :meth:`GaussianFisher.surrogate_gradient`: ``−Σ w ∇log p_a``, with
+        ``∂log p_a/∂z = onehot(a) − p``."""
+        a = _flatten(tf.convert_to_tensor(episodes.actions, tf.float32), 1)
+        one_hot = _one_hot_actions(a, self.net.output.shape[-1])
+        w = _surrogate_weights(self, episodes, advantages)
+        grads, _, _ = self.net.backward(-w * (_transpose(one_hot) - self.probs))
+        return _flat_list(grads)
 
     def __call__(self, u):
         _, r_logits = self.net.r_forward(u)

@@ -101,6 +101,39 @@ def _check_carried_hessian(hessian_cls, policy, episodes, params, adv, v, lvc):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def _check_fisher_objective(fisher_cls, policy, episodes, params, adv):
+    """The TRPO meta-step takes π_old and the surrogate's gradient from ``fisher_cls``'s cached
+    pass: ``distribution`` must equal ``policy.forward`` and ``surrogate_gradient`` the autodiff
+    gradient of the surrogate ``−mean_i E[π/π_old · Â]`` at π = π_old."""
+    fisher = fisher_cls(params, episodes, policy.activation)
+    forward = policy.forward(params, episodes.observations)
+    for got, expected in zip(
+        tf.nest.flatten(fisher.distribution(episodes.observations)),
+        tf.nest.flatten(forward),
+        strict=True,
+    ):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    old_log_prob = policy.log_prob(forward, episodes.actions)
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        log_prob = policy.log_prob(policy.forward(params, episodes.observations), episodes.actions)
+        m = episodes.mask
+        per_task = tf.reduce_sum(tf.exp(log_prob - old_log_prob) * adv * m, [1, 2])
+        surrogate = -tf.reduce_mean(per_task / tf.reduce_sum(m, [1, 2]))
+    expected = tape.gradient(surrogate, params)
+    got = fisher.surrogate_gradient(episodes, adv)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def check_fisher_objective():
+    """``check_fisher_objective(fisher_cls, policy, episodes, params, adv)``."""
+    return _check_fisher_objective
+
+
 @pytest.fixture
 def check_carried_hessian():
     """``check_carried_hessian(hessian_cls, policy, episodes, params, adv, v, lvc)``."""

@@ -276,6 +276,13 @@ def test_categorical_fisher_matches_autodiff_kl_hessian(setup):
     assert analytic_curvature_for(policy) == (CategoricalInnerLossHessian, CategoricalFisher)
 
 
+def test_categorical_fisher_gives_the_forward_pass_and_surrogate_gradient(
+    setup, check_fisher_objective
+):
+    policy, episodes, params, adv, _ = setup
+    check_fisher_objective(CategoricalFisher, policy, episodes, params, adv)
+
+
 def test_inner_step_matches_numpy_gradient():
     """One inner step on the categorical loss equals θ − α ∇L with ∇L from numpy (logit-space
     gradient w (p − onehot), backpropagated through a one-hidden-layer tanh MLP by hand)."""

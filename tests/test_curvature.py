@@ -103,6 +103,13 @@ def test_gaussian_fisher_matches_autodiff(per_task_setup):
     assert_close(fisher_vector_product(policy, params, episodes, v), expected)
 
 
+def test_gaussian_fisher_gives_the_forward_pass_and_surrogate_gradient(
+    per_task_setup, check_fisher_objective
+):
+    policy, episodes, params, adv, _ = per_task_setup
+    check_fisher_objective(GaussianFisher, policy, episodes, params, adv)
+
+
 def test_unknown_activation_has_no_analytic_curvature(synthetic_batch, to_tensors, make_policy):
     policy = make_policy()
     episodes = to_tensors(synthetic_batch())

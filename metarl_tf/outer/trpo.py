@@ -231,27 +231,42 @@ def trpo_meta_step(
         return [res.params if j == inner_steps else res.trace[j][0] for j in levels]
 
     params = [[tf.stop_gradient(p) for p in ps] for ps in level_params(result)]
-    with tf.GradientTape() as tape:  # one forward pass gives π_old and the surrogate at θ'
-        tape.watch(params)
-        dists, old_log_probs, losses = [], [], []
-        for ps, (episodes, adv) in zip(params, data, strict=True):
-            dists.append(policy.forward(ps, episodes.observations))
-            log_prob = policy.log_prob(dists[-1], episodes.actions)
-            old_log_probs.append(tf.stop_gradient(log_prob))
-            losses.append(surrogate_from_log_prob(log_prob, old_log_probs[-1], adv, episodes.mask))
-        loss_before = tf.add_n([w * x for w, x in zip(weights, losses, strict=True)])
-    grad_levels = tape.gradient(loss_before, params)
-    old_dists = [tf.nest.map_structure(tf.stop_gradient, d) for d in dists]
-    if analytic_curvature:
+
+    def objective(dists):
+        """``(π_old's log-probabilities per level, the surrogate)`` from the levels' forward pass
+        (π = π_old there: the ratio is 1, its gradient ``∇log π``)."""
+        log_probs, losses = [], []
+        for dist, (episodes, adv) in zip(dists, data, strict=True):
+            log_prob = policy.log_prob(dist, episodes.actions)
+            log_probs.append(tf.stop_gradient(log_prob))
+            losses.append(surrogate_from_log_prob(log_prob, log_probs[-1], adv, episodes.mask))
+        return log_probs, tf.add_n([w * x for w, x in zip(weights, losses, strict=True)])
+
+    if analytic_curvature:  # the Fisher's cached pass gives π_old and the surrogate's gradient
         fishers = [
             fisher_cls(ps, episodes, policy.activation)
             for ps, (episodes, _) in zip(params, data, strict=True)
+        ]
+        dists = [f.distribution(ep.observations) for f, (ep, _) in zip(fishers, data, strict=True)]
+        old_log_probs, loss_before = objective(dists)
+        grad_levels = [
+            [w * g for g in f.surrogate_gradient(*level)]
+            for f, level, w in zip(fishers, data, weights, strict=True)
         ]
     else:
         fishers = [
             functools.partial(fisher_vector_product, policy, ps, episodes)
             for ps, (episodes, _) in zip(params, data, strict=True)
         ]
+        with tf.GradientTape() as tape:  # one forward pass: π_old and the surrogate at θ'
+            tape.watch(params)
+            dists = [
+                policy.forward(ps, episodes.observations)
+                for ps, (episodes, _) in zip(params, data, strict=True)
+            ]
+            old_log_probs, loss_before = objective(dists)
+        grad_levels = tape.gradient(loss_before, params)
+    old_dists = [tf.nest.map_structure(tf.stop_gradient, d) for d in dists]
 
     def to_cotangents(per_level):
         """Per-level cotangents -> (cotangent of θ_k, of θ_1 .. θ_{k−1}) for adaptation_vjp."""
