@@ -20,7 +20,9 @@ matmul costs about as much as an elementwise pass), so the code counts passes: b
 matmuls on a constant-1 feature, the output's per-sample tensors are laid out with the samples
 last (output-major, :class:`_MLP`) because a 2-wide last axis vectorizes poorly, and for a narrow
 input (Nav2D's position) the inner-loss Hessian's R-backward below the second layer reduces to
-small cached tensors (:class:`_FirstLayerTerms`).
+small cached tensors (:class:`_FirstLayerTerms`), and for a narrow output (Nav2D's 2-wide mean)
+the Fisher products pass the first layer through its cached per-sample Jacobian
+(:class:`_FirstLayerJacobian`).
 
 All equal the autodiff products (``metarl_tf.maml.inner_hvp``,
 ``metarl_tf.outer.trpo.fisher_vector_product``) to float tolerance; ``tests/test_curvature.py``
@@ -144,6 +146,65 @@ class _FirstLayerTerms(NamedTuple):
         return tf.transpose(out[..., 0], [0, 2, 1])
 
 
+# Outputs at most this wide get the Fisher products' first-layer shortcut
+# (:class:`_FirstLayerJacobian`); its cache and per-product reads grow with the width.
+_NARROW_OUTPUT_MAX = 2
+
+
+class _FirstLayerJacobian(NamedTuple):
+    """The Fisher products' shortcut through the first layer, for a narrow output.
+
+    A Fisher product is a JVP and a VJP of the network. Through the first layer the JVP streams
+    ``R(h_1) = act'(z_1) ⊙ (x̃ Ṽ_1)`` and ``R(h_1) W_2`` forward, and the VJP streams
+    ``δ_1 = act'(z_1) ⊙ (δ_2 W_2ᵀ)`` back (``x̃ = [x, 1]``, ``Ṽ_1`` the stacked first-layer
+    direction): per product two wide matmuls and four elementwise passes over
+    ``[tasks, n, width]`` tensors. With the per-sample Jacobian
+    ``J[o, n, j] = ∂output_o/∂z_1,j`` cached (``out`` such tensors), the first layer's part
+    of ``R(output)`` is ``Σ_j J[o, n, j] (x̃ Ṽ_1)[n, j] = Σ_k x̃[n, k] (J Ṽ_1ᵀ)[o, n, k]`` and its
+    gradient ``Σ_{o, n} x̃[n] ⊗ d_out[o, n] J[o, n]``: one read of ``J`` each way. Worth it while
+    ``out`` is small (at most ``_NARROW_OUTPUT_MAX``). The inner-loss Hessian cannot use it:
+    its R-backward needs ``R(h_1)``'s successors for the curvature of the activations.
+    """
+
+    jacobian: tf.Tensor  # [tasks, out * n, width_1], rows ordered (output, sample)
+
+    @classmethod
+    def build(cls, net):
+        """From a cached forward pass ``net`` (:class:`_MLP`) with at least one hidden layer."""
+        # ∂output_o/∂z_{L−1} = act'(z_{L−1}) ⊙ W_L[:, o], then back through the hidden layers
+        jac = net.dact[-1][:, None] * _transpose(net.kernels[-1])[:, :, None, :]  # [t, o, n, w]
+        for i in range(len(net.kernels) - 2, 0, -1):
+            jac = tf.matmul(jac, net.kernels[i][:, None], transpose_b=True)
+            jac *= net.dact[i - 1][:, None]
+        return cls(tf.reshape(jac, [tf.shape(jac)[0], -1, jac.shape[-1]]))
+
+    @staticmethod
+    def applies(net) -> bool:
+        """Whether ``net`` gets the shortcut: a hidden layer, and a narrow output."""
+        width = net.kernels[-1].shape[-1]
+        return len(net.kernels) > 1 and width is not None and width <= _NARROW_OUTPUT_MAX
+
+    def r_output(self, x_tilde_t, v_first):
+        """The first layer's part of ``R(output)`` ``[tasks, out, n]``, for the input
+        ``x̃ᵀ [tasks, k, n]`` and the stacked direction ``Ṽ_1 [tasks, k, width_1]``."""
+        jv = tf.matmul(v_first, self.jacobian, transpose_b=True)  # [t, k, out * n]
+        shape = tf.shape(x_tilde_t)
+        jv = tf.reshape(jv, [shape[0], shape[1], -1, shape[2]])  # samples last: [t, k, out, n]
+        return tf.reduce_sum(jv * x_tilde_t[:, :, None, :], axis=1)
+
+    def gradient(self, x_tilde_t, d_output):
+        """The first layer's stacked gradient ``[tasks, k, width_1]`` of ``Σ d_output · output``,
+        for ``x̃ᵀ [tasks, k, n]`` and an output-major ``d_output [tasks, out, n]``."""
+        left = x_tilde_t[:, :, None, :] * d_output[:, None]  # [t, k, out, n]
+        shape = tf.shape(left)
+        return tf.matmul(tf.reshape(left, [shape[0], shape[1], -1]), self.jacobian)
+
+
+def _first_layer_jacobian(net):
+    """:class:`_FirstLayerJacobian` of ``net`` where it applies, else None."""
+    return _FirstLayerJacobian.build(net) if _FirstLayerJacobian.applies(net) else None
+
+
 class _Carried:
     """A cached curvature object whose tensors can leave the ``tf.function`` that computed them
     and enter another: :meth:`carry` gives them as a nest (sub-objects as nested dicts),
@@ -237,15 +298,18 @@ class _MLP(_Carried):
     def has_log_std(self) -> bool:
         return self.log_std is not None
 
-    def r_forward(self, tangent):
+    def r_forward(self, tangent, first=None):
         """``(R(h_l) for every layer input, R(output) [tasks, out, n])`` along ``tangent`` (same
-        structure as params)."""
+        structure as params). With a :class:`_FirstLayerJacobian` ``first``, ``R(output)`` takes
+        the first layer's part from it, and ``R(h_1)`` and what it feeds are not formed (its
+        entry of the first list is None)."""
         layers = tangent[:-1] if self.has_log_std else tangent
         v_kernels, v_biases = layers[0::2], layers[1::2]
-        r_inputs = [None]  # R(h_0) = 0: observations do not depend on θ
+        start = 0 if first is None else 1
+        r_inputs = [None] * (start + 1)  # R(h_0) = 0: observations do not depend on θ
         r_h = None
         last = len(self.kernels) - 1
-        for i in range(last):
+        for i in range(start, last):
             r_z = tf.matmul(self.inputs[i], _stack_bias(v_kernels[i], v_biases[i]))
             if r_h is not None:
                 r_z += tf.matmul(r_h, self.kernels[i])
@@ -256,22 +320,31 @@ class _MLP(_Carried):
         r_out = tf.matmul(v_stacked, self.inputs_t[last], transpose_a=True)
         if r_h is not None:
             r_out += tf.matmul(self.kernels[last], r_h, transpose_a=True, transpose_b=True)
+        if first is not None:
+            r_out += first.r_output(self.inputs_t[0], _stack_bias(v_kernels[0], v_biases[0]))
         return r_inputs, r_out
 
-    def backward(self, d_output):
+    def backward(self, d_output, first=None):
         """Gradients of ``Σ d_output · output`` w.r.t. every kernel and bias, for an output-major
         ``d_output [tasks, out, n]``; also the ``δ_z`` (the output layer's output-major) and
-        ``δ_h`` of every layer (for R-backward)."""
+        ``δ_h`` of every layer (for R-backward). With a :class:`_FirstLayerJacobian` ``first``,
+        the first layer's gradient comes from it and no ``δ`` below the second layer is formed
+        (None)."""
         last = len(self.kernels) - 1
         grads, deltas, delta_hs = [], [], []
         delta = d_output
         for i in reversed(range(len(self.kernels))):
+            if i == 0 and first is not None:
+                grads.append(_split_bias(first.gradient(self.inputs_t[0], d_output)))
+                deltas.append(None)
+                delta_hs.append(None)
+                continue
             deltas.append(delta)
             if i == last:  # [tasks, out, in + 1] -> [tasks, in + 1, out]
                 grads.append(_split_bias(_transpose(tf.matmul(delta, self.inputs[i]))))
             else:
                 grads.append(_split_bias(tf.matmul(self.inputs_t[i], delta)))
-            if i > 0:
+            if i > 1 or (i == 1 and first is None):
                 delta_h = _times_kernel_t(delta, self.kernels[i], output_major=i == last)
                 delta_hs.append(delta_h)
                 delta = delta_h * self.dact[i - 1]
@@ -374,7 +447,7 @@ def _flat_list(grads):
     return [g for pair in grads for g in pair]
 
 
-def _gaussian_log_prob_gradient(net, actions, weight):
+def _gaussian_log_prob_gradient(net, actions, weight, first=None):
     """The gradient of ``−Σ_n w_n log N(a_n; μ(s_n), σ²)`` of every task, from the cached pass
     ``net`` (a Gaussian's), for actions ``[tasks, n, A]`` and output-major weights ``w``
     ``[tasks, 1, n]``: ``−w r / σ²`` on the mean (``r = a − μ``), ``−Σ w (r²/σ² − 1)`` on
@@ -382,10 +455,11 @@ def _gaussian_log_prob_gradient(net, actions, weight):
 
     Returns:
         ``(gradient (flat list, the policy's parameter order), r [tasks, A, n],
-        r²/σ² − 1 [tasks, A, n], deltas, delta_hs)``, the last two from :meth:`_MLP.backward`.
+        r²/σ² − 1 [tasks, A, n], deltas, delta_hs)``, the last two from :meth:`_MLP.backward`
+        (with its ``first``).
     """
     residual = _transpose(actions - net.output)
-    grads, deltas, delta_hs = net.backward(-weight * residual * net.inv_var)
+    grads, deltas, delta_hs = net.backward(-weight * residual * net.inv_var, first)
     score_log_std = tf.square(residual) * net.inv_var - 1.0
     g_log_std = -tf.reduce_sum(weight * score_log_std, axis=2)
     return [*_flat_list(grads), g_log_std], residual, score_log_std, deltas, delta_hs
@@ -474,6 +548,7 @@ class GaussianFisher:
     def __init__(self, params, episodes, activation: str):
         x, self.weight, self.tasks = _kl_sample_weights(episodes)
         self.net = _MLP(params, x, activation)
+        self.first = _first_layer_jacobian(self.net)
 
     def distribution(self, observations):
         """The policy's ``forward`` output ``(mean, log_std)`` at ``params`` on the episodes'
@@ -488,12 +563,12 @@ class GaussianFisher:
         ``w = mask·Â / (Σ mask · tasks)``. Flat list, the policy's parameter order."""
         a = _flatten(tf.convert_to_tensor(episodes.actions, tf.float32), 1)
         w = _surrogate_weights(self, episodes, advantages)
-        return _gaussian_log_prob_gradient(self.net, a, w)[0]
+        return _gaussian_log_prob_gradient(self.net, a, w, self.first)[0]
 
     def __call__(self, u):
         net = self.net
-        _, r_mean = net.r_forward(u)
-        grads, _, _ = net.backward(self.weight * net.inv_var * r_mean)
+        _, r_mean = net.r_forward(u, self.first)
+        grads, _, _ = net.backward(self.weight * net.inv_var * r_mean, self.first)
         return [*_flat_list(grads), 2.0 * u[-1] / self.tasks]
 
 
@@ -571,6 +646,7 @@ class CategoricalFisher:
         x, self.weight, _ = _kl_sample_weights(episodes)
         self.net = _MLP(params, x, activation, has_log_std=False)
         self.probs = _transpose(tf.nn.softmax(self.net.output))  # output-major, see _MLP
+        self.first = _first_layer_jacobian(self.net)
 
     def distribution(self, observations):
         """The policy's ``forward`` output (logits) at ``params`` on the episodes'
@@ -583,12 +659,13 @@ class CategoricalFisher:
         a = _flatten(tf.convert_to_tensor(episodes.actions, tf.float32), 1)
         one_hot = _one_hot_actions(a, self.net.output.shape[-1])
         w = _surrogate_weights(self, episodes, advantages)
-        grads, _, _ = self.net.backward(-w * (_transpose(one_hot) - self.probs))
+        grads, _, _ = self.net.backward(-w * (_transpose(one_hot) - self.probs), self.first)
         return _flat_list(grads)
 
     def __call__(self, u):
-        _, r_logits = self.net.r_forward(u)
-        grads, _, _ = self.net.backward(self.weight * _softmax_jvp(self.probs, r_logits))
+        _, r_logits = self.net.r_forward(u, self.first)
+        d_logits = self.weight * _softmax_jvp(self.probs, r_logits)
+        grads, _, _ = self.net.backward(d_logits, self.first)
         return _flat_list(grads)
 
 

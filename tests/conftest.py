@@ -101,11 +101,17 @@ def _check_carried_hessian(hessian_cls, policy, episodes, params, adv, v, lvc):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
 
 
-def _check_fisher_objective(fisher_cls, policy, episodes, params, adv):
-    """The TRPO meta-step takes π_old and the surrogate's gradient from ``fisher_cls``'s cached
-    pass: ``distribution`` must equal ``policy.forward`` and ``surrogate_gradient`` the autodiff
-    gradient of the surrogate ``−mean_i E[π/π_old · Â]`` at π = π_old."""
+def _check_fisher_objective(fisher_cls, policy, episodes, params, adv, v):
+    """The TRPO meta-step takes π_old, the surrogate's gradient and the Fisher products from
+    ``fisher_cls``'s cached pass: ``distribution`` must equal ``policy.forward``,
+    ``surrogate_gradient`` the autodiff gradient of the surrogate ``−mean_i E[π/π_old · Â]`` at
+    π = π_old, and the product of ``v`` the autodiff one. Returns the Fisher."""
+    from metarl_tf.outer.trpo import fisher_vector_product
+
     fisher = fisher_cls(params, episodes, policy.activation)
+    expected_product = fisher_vector_product(policy, params, episodes, v)
+    for g, e in zip(fisher(v), expected_product, strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-6)
     forward = policy.forward(params, episodes.observations)
     for got, expected in zip(
         tf.nest.flatten(fisher.distribution(episodes.observations)),
@@ -126,11 +132,12 @@ def _check_fisher_objective(fisher_cls, policy, episodes, params, adv):
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-6)
+    return fisher
 
 
 @pytest.fixture
 def check_fisher_objective():
-    """``check_fisher_objective(fisher_cls, policy, episodes, params, adv)``."""
+    """``check_fisher_objective(fisher_cls, policy, episodes, params, adv, v) -> fisher``."""
     return _check_fisher_objective
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from metarl_tf import curvature
 from metarl_tf.advantages import compute_advantages
 from metarl_tf.bundle import load_bundle, save_bundle
 from metarl_tf.client_weights import policy_from_weights, weights_to_json
@@ -276,11 +277,15 @@ def test_categorical_fisher_matches_autodiff_kl_hessian(setup):
     assert analytic_curvature_for(policy) == (CategoricalInnerLossHessian, CategoricalFisher)
 
 
+@pytest.mark.parametrize("narrow_max", [2, 4], ids=["streamed", "jacobian"])
 def test_categorical_fisher_gives_the_forward_pass_and_surrogate_gradient(
-    setup, check_fisher_objective
+    setup, check_fisher_objective, monkeypatch, narrow_max
 ):
-    policy, episodes, params, adv, _ = setup
-    check_fisher_objective(CategoricalFisher, policy, episodes, params, adv)
+    # with and without the first-layer Jacobian shortcut (4 actions take it at 4)
+    monkeypatch.setattr(curvature, "_NARROW_OUTPUT_MAX", narrow_max)
+    policy, episodes, params, adv, v = setup
+    fisher = check_fisher_objective(CategoricalFisher, policy, episodes, params, adv, v)
+    assert (fisher.first is not None) == (narrow_max == 4)
 
 
 def test_inner_step_matches_numpy_gradient():

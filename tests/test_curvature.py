@@ -103,11 +103,15 @@ def test_gaussian_fisher_matches_autodiff(per_task_setup):
     assert_close(fisher_vector_product(policy, params, episodes, v), expected)
 
 
+@pytest.mark.parametrize("narrow_max", [0, 2], ids=["streamed", "jacobian"])
 def test_gaussian_fisher_gives_the_forward_pass_and_surrogate_gradient(
-    per_task_setup, check_fisher_objective
+    per_task_setup, check_fisher_objective, monkeypatch, narrow_max
 ):
-    policy, episodes, params, adv, _ = per_task_setup
-    check_fisher_objective(GaussianFisher, policy, episodes, params, adv)
+    # with and without the first-layer Jacobian shortcut (a 2-wide output takes it at 2)
+    monkeypatch.setattr(curvature, "_NARROW_OUTPUT_MAX", narrow_max)
+    policy, episodes, params, adv, v = per_task_setup
+    fisher = check_fisher_objective(GaussianFisher, policy, episodes, params, adv, v)
+    assert (fisher.first is not None) == (narrow_max == 2)
 
 
 def test_unknown_activation_has_no_analytic_curvature(synthetic_batch, to_tensors, make_policy):
