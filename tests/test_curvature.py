@@ -183,3 +183,23 @@ def test_carried_inner_loss_hessian_restores_in_another_function(
     # The trainer builds it while adapting for sampling; the TRPO meta-step restores it
     # (MetaBatch.inner_curvature) and must get what building it afresh gives.
     check_carried_hessian(InnerLossHessian, *per_task_setup, lvc=lvc)
+
+
+def test_products_of_a_policy_without_hidden_layer_match_autodiff(
+    make_policy, synthetic_batch, to_tensors, check_fisher_objective
+):
+    # a linear policy: no first-layer shortcut of either kind applies
+    policy = make_policy(hidden=())
+    episodes = to_tensors(synthetic_batch(tasks=2, episodes=2, horizon=5, seed=4))
+    rng = np.random.default_rng(5)
+    params = [
+        tf.constant(np.stack([p, p + rng.normal(0, 0.2, p.shape)]), tf.float32)
+        for p in policy.get_parameters()
+    ]
+    adv = tf.constant(rng.normal(size=episodes.mask.shape) * episodes.mask.numpy(), tf.float32)
+    v = [tf.constant(rng.normal(size=p.shape), tf.float32) for p in params]
+    fisher = check_fisher_objective(GaussianFisher, policy, episodes, params, adv, v)
+    assert fisher.first is None
+    h = InnerLossHessian(params, episodes, adv, policy.activation)
+    assert h.backward_cache.first is None
+    assert_close(h(v), inner_hvp(policy, params, episodes, adv, v))
