@@ -184,12 +184,13 @@ class _FirstLayerJacobian(NamedTuple):
         width = net.kernels[-1].shape[-1]
         return len(net.kernels) > 1 and width is not None and width <= _NARROW_OUTPUT_MAX
 
-    def r_output(self, x_tilde_t, v_first):
+    def r_output(self, x_tilde_t, v_first, out: int):
         """The first layer's part of ``R(output)`` ``[tasks, out, n]``, for the input
-        ``x̃ᵀ [tasks, k, n]`` and the stacked direction ``Ṽ_1 [tasks, k, width_1]``."""
+        ``x̃ᵀ [tasks, k, n]``, the stacked direction ``Ṽ_1 [tasks, k, width_1]`` and the output's
+        (static) width."""
         jv = tf.matmul(v_first, self.jacobian, transpose_b=True)  # [t, k, out * n]
         shape = tf.shape(x_tilde_t)
-        jv = tf.reshape(jv, [shape[0], shape[1], -1, shape[2]])  # samples last: [t, k, out, n]
+        jv = tf.reshape(jv, [shape[0], shape[1], out, shape[2]])  # samples last: [t, k, out, n]
         return tf.reduce_sum(jv * x_tilde_t[:, :, None, :], axis=1)
 
     def gradient(self, x_tilde_t, d_output):
@@ -321,7 +322,8 @@ class _MLP(_Carried):
         if r_h is not None:
             r_out += tf.matmul(self.kernels[last], r_h, transpose_a=True, transpose_b=True)
         if first is not None:
-            r_out += first.r_output(self.inputs_t[0], _stack_bias(v_kernels[0], v_biases[0]))
+            v_first = _stack_bias(v_kernels[0], v_biases[0])
+            r_out += first.r_output(self.inputs_t[0], v_first, self.kernels[last].shape[-1])
         return r_inputs, r_out
 
     def backward(self, d_output, first=None):

@@ -101,6 +101,26 @@ def _check_carried_hessian(hessian_cls, policy, episodes, params, adv, v, lvc):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def _two_task_point(policy, episodes, seed, scale):
+    """Per-task parameters for two tasks (the policy's and a perturbed copy), advantages on the
+    episodes' mask, and a direction ``v``: ``(params, adv, v)``, drawn in that order from
+    ``seed``."""
+    rng = np.random.default_rng(seed)
+    params = [
+        tf.constant(np.stack([p, p + rng.normal(0, scale, p.shape)]), tf.float32)
+        for p in policy.get_parameters()
+    ]
+    adv = tf.constant(rng.normal(size=episodes.mask.shape) * np.asarray(episodes.mask), tf.float32)
+    v = [tf.constant(rng.normal(size=p.shape), tf.float32) for p in params]
+    return params, adv, v
+
+
+@pytest.fixture
+def two_task_point():
+    """``two_task_point(policy, episodes, seed, scale) -> (params, adv, v)``."""
+    return _two_task_point
+
+
 def _check_fisher_objective(fisher_cls, policy, episodes, params, adv, v):
     """The TRPO meta-step takes π_old, the surrogate's gradient and the Fisher products from
     ``fisher_cls``'s cached pass: ``distribution`` must equal ``policy.forward``,

@@ -208,18 +208,11 @@ def assert_close(got, expected, rtol=1e-4):
     ],
     ids=str,
 )
-def setup(request):
+def setup(request, two_task_point):
     activation, hidden, obs_dim = request.param
     policy = make_categorical(hidden=hidden, activation=activation, obs_dim=obs_dim)
     episodes = discrete_batch(seed=1, obs_dim=obs_dim)
-    rng = np.random.default_rng(2)
-    params = [
-        tf.constant(np.stack([p, p + rng.normal(0, 0.3, p.shape)]), tf.float32)
-        for p in policy.get_parameters()
-    ]
-    adv = tf.constant(rng.normal(size=episodes.mask.shape) * episodes.mask.numpy(), tf.float32)
-    v = [tf.constant(rng.normal(size=p.shape), tf.float32) for p in params]
-    return policy, episodes, params, adv, v
+    return policy, episodes, *two_task_point(policy, episodes, seed=2, scale=0.3)
 
 
 def test_categorical_inner_loss_hessian_matches_autodiff(setup):
@@ -286,6 +279,17 @@ def test_categorical_fisher_gives_the_forward_pass_and_surrogate_gradient(
     policy, episodes, params, adv, v = setup
     fisher = check_fisher_objective(CategoricalFisher, policy, episodes, params, adv, v)
     assert (fisher.first is not None) == (narrow_max == 4)
+
+
+def test_two_action_fisher_takes_the_jacobian_shortcut_by_default(
+    check_fisher_objective, two_task_point
+):
+    # CartPole-like: 2 actions, at the default _NARROW_OUTPUT_MAX; 2 hidden layers, relu
+    policy = make_categorical(hidden=(6, 4), k=2, activation="relu", seed=3)
+    episodes = discrete_batch(k=2, seed=8)
+    params, adv, v = two_task_point(policy, episodes, seed=9, scale=0.3)
+    fisher = check_fisher_objective(CategoricalFisher, policy, episodes, params, adv, v)
+    assert fisher.first is not None
 
 
 def test_inner_step_matches_numpy_gradient():

@@ -43,18 +43,11 @@ def assert_close(got, expected, rtol=1e-4):
     ],
     ids=lambda p: f"{p[0]}-{'x'.join(map(str, p[1]))}-obs{p[2]}",
 )
-def per_task_setup(request, make_policy, synthetic_batch, to_tensors):
+def per_task_setup(request, make_policy, synthetic_batch, to_tensors, two_task_point):
     activation, hidden, obs_dim = request.param
     policy = make_policy(hidden=hidden, activation=activation, obs_dim=obs_dim)
     episodes = to_tensors(synthetic_batch(tasks=2, episodes=2, horizon=5, obs_dim=obs_dim, seed=1))
-    rng = np.random.default_rng(2)
-    params = [
-        tf.constant(np.stack([p, p + rng.normal(0, 0.2, p.shape)]), tf.float32)
-        for p in policy.get_parameters()
-    ]
-    adv = tf.constant(rng.normal(size=episodes.mask.shape) * episodes.mask.numpy(), tf.float32)
-    v = [tf.constant(rng.normal(size=p.shape), tf.float32) for p in params]
-    return policy, episodes, params, adv, v
+    return policy, episodes, *two_task_point(policy, episodes, seed=2, scale=0.2)
 
 
 def test_inner_loss_hessian_matches_autodiff(per_task_setup):
@@ -186,20 +179,43 @@ def test_carried_inner_loss_hessian_restores_in_another_function(
 
 
 def test_products_of_a_policy_without_hidden_layer_match_autodiff(
-    make_policy, synthetic_batch, to_tensors, check_fisher_objective
+    make_policy, synthetic_batch, to_tensors, check_fisher_objective, two_task_point
 ):
     # a linear policy: no first-layer shortcut of either kind applies
     policy = make_policy(hidden=())
     episodes = to_tensors(synthetic_batch(tasks=2, episodes=2, horizon=5, seed=4))
-    rng = np.random.default_rng(5)
-    params = [
-        tf.constant(np.stack([p, p + rng.normal(0, 0.2, p.shape)]), tf.float32)
-        for p in policy.get_parameters()
-    ]
-    adv = tf.constant(rng.normal(size=episodes.mask.shape) * episodes.mask.numpy(), tf.float32)
-    v = [tf.constant(rng.normal(size=p.shape), tf.float32) for p in params]
+    params, adv, v = two_task_point(policy, episodes, seed=5, scale=0.2)
     fisher = check_fisher_objective(GaussianFisher, policy, episodes, params, adv, v)
     assert fisher.first is None
     h = InnerLossHessian(params, episodes, adv, policy.activation)
     assert h.backward_cache.first is None
     assert_close(h(v), inner_hvp(policy, params, episodes, adv, v))
+
+
+@pytest.mark.parametrize(
+    "activation, hidden, act_dim",
+    [("relu", (7, 5, 3), 1), ("tanh", (6, 4), 2), ("relu", (5,), 2)],
+    ids=["relu-7x5x3-out1", "tanh-6x4-out2", "relu-5-out2"],
+)
+def test_fisher_jacobian_shortcut_in_a_function_of_unknown_sizes(
+    make_policy, synthetic_batch, to_tensors, two_task_point, activation, hidden, act_dim
+):
+    # deeper networks (the Jacobian's build loop runs twice for 3 hidden layers), a 1-wide output,
+    # and tasks/episodes/steps unknown when traced: the products keep the parameters' shapes
+    policy = make_policy(hidden=hidden, activation=activation, act_dim=act_dim, seed=2)
+    episodes = to_tensors(synthetic_batch(tasks=2, episodes=3, horizon=5, act_dim=act_dim, seed=6))
+    params, _, u = two_task_point(policy, episodes, seed=7, scale=0.2)
+    per_task = [tf.TensorSpec([None, *p.shape[1:]], tf.float32) for p in params]
+    batch_spec = type(episodes)(
+        *[tf.TensorSpec([None, None, None, *x.shape[3:]], tf.float32) for x in episodes]
+    )
+
+    @tf.function(input_signature=[per_task, batch_spec, per_task])
+    def product(params, episodes, u):
+        fisher = GaussianFisher(params, episodes, activation)
+        assert fisher.first is not None
+        out = fisher(u)
+        assert [x.shape[1:] for x in out] == [p.shape[1:] for p in params]
+        return out
+
+    assert_close(product(params, episodes, u), fisher_vector_product(policy, params, episodes, u))
