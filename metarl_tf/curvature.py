@@ -507,6 +507,10 @@ class InnerLossHessian(_Carried):
         )
         log_prob = gaussian_log_prob(net.output, net.log_std[:, None, :], a)
         self.loss = -tf.reduce_sum(w * log_prob, axis=1)
+        # The products' direction-independent factors: w/σ², w r/σ² [t, A, n], Σ_n w r²/σ² [t, A].
+        self.w_iv = self.weight * net.inv_var
+        self.w_iv_r = self.w_iv * self.residual
+        self.w_iv_r2 = tf.reduce_sum(self.w_iv_r * self.residual, axis=2)
         self.backward_cache = net.r_backward_cache(deltas, delta_hs)
 
     def __call__(self, v):
@@ -514,8 +518,10 @@ class InnerLossHessian(_Carried):
         v_log_std = v[-1][:, :, None]
         r_inputs, r_mean = net.r_forward(v)
         # R(∂L/∂μ) = w/σ² (R(μ) + 2 r v_ls);  R(∂L/∂log σ) = 2 Σ_n w/σ² r (R(μ) + r v_ls)
-        r_delta = w * net.inv_var * (r_mean + 2.0 * r * v_log_std)
-        g_log_std = 2.0 * tf.reduce_sum(w * net.inv_var * r * (r_mean + r * v_log_std), axis=2)
+        r_delta = self.w_iv * r_mean + (2.0 * v_log_std) * self.w_iv_r
+        g_log_std = 2.0 * (
+            tf.reduce_sum(self.w_iv_r * r_mean, axis=2) + v_log_std[..., 0] * self.w_iv_r2
+        )
         if self.lvc:
             # −Σ w (∇log N · v) ∇log N, with ∇log N = (r/σ² on μ, r²/σ² − 1 on log σ).
             score_v = tf.reduce_sum(
