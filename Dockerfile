@@ -1,7 +1,7 @@
 # The adaptation service, serving the shipped bundle saved_models/nav2d-maml on port 3000.
 #   docker build -t metarl-adaptation .
 #   docker run --rm -p 3000:3000 metarl-adaptation
-# Configuration: METARL_* environment variables (see the README), e.g. -e METARL_STORE_SIZE=4096.
+# Configuration: METARL_* environment variables (docs/serving.md), e.g. -e METARL_STORE_SIZE=4096.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -44,9 +44,9 @@ demo: venv  ## start the service on the shipped bundle, adapt to new tasks over 
 serve: venv  ## the adaptation service on http://127.0.0.1:$(PORT)
 	METARL_BUNDLE=$${METARL_BUNDLE:-$(BUNDLE)} $(VENV)/bin/bentoml serve serving.service:AdaptationService --host 127.0.0.1 --port $(PORT)
 
-bench: venv
-	$(PY) bench/train_speed.py
-	$(PY) bench/serve_latency.py
+bench: venv  ## speed of meta-training and of the service -> bench/results/*.json
+	$(PY) bench/train_speed.py --json bench/results/bench_train_speed.json
+	$(PY) bench/serve_latency.py --json bench/results/bench_serve_latency.json
 
 bento: venv  ## Bento of the service with the shipped bundle
 	$(VENV)/bin/bentoml build -f serving/bentofile.yaml .

@@ -3,7 +3,7 @@
 random actions (no policy). Prints figures and the load average seen; asserts nothing.
 
     python bench/mujoco_env_speed.py [--family halfcheetah-dir] [--tasks 40] [--episodes 20]
-        [--steps 20] [--workers 0 1 2] [--json PATH]
+        [--steps 20] [--workers 0 1 2] [--json bench/results/bench_mujoco_env_speed.json]
 
 The machine's 2 cores are shared: figures measured under load are not comparable across runs.
 """

@@ -11,7 +11,8 @@ measures, with keep-alive connections from this process:
 
 Targets (issue 3): ``/adapt`` p50 <= 15 ms; ``/act`` p50 <= 2x the no-op p50; zero errors.
 
-    python bench/serve_latency.py [--bundle saved_models/nav2d-maml] [--json out.json]
+    python bench/serve_latency.py [--bundle saved_models/nav2d-maml]
+        [--json bench/results/bench_serve_latency.json]
 
 Client and server share this machine's cores; numbers measured while other heavy processes run
 are not comparable (the script prints the load average it saw).

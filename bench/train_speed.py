@@ -2,8 +2,9 @@
 search), after warm-up: seconds per meta-iteration, environment steps per second, and where the
 time goes. Prints figures; asserts nothing.
 
-    python bench/train_speed.py [--iterations 8] [--warmup 2] [--preset nav2d] [--json PATH]
-    python bench/train_speed.py --outer trpo ppo     # both outer steps, one after the other
+    python bench/train_speed.py [--iterations 8] [--warmup 2] [--preset nav2d]
+        [--json bench/results/bench_train_speed.json]
+    python bench/train_speed.py --outer ppo trpo --json bench/results/bench_ppo_vs_trpo.json
 
 With several ``--outer`` values the same preset is measured once per outer step in this process
 (the meta-step breakdown is TRPO's only) and the JSON holds one entry per outer step.

@@ -1,4 +1,4 @@
-"""The user-env recipe of docs/custom_env.md, run as written, and GymTaskDistribution's checks."""
+"""The user-env recipe of docs/environments.md, run as written, and GymTaskDistribution's checks."""
 
 import metarl_tf  # noqa: F401
 
@@ -12,15 +12,17 @@ import pytest
 
 from metarl_tf.envs import TASK_DISTRIBUTIONS, GymTaskDistribution
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "custom_env.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "environments.md"
 
 
 @pytest.fixture
 def recipe():
-    """Executes the recipe's first code block; yields its namespace; unregisters it after."""
+    """Executes the recipe's code block (the one defining ``PointGoal1D``); yields its namespace;
+    unregisters it after."""
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "class PointGoal1D(" in b]
     namespace: dict = {"__name__": "recipe"}
-    exec(compile(blocks[0], str(DOC), "exec"), namespace)  # runs check_task_distribution too
+    exec(compile(block, str(DOC), "exec"), namespace)  # runs check_task_distribution too
     yield namespace
     TASK_DISTRIBUTIONS.pop("point-goal-1d", None)
 
