@@ -101,6 +101,7 @@ def run_plain_tensorflow(tmp_path: Path, models: dict, observations, noise: dict
 # -- continuous: over HTTP, against /act ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, tmp_path):
     """``/export`` of "meta" and of an adapted id: in a process without metarl_tf, the mean
     actions equal ``/act`` deterministic, ``action_from_noise`` with ``/act``'s documented NumPy
@@ -176,6 +177,7 @@ def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, t
     assert inner == pytest.approx(adapted.inner_losses)
 
 
+@pytest.mark.slow
 def test_adapt_chain_in_process_equals_the_service_and_exports(client, nav, tmp_path):
     """``Bundle.adapt(..., parent=...)`` continues a chain as ``/adapt`` with ``parent`` does
     (this bundle's per-step step sizes and log σ shift), and the export records the depth."""
@@ -195,6 +197,7 @@ def test_adapt_chain_in_process_equals_the_service_and_exports(client, nav, tmp_
     assert (meta["provenance"]["steps"], meta["provenance"]["depth"]) == (2, 3)
 
 
+@pytest.mark.slow
 def test_export_route_errors_and_headers(service, client, tmp_path):
     import httpx
 
@@ -228,6 +231,7 @@ def test_export_route_errors_and_headers(service, client, tmp_path):
 # -- discrete: in-process, against the sampler's action rule ------------------------------------
 
 
+@pytest.mark.slow
 def test_exported_discrete_policy_acts_as_the_sampler_in_plain_tensorflow(tmp_path):
     from metarl_tf.export import export_saved_model
     from metarl_tf.policy import numpy_categorical_sample, numpy_mlp
@@ -394,3 +398,24 @@ def test_export_module_imports_no_tf_agents_gymnasium_or_envs():
     banned = [m for m in imported if m.split(".")[0] in ("tf_agents", "gymnasium")]
     banned += [m for m in imported if m.startswith("metarl_tf.envs")]
     assert not banned, banned
+
+
+# -- the example ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tf_agents_roundtrip_example_runs_against_the_service(service, tmp_path):
+    cmd = [
+        sys.executable, "examples/tf_agents_roundtrip.py", "--url", service.url,
+        "--episodes", "8", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"),
+    ]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (Path(result["saved_model"]) / "saved_model.pb").is_file()
+    assert result["episodes"] >= 8
+    provenance = result["provenance"]
+    assert provenance["policy_id"] == result["policy_id"] and provenance["parent"] == "meta"
+    assert provenance["num_episodes"] == result["episodes"]
+    assert np.isfinite([result["mean_return_before"], result["mean_return_after"]]).all()
