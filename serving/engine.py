@@ -253,15 +253,15 @@ class AdaptationEngine:
         if policy_id == META_ID:
             return saved_model_archive(self.bundle)
         stored = self.lookup_stored(policy_id)
-        extra = stored.extra
+        extra = stored.extra  # what adapt() stored with the weights; -1: a store without it
         adapted = AdaptedPolicy(
             bundle=self.bundle,
             parameters=stored.parameters,
             parent=stored.parent,
             steps=stored.steps,
-            depth=extra.get("depth", stored.steps),
-            num_episodes=extra.get("num_episodes", 0),
-            num_transitions=extra.get("num_transitions", 0),
+            depth=extra.get("depth", -1),
+            num_episodes=extra.get("num_episodes", -1),
+            num_transitions=extra.get("num_transitions", -1),
             inner_losses=extra.get("inner_losses", []),
             policy_id=policy_id,
         )
