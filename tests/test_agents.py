@@ -271,3 +271,45 @@ def test_shipped_bundle_in_a_driver_matches_our_evaluation():
         driver_returns.var(ddof=1) / len(driver_returns) + sampler_returns.var(ddof=1) / 24
     )
     assert abs(diff) < 4 * se, (driver_returns.mean(), sampler_returns.mean(), se)
+
+
+@pytest.mark.slow
+def test_works_when_tf_keras_is_already_keras_3(tmp_path):
+    """The TF-Agents side builds no Keras layer: in a process where ``tf.keras`` resolved to
+    Keras 3 before tf-agents loaded (TF_USE_LEGACY_KERAS unset), a driver still runs with our
+    policy and its data still adapts."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os
+os.environ.pop("TF_USE_LEGACY_KERAS", None)
+import tensorflow as tf
+assert tf.keras.layers.Dense.__module__.startswith("keras."), tf.keras.layers.Dense.__module__
+from metarl_tf.agents import as_tf_agents_policy, episodes_from_trajectories
+from metarl_tf.bundle import load_bundle, save_bundle
+from metarl_tf.envs import Navigation2D
+from metarl_tf.envs.tf_agents_env import tf_agents_environment
+from metarl_tf.policy import make_policy
+from tf_agents.drivers import dynamic_episode_driver
+from tf_agents.replay_buffers import tf_uniform_replay_buffer
+dist = Navigation2D(horizon=6)
+policy = make_policy(dist.observation_spec, dist.action_spec, (8,))
+bundle = load_bundle(save_bundle(sys.argv[1], policy, 0.1, dist, adaptation={
+    "steps": 1, "gamma": 0.99, "gae_lambda": 1.0, "baseline": "linear"}))
+tfa = as_tf_agents_policy(bundle)
+env = tf_agents_environment(dist, dist.sample_tasks(1, 0)[0], parallel=2)
+buffer = tf_uniform_replay_buffer.TFUniformReplayBuffer(tfa.trajectory_spec, 2, 100)
+dynamic_episode_driver.DynamicEpisodeDriver(env, tfa, [buffer.add_batch], num_episodes=2).run()
+adapted = bundle.adapt(episodes_from_trajectories(buffer.gather_all()))
+assert tf.keras.layers.Dense.__module__.startswith("keras.")
+print("ok", adapted.num_episodes)
+"""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + script, str(tmp_path / "b")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0 and "ok " in out.stdout, out.stdout + out.stderr
