@@ -3,7 +3,7 @@
 
     policy = as_tf_agents_policy(bundle)                 # or bundle.adapt(...)
     env = tf_agents_environment(bundle.task_distribution, task, parallel=4)   # metarl_tf.envs
-    buffer = TFUniformReplayBuffer(policy.collect_data_spec, batch_size=4, max_length=...)
+    buffer = TFUniformReplayBuffer(policy.trajectory_spec, batch_size=4, max_length=...)
     DynamicEpisodeDriver(env, policy, [buffer.add_batch], num_episodes=20).run()
     adapted = bundle.adapt(episodes_from_trajectories(buffer.gather_all()))
 

@@ -211,7 +211,7 @@ def _checked_episode(episode, index: int, obs_dim: int, act_dim: int):
     return obs, act, rew
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its weights are arrays
 class AdaptedPolicy:
     """A policy adapted from a bundle (:meth:`Bundle.adapt`, or a stored ``/adapt`` result).
 
