@@ -14,3 +14,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``metarl_tf.export_saved_model`` (:mod:`metarl_tf.export`), imported on first use, so
+    that importing the package imports no TensorFlow."""
+    if name == "export_saved_model":
+        from metarl_tf.export import export_saved_model
+
+        return export_saved_model
+    raise AttributeError(f"module 'metarl_tf' has no attribute {name!r}")

@@ -14,12 +14,14 @@ No pickle anywhere; a bundle whose files do not match their checksums is refused
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import tensorflow as tf
 from metarl_tf.envs import TaskDistribution, make_task_distribution
 from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
+from metarl_tf.rollout import pad_episodes
 
 FORMAT_VERSION = 1
 # Version 2: the adaptation rule has per-step step sizes (``step_sizes.blocks``) or a log σ shift
@@ -108,6 +111,130 @@ class Bundle:
         if shift is not None:
             shift = tf.constant(shift)
         return Adapter(self.policy, sizes, a["gamma"], a["gae_lambda"], a["baseline"], shift)
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of ``meta.json``, which holds the sha256 of every other file: one digest that
+        identifies the whole bundle (recorded in exported SavedModels)."""
+        return _sha256(self.path / META_FILE)
+
+    @property
+    def default_steps(self) -> int:
+        """Inner steps one :meth:`adapt` takes by default: the bundle's ``adaptation.steps``, or
+        1 for a bundle with a log σ shift (its later steps need episodes of the adapted policy)."""
+        return 1 if self.log_std_shift is not None else int(self.adaptation.get("steps", 1))
+
+    @functools.cached_property
+    def adapter(self) -> Adapter:
+        """This bundle's :meth:`make_adapter`, built once (it compiles once per input shape)."""
+        return self.make_adapter()
+
+    def adapt(
+        self,
+        episodes: Sequence[tuple],
+        steps: int | None = None,
+        parent: AdaptedPolicy | None = None,
+    ) -> AdaptedPolicy:
+        """``steps`` inner steps on one task's episodes, from the meta-initialization or from
+        ``parent`` (a previous :meth:`adapt`, continuing its chain of steps): the service's
+        ``/adapt`` in-process (the same compiled :class:`~metarl_tf.maml.Adapter`; padding does
+        not change the result).
+
+        Args:
+            episodes: ``(observations [T_e, obs_dim], actions [T_e, act_dim], rewards [T_e])``
+                per episode; actions as the sampler records them (the raw, unclipped Gaussian
+                sample, or a categorical action's index as a float, ``act_dim == 1``).
+            steps: inner steps (default :attr:`default_steps`).
+            parent: adapt further from this adapted policy instead of the meta-initialization.
+
+        Raises:
+            ValueError: episodes of the wrong shape or with NaN/inf, or ``steps > 1`` from the
+                meta-initialization of a bundle with a log σ shift.
+        """
+        obs_dim = int(self.meta["observation_spec"]["shape"][0])
+        act_dim = int(self.policy.act_dim)
+        episodes = [_checked_episode(e, i, obs_dim, act_dim) for i, e in enumerate(episodes)]
+        if not episodes:
+            raise ValueError("adaptation needs at least one episode of the new task")
+        steps = self.default_steps if steps is None else int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        depth = 0 if parent is None else parent.depth
+        if self.log_std_shift is not None and depth == 0 and steps > 1:
+            raise ValueError(
+                f"bundle {self.name!r} adds a log σ shift in its first inner step, so its later "
+                f"steps need episodes of the adapted policy: adapt with steps=1, collect episodes "
+                f"with the result, then adapt(..., parent=result)"
+            )
+        if parent is not None and parent.bundle.checksum != self.checksum:
+            raise ValueError(
+                f"parent was adapted from another bundle ({parent.bundle.name!r}); adapt it "
+                "with that bundle"
+            )
+        start = self.policy.get_parameters() if parent is None else parent.parameters
+        params, losses, _ = self.adapter(start, pad_episodes(episodes), steps, first_step=depth)
+        return AdaptedPolicy(
+            bundle=self,
+            parameters=[np.asarray(p)[0] for p in params],
+            parent="meta" if parent is None else (parent.policy_id or "in-process"),
+            steps=steps,
+            depth=depth + steps,
+            num_episodes=len(episodes),
+            num_transitions=int(sum(len(r) for _, _, r in episodes)),
+            inner_losses=[float(x) for x in np.asarray(losses)[:, 0]],
+        )
+
+
+def _checked_episode(episode, index: int, obs_dim: int, act_dim: int):
+    """One ``(obs, act, rew)`` episode as float32 arrays of matching shapes; ``ValueError``
+    naming the episode otherwise."""
+    try:
+        obs, act, rew = (np.asarray(x, np.float32) for x in episode)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"episodes[{index}] must be (observations, actions, rewards) numeric arrays: {err}"
+        ) from None
+    length = len(rew)
+    expected = {
+        "observations": (obs, (length, obs_dim)),
+        "actions": (act, (length, act_dim)),
+        "rewards": (rew, (length,)),
+    }
+    for name, (array, shape) in expected.items():
+        if array.shape != shape or length == 0:
+            raise ValueError(
+                f"episodes[{index}].{name} has shape {list(array.shape)}, expected {list(shape)} "
+                f"(T >= 1 steps, observation size {obs_dim}, action size {act_dim})"
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(f"episodes[{index}].{name} holds NaN or inf")
+    return obs, act, rew
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: its weights are arrays
+class AdaptedPolicy:
+    """A policy adapted from a bundle (:meth:`Bundle.adapt`, or a stored ``/adapt`` result).
+
+    Attributes:
+        bundle: the bundle it was adapted from.
+        parameters: adapted weights, unbatched ``[*shape]`` float32, canonical order.
+        parent: ``"meta"`` (the meta-initialization), or the id of the policy adapted further.
+        steps: inner steps taken from ``parent``.
+        depth: inner steps taken from the meta-initialization in all.
+        num_episodes, num_transitions: size of the episodes of the last adaptation.
+        inner_losses: ``[steps]`` inner loss before each step.
+        policy_id: the service's id of this policy, when it has one.
+    """
+
+    bundle: Bundle
+    parameters: list[np.ndarray]
+    parent: str
+    steps: int
+    depth: int
+    num_episodes: int
+    num_transitions: int
+    inner_losses: list[float] = field(default_factory=list)
+    policy_id: str | None = None
 
 
 def _step_size_keys(parameter_names: list[str], blocks: int) -> list[str]:

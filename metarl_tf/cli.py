@@ -1,5 +1,5 @@
-"""``python -m metarl_tf`` / ``metarl-tf``: train | evaluate | export | plot-training |
-scratch-ppo."""
+"""``python -m metarl_tf`` / ``metarl-tf``: train | evaluate | export | export-savedmodel |
+plot-training | scratch-ppo."""
 
 from __future__ import annotations
 
@@ -176,6 +176,25 @@ def _add_export(sub) -> None:
     p.add_argument("--select", choices=["last", "best"], default="last", help="which checkpoint")
 
 
+def _add_export_savedmodel(sub) -> None:
+    p = sub.add_parser(
+        "export-savedmodel",
+        help="write a bundle's policy (optionally adapted to episodes) as a TensorFlow SavedModel",
+        description="Writes the bundle's meta-initialization, or with --adapt-on the policy adapted "
+        "to those episodes, as a SavedModel that plain TensorFlow loads (docs/export.md).",
+    )
+    p.add_argument("bundle", help="bundle directory, e.g. saved_models/nav2d-maml")
+    p.add_argument("out", help="SavedModel directory to write")
+    p.add_argument(
+        "--adapt-on", metavar="EPISODES_NPZ",
+        help="adapt to the episodes in this .npz first: observations [E, T, obs_dim], actions "
+        "[E, T, act_dim] (raw samples; categorical: the index), rewards [E, T] float32 and "
+        "optionally lengths [E] (metarl_tf.rollout.save_episodes writes one)",
+    )  # fmt: skip
+    p.add_argument("--steps", type=int, help="inner steps with --adapt-on (default: the bundle's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+
 def _add_plot_training(sub) -> None:
     p = sub.add_parser(
         "plot-training",
@@ -213,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_export_savedmodel(sub)
     _add_plot_training(sub)
     _add_scratch_ppo(sub)
     return parser
@@ -474,6 +494,32 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_export_savedmodel(args) -> int:
+    from metarl_tf.bundle import load_bundle
+    from metarl_tf.export import export_saved_model
+    from metarl_tf.rollout import load_episodes
+
+    if args.steps is not None and not args.adapt_on:
+        print("error: --steps needs --adapt-on", file=sys.stderr)
+        return 2
+    bundle = load_bundle(args.bundle)
+    source = bundle
+    if args.adapt_on:
+        source = bundle.adapt(load_episodes(args.adapt_on), steps=args.steps)
+    try:
+        export_saved_model(source, args.out, overwrite=args.overwrite)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if source is bundle:
+        print(f"SavedModel of {bundle.name}'s meta-initialization written to {args.out}")
+    else:
+        losses = ", ".join(f"{x:.4g}" for x in source.inner_losses)
+        print(f"SavedModel of {bundle.name} adapted by {source.steps} inner step(s) on "
+              f"{source.num_episodes} episodes (inner losses {losses}) written to {args.out}")  # fmt: skip
+    return 0
+
+
 def cmd_plot_training(args) -> int:
     from metarl_tf.evaluation import plot_training, read_metrics
 
@@ -543,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+                    "export-savedmodel": cmd_export_savedmodel,
                     "plot-training": cmd_plot_training, "scratch-ppo": cmd_scratch_ppo}  # fmt: skip
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # user errors: say what is wrong, no traceback

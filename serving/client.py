@@ -8,6 +8,7 @@ TensorFlow), so it runs in any application; the file can also be copied on its o
         result = c.adapt(episodes, return_weights=True)          # few-step adaptation
         actions = c.act(result.policy_id, observations, deterministic=True)
         actions = c.act(result.weights, observations)            # inline weights: any replica
+        c.export(result, "adapted-policy")   # a TensorFlow SavedModel: tf.saved_model.load(...)
 
 Episodes are ``{"observations": [T, obs_dim], "actions": [T, act_dim], "rewards": [T]}`` mappings
 or ``(observations, actions, rewards)`` tuples of arrays; record the *raw* (unclipped) actions
@@ -20,7 +21,14 @@ request ``field`` it concerns and what was ``expected``.
 from __future__ import annotations
 
 import base64
+import gzip
+import io
 import json
+import os
+import pathlib
+import shutil
+import tarfile
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -142,6 +150,74 @@ def _episode_json(episode: Any, index: int, packed: bool = False) -> dict[str, A
     return {"observations": encode(obs), "actions": encode(act), "rewards": encode(rew)}
 
 
+def _service_error(response: httpx.Response) -> ServiceError:
+    """The :class:`ServiceError` (:class:`ServiceUnavailable` for a 503) of a 4xx/5xx answer."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
+        body = body[0]  # BentoML wraps some framework errors in a list
+    if isinstance(body, dict):
+        error = str(body.get("error") or body.get("detail") or body)
+        field, expected = body.get("field"), body.get("expected")
+    else:
+        error, field, expected = str(body)[:500] or response.reason_phrase, None, None
+    cls = ServiceUnavailable if response.status_code == 503 else ServiceError
+    return cls(response.status_code, error, field, expected, body)
+
+
+def extract_saved_model(
+    archive: bytes, path: str | os.PathLike, max_bytes: int = 1 << 30
+) -> pathlib.Path:
+    """Unpacks a SavedModel ``.tar.gz`` (``POST /export``) into ``path``, a new or empty
+    directory, and returns it.
+
+    Only regular files and directories with relative names inside ``path`` are accepted (no
+    absolute names, ``..``, links or devices), at most ``max_bytes`` in all; the archive is
+    unpacked beside ``path`` and renamed into place, so a refused archive leaves nothing behind.
+
+    Raises:
+        FileExistsError: ``path`` exists and is not an empty directory.
+        ValueError: the archive is not a SavedModel archive or holds a refused member.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            _extract_checked(tar, path, max_bytes)
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile) as err:
+        raise ValueError(f"the export is not a readable .tar.gz archive: {err}") from None
+    return path
+
+
+def _extract_checked(tar: tarfile.TarFile, path: pathlib.Path, max_bytes: int) -> None:
+    members, total = tar.getmembers(), 0
+    for m in members:
+        parts = pathlib.PurePosixPath(m.name).parts
+        if m.name.startswith(("/", "\\")) or ".." in parts or not (m.isfile() or m.isdir()):
+            raise ValueError(
+                f"refused archive member {m.name!r}: only regular files and directories with "
+                "relative names inside the target are extracted"
+            )
+        total += m.size
+    if total > max_bytes:
+        raise ValueError(f"the archive unpacks to {total} bytes, more than {max_bytes}")
+    if "saved_model.pb" not in {m.name for m in members}:
+        raise ValueError("the archive holds no saved_model.pb: not a SavedModel export")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tar.extractall(tmp, members=members, filter="data")  # "data": the same checks again
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class AdaptationClient:
     """Typed calls to the adaptation service.
 
@@ -195,19 +271,7 @@ class AdaptationClient:
         response = self._request(method, path, payload, timeout)
         if response.is_success:
             return response.json()
-        try:
-            body = response.json()
-        except ValueError:
-            body = response.text
-        if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
-            body = body[0]  # BentoML wraps some framework errors in a list
-        if isinstance(body, dict):
-            error = str(body.get("error") or body.get("detail") or body)
-            field, expected = body.get("field"), body.get("expected")
-        else:
-            error, field, expected = str(body)[:500] or response.reason_phrase, None, None
-        cls = ServiceUnavailable if response.status_code == 503 else ServiceError
-        raise cls(response.status_code, error, field, expected, body)
+        raise _service_error(response)
 
     # -- health --------------------------------------------------------------------------------
 
@@ -317,6 +381,30 @@ class AdaptationClient:
         if obs.ndim == 1:
             actions, raw = actions[0], raw[0]
         return ActResult(actions, raw, body["policy_id"], body["deterministic"])
+
+    def export(
+        self,
+        policy: str | AdaptResult,
+        path: str | os.PathLike,
+        timeout: float | None = None,
+    ) -> pathlib.Path:
+        """Downloads ``policy`` as a TensorFlow SavedModel (``POST /export``) and unpacks it into
+        ``path`` (a new or empty directory; :func:`extract_saved_model`). Plain TensorFlow runs
+        it: ``tf.saved_model.load(path).mean_action(observations)`` (docs/export.md).
+
+        Args:
+            policy: ``"meta"``, a policy id, or an :class:`AdaptResult`.
+        """
+        policy_id = policy.policy_id if isinstance(policy, AdaptResult) else policy
+        response = self._request("POST", "/export", {"policy_id": policy_id}, timeout)
+        if not response.is_success:
+            raise _service_error(response)
+        content_type = response.headers.get("content-type", "")
+        if not content_type.startswith("application/gzip"):
+            raise ServiceError(
+                response.status_code, f"/export answered {content_type!r}, not application/gzip"
+            )
+        return extract_saved_model(response.content, path)
 
     def act(
         self,

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from metarl_tf.bundle import Bundle
+from metarl_tf.bundle import AdaptedPolicy, Bundle
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, weights_to_json
+from metarl_tf.export import saved_model_archive
 from metarl_tf.policy import numpy_forward
 from metarl_tf.rollout import pad_episodes
 from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
@@ -230,7 +231,11 @@ class AdaptationEngine:
                 "rewards and observations of the scale the bundle was trained on",
                 status=422,
             )
-        stored = self.store.add(adapted, parent=parent, steps=steps, depth=depth + steps)
+        stored = self.store.add(
+            adapted, parent=parent, steps=steps, depth=depth + steps,
+            num_episodes=len(episodes), num_transitions=int(sum(len(r) for _, _, r in episodes)),
+            inner_losses=[float(x) for x in losses],
+        )  # fmt: skip
         return AdaptOutcome(
             stored.policy_id,
             parent,
@@ -238,8 +243,29 @@ class AdaptationEngine:
             adapted,
             [float(x) for x in losses],
             len(episodes),
-            int(sum(len(r) for _, _, r in episodes)),
+            stored.extra["num_transitions"],
         )
+
+    def export_archive(self, policy_id: str) -> bytes:
+        """``"meta"`` or a stored policy as a SavedModel ``.tar.gz``
+        (:func:`metarl_tf.export.saved_model_archive`), with the stored policy's provenance;
+        unknown/expired ids raise a 404."""
+        if policy_id == META_ID:
+            return saved_model_archive(self.bundle)
+        stored = self.lookup_stored(policy_id)
+        extra = stored.extra  # what adapt() stored with the weights; -1: a store without it
+        adapted = AdaptedPolicy(
+            bundle=self.bundle,
+            parameters=stored.parameters,
+            parent=stored.parent,
+            steps=stored.steps,
+            depth=extra.get("depth", -1),
+            num_episodes=extra.get("num_episodes", -1),
+            num_transitions=extra.get("num_transitions", -1),
+            inner_losses=extra.get("inner_losses", []),
+            policy_id=policy_id,
+        )
+        return saved_model_archive(adapted)
 
     def numpy_act(
         self,

@@ -128,3 +128,15 @@ class ActResponse(BaseModel):
     )
     policy_id: str | None
     deterministic: bool
+
+
+class ExportRequest(bentoml.IODescriptor):
+    """``POST /export``: a policy as a TensorFlow SavedModel, answered as a ``.tar.gz``
+    (``application/gzip``) whose members are the SavedModel's files (docs/export.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_id: str = Field(
+        min_length=1,
+        description="'meta' (the meta-initialization) or a live policy_id returned by /adapt.",
+    )

@@ -1,6 +1,7 @@
 """The adaptation service: BentoML 1.4, ``bentoml serve serving.service:AdaptationService``.
 
-Endpoints (all ``POST``, JSON): ``/adapt``, ``/act``, ``/metadata``; BentoML adds ``/livez``,
+Endpoints (all ``POST``, JSON): ``/adapt``, ``/act``, ``/metadata``, and ``/export`` (a policy as a
+TensorFlow SavedModel in a ``.tar.gz``); BentoML adds ``/livez``,
 ``/readyz``, ``/metrics`` and the OpenAPI document (``/docs.json``). The HTTP contract is in
 DESIGN.md ("The HTTP contract") and the README.
 
@@ -20,13 +21,15 @@ import json
 import logging
 import os
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import anyio
 import bentoml
-from starlette.responses import JSONResponse
+from bentoml.validators import ContentType
+from starlette.responses import JSONResponse, Response
 
-from serving.schemas import ActRequest, ActResponse, AdaptRequest, AdaptResponse
+from serving.schemas import ActRequest, ActResponse, AdaptRequest, AdaptResponse, ExportRequest
 from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
 from serving.validation import RequestError, check_episodes, check_observations, check_steps
 
@@ -43,7 +46,7 @@ if not (SETTINGS.bundle / "meta.json").is_file():
 _reason = unsupported_bundle_reason(json.loads((SETTINGS.bundle / "meta.json").read_text()))
 if _reason:
     raise SettingsError(f"METARL_BUNDLE={str(SETTINGS.bundle)!r}: {_reason}")
-API_PATHS = ("/adapt", "/act", "/metadata")
+API_PATHS = ("/adapt", "/act", "/metadata", "/export")
 # Above this many observations, /act computes in a worker thread instead of on the event loop.
 THREAD_ACT_ROWS = 256
 
@@ -303,6 +306,20 @@ class AdaptationService:
             raw_actions=raw.tolist(),
             policy_id=policy_id,
             deterministic=deterministic,
+        )
+
+    @bentoml.api(route="/export", input_spec=ExportRequest)
+    def export(self, policy_id: str) -> Annotated[Path, ContentType("application/gzip")]:
+        """``"meta"`` or an adapted policy as a TensorFlow SavedModel: a ``.tar.gz`` whose
+        members are the SavedModel's files (``mkdir m && tar -xzf policy.tar.gz -C m``)."""
+        try:
+            archive = self.engine.export_archive(policy_id)
+        except RequestError as err:
+            return error_response(err)
+        return Response(
+            archive,
+            media_type="application/gzip",
+            headers={"Content-Disposition": f'attachment; filename="{policy_id}.tar.gz"'},
         )
 
     @bentoml.api(route="/metadata")
