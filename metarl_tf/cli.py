@@ -204,7 +204,11 @@ def _add_export_savedmodel(sub) -> None:
         "optionally lengths [E] (metarl_tf.rollout.save_episodes writes one)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, help="inner steps with --adapt-on (default: the bundle's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an OUT this command wrote (anything else is refused)",
+    )
 
 
 def _add_plot_training(sub) -> None:

@@ -17,9 +17,12 @@ also turns away bodies over ``METARL_MAX_BODY_BYTES`` (413) before they are read
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +32,7 @@ import bentoml
 from bentoml.validators import ContentType
 from starlette.responses import JSONResponse, Response
 
+from metarl_tf.bundle_schema import BundleError, validate_bundle
 from serving.schemas import ActRequest, ActResponse, AdaptRequest, AdaptResponse, ExportRequest
 from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
 from serving.validation import RequestError, check_episodes, check_observations, check_steps
@@ -36,16 +40,34 @@ from serving.validation import RequestError, check_episodes, check_observations,
 logger = logging.getLogger("metarl_tf.serving")
 
 SETTINGS = ServiceSettings.from_env()
-# Fail at import (so `bentoml serve` exits with the reason) rather than in a worker that BentoML
-# would restart forever; the full check (checksums, shapes) runs when the worker loads it.
-if not (SETTINGS.bundle / "meta.json").is_file():
-    raise SettingsError(
-        f"METARL_BUNDLE={str(SETTINGS.bundle)!r} is not a bundle directory (no meta.json); "
-        "train one (python -m metarl_tf train --preset nav2d) or point METARL_BUNDLE at one"
-    )
-_reason = unsupported_bundle_reason(json.loads((SETTINGS.bundle / "meta.json").read_text()))
-if _reason:
-    raise SettingsError(f"METARL_BUNDLE={str(SETTINGS.bundle)!r}: {_reason}")
+
+
+def check_bundle_at_startup(path: Path) -> dict[str, Any]:
+    """The bundle's validated ``meta.json`` (:func:`metarl_tf.bundle_schema.validate_bundle`:
+    schema, ranges, files confined to the bundle, checksums; no TensorFlow), or ``SettingsError``
+    saying why the service cannot serve it."""
+    if not (path / "meta.json").is_file():
+        raise SettingsError(
+            f"METARL_BUNDLE={str(path)!r} is not a bundle directory (no meta.json); "
+            "train one (python -m metarl_tf train --preset nav2d) or point METARL_BUNDLE at one"
+        )
+    try:
+        meta = validate_bundle(path)
+    except (BundleError, OSError) as err:
+        raise SettingsError(f"METARL_BUNDLE={str(path)!r}: {err}") from None
+    reason = unsupported_bundle_reason(meta)
+    if reason:
+        raise SettingsError(f"METARL_BUNDLE={str(path)!r}: {reason}")
+    return meta
+
+
+# Checked at import, in `bentoml serve`'s own process before it starts any worker: a bundle the
+# service cannot serve stops the server at once with one line (exit status 1), instead of workers
+# that BentoML would restart forever. Each worker then loads it fully (load_bundle).
+try:
+    check_bundle_at_startup(SETTINGS.bundle)
+except SettingsError as _err:
+    raise SystemExit(f"error: {_err}") from None
 API_PATHS = ("/adapt", "/act", "/metadata", "/export")
 # Above this many observations, /act computes in a worker thread instead of on the event loop.
 THREAD_ACT_ROWS = 256
@@ -172,6 +194,27 @@ class RequestGuard:
         await self.app(scope, receive, reshaping_send)
 
 
+def _stop_server(message: str) -> None:
+    """Ends the whole server from a worker that cannot load the bundle, which BentoML would
+    otherwise restart forever: the reason to stderr, :data:`STOP_SIGNAL` to the server process
+    (the worker's parent; its handler below stops it with exit status 1), then this worker."""
+    print(message, file=sys.stderr, flush=True)
+    os.kill(os.getppid(), STOP_SIGNAL)
+    os._exit(1)
+
+
+def _exit_with_failure_at_shutdown(signum, frame) -> None:
+    """In the server process: a worker refused the bundle. Stop (SIGTERM: BentoML's graceful
+    shutdown of every worker) and exit with status 1 instead of 0."""
+    atexit.register(os._exit, 1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+STOP_SIGNAL = signal.SIGUSR2  # not one of those BentoML's process manager (circus) handles
+if threading.current_thread() is threading.main_thread():
+    signal.signal(STOP_SIGNAL, _exit_with_failure_at_shutdown)
+
+
 def error_response(error: RequestError) -> JSONResponse:
     headers = {"Retry-After": "1"} if error.status == 503 else None
     return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
@@ -199,7 +242,10 @@ class AdaptationService:
             tf.config.threading.set_inter_op_parallelism_threads(SETTINGS.tf_threads)
         except RuntimeError:
             logger.warning("TensorFlow already initialized; METARL_TF_THREADS not applied")
-        bundle = load_bundle(self.settings.bundle)  # BundleError says what is wrong
+        try:
+            bundle = load_bundle(self.settings.bundle)
+        except BundleError as err:  # what only the task distribution can check (action bounds)
+            _stop_server(f"error: METARL_BUNDLE={str(self.settings.bundle)!r}: {err}")
         self.engine = AdaptationEngine(bundle, self.settings)
         self.warmup_error: str | None = None
         logger.info("loaded bundle %s; warming up %s", bundle.path, self.engine.buckets)

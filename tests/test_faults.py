@@ -6,10 +6,12 @@ exactly, every refusal is one line naming the path, and the exit code says what 
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from metarl_tf.bundle import BundleError, load_bundle
 from metarl_tf.bundle_schema import sha256_of
 from metarl_tf.checkpoint import read_checkpoint
 from metarl_tf.cli import main
+from serving.launch import SERVICE_TARGET, free_port
 
 TESTS = Path(__file__).resolve().parent
 # an older bundle at --out, for the moments of the swap that replaces it
@@ -275,6 +278,21 @@ def test_out_refuses_a_directory_or_file_that_is_not_a_bundle(command, tmp_path,
         assert err.startswith(f"error: refusing to write a bundle to {str(target)!r}")
     assert _user_files(tmp_path) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_savedmodel_overwrite_refuses_what_it_did_not_write(reference, tmp_path, capsys):
+    mydata = tmp_path / "mydata"
+    mydata.mkdir()
+    (mydata / "saved_model.pb").write_text("someone else's model")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    before = _user_files(tmp_path)
+    for target in (mydata, a_file):
+        args = ["export-savedmodel", str(reference["out"]), str(target), "--overwrite"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: refusing to overwrite {target}")
+    assert _user_files(tmp_path) == before
 
 
 def _refuse_writes_under(monkeypatch, directory, code=errno.EROFS):
@@ -584,3 +602,51 @@ def test_damaged_and_hostile_bundles_are_refused_with_one_line(case, reference, 
     assert main(["evaluate", str(path), "--tasks", "2", "--episodes", "1", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+# -- the service on a bundle it must refuse --------------------------------------------------
+
+
+def _serve(bundle, timeout=90):
+    """``bentoml serve`` on ``bundle``: ``(exit status, seconds, output)``; fails the test if
+    the server is still running after ``timeout`` seconds (a restart loop)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--port", str(free_port())],
+        cwd=TESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "METARL_BUNDLE": str(bundle), "BENTOML_DO_NOT_TRACK": "True"},
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the service still ran after {timeout} s:\n{output[-3000:]}")
+    return proc.returncode, time.monotonic() - start, output
+
+
+SERVICE_CASES = {
+    "policy-byte-flip": HOSTILE["policy-byte-flip"],
+    "files-as-a-list": HOSTILE["files-as-a-list"],
+    "dot-dot-path": HOSTILE["dot-dot-path"],
+    "meta-2mb": HOSTILE["meta-2mb"],
+    # only the task distribution knows its bounds: refused by the worker, which stops the server
+    "action-bound-100": HOSTILE["action-bound-100"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(SERVICE_CASES))
+def test_the_service_exits_with_one_line_on_a_bundle_it_must_refuse(case, tmp_path):
+    path = tmp_path / "bundle"
+    shutil.copytree(TESTS.parent / "saved_models" / "nav2d-maml", path)
+    damage, message = SERVICE_CASES[case]
+    damage(path)
+    code, _, output = _serve(path)
+    assert code == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output[-3000:]
+    assert errors[0].startswith(f"error: METARL_BUNDLE={str(path)!r}: ")
+    assert re.search(message, errors[0]), errors[0]
+    assert "Traceback" not in output
