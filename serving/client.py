@@ -409,7 +409,7 @@ class AdaptationClient:
     ) -> pathlib.Path:
         """Downloads ``policy`` as a TensorFlow SavedModel (``POST /export``) and unpacks it into
         ``path`` (a new or empty directory; :func:`extract_saved_model`). Plain TensorFlow runs
-        it: ``tf.saved_model.load(path).mean_action(observations)`` (docs/export.md).
+        it: ``tf.saved_model.load(path).mean_action(observations)`` (docs/serving.md).
 
         Args:
             policy: ``"meta"``, a policy id, or an :class:`AdaptResult`.

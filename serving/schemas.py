@@ -137,7 +137,7 @@ class ActResponse(BaseModel):
 
 class ExportRequest(bentoml.IODescriptor):
     """``POST /export``: a policy as a TensorFlow SavedModel, answered as a ``.tar.gz``
-    (``application/gzip``) whose members are the SavedModel's files (docs/export.md)."""
+    (``application/gzip``) whose members are the SavedModel's files (docs/serving.md)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
