@@ -2,6 +2,7 @@
 and says what to do (it serves continuous-action bundles only)."""
 
 import pytest
+from numerics import assert_close
 
 from metarl_tf.bundle import load_bundle, save_bundle
 from metarl_tf.envs import BernoulliBandit
@@ -90,7 +91,7 @@ def test_adapting_a_stored_policy_continues_its_chain(tmp_path, make_policy):
     batch = pad_episodes(episodes, length=engine.max_episode_length, num_episodes=4)
     expected = bundle.make_adapter()(bundle.policy.parameters, batch, 2)[0]
     for got, e in zip(second.parameters, expected, strict=True):
-        np.testing.assert_allclose(got, e.numpy()[0], rtol=1e-5, atol=1e-6)
+        assert_close(got, e.numpy()[0], ulps=8)
     with pytest.raises(RequestError, match="steps 1, collect episodes with the returned") as err:
         engine.adapt(episodes, 2)
     assert err.value.status == 422 and err.value.field == "steps"
