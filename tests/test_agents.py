@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from numerics import assert_close, assert_exact, assert_not_close
+from numerics import assert_close, assert_exact, assert_not_close, assert_within
 from tf_agents.drivers import dynamic_episode_driver
 from tf_agents.environments import batched_py_environment, tf_py_environment
 from tf_agents.policies import greedy_policy
@@ -160,7 +160,7 @@ def test_driver_returns_match_our_evaluation(nav):
     se = np.sqrt(
         driver_returns.var(ddof=1) / len(driver_returns) + sampler_returns.var(ddof=1) / 48
     )
-    assert abs(diff) < 4 * se, (driver_returns.mean(), sampler_returns.mean(), se)
+    assert_within(diff, 0.0, atol=4 * se, why="4 standard errors of a difference of means")
 
 
 @pytest.mark.parametrize("name", ["nav", "bandit"])
@@ -270,7 +270,7 @@ def test_shipped_bundle_in_a_driver_matches_our_evaluation():
     se = np.sqrt(
         driver_returns.var(ddof=1) / len(driver_returns) + sampler_returns.var(ddof=1) / 24
     )
-    assert abs(diff) < 4 * se, (driver_returns.mean(), sampler_returns.mean(), se)
+    assert_within(diff, 0.0, atol=4 * se, why="4 standard errors of a difference of means")
 
 
 @pytest.mark.slow

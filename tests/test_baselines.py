@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from numerics import assert_close, assert_exact
+from numerics import assert_close, assert_exact, assert_within
 
 from metarl_tf.baselines import (
     RANDOM_INIT_SALT,
@@ -76,7 +76,8 @@ def test_random_parameters_are_seeded_glorot_uniform(make_policy):
             limit = math.sqrt(6 / (shape[0] + shape[1]))
             assert np.abs(value).max() <= limit
             assert np.abs(value).max() > 0.8 * limit  # spread over the whole range
-            assert abs(np.var(value) - limit**2 / 3) < 0.35 * limit**2 / 3  # U(-l, l) variance
+            why = "the variance of U(-l, l) from a few dozen draws"
+            assert_within(np.var(value), limit**2 / 3, atol=0.35 * limit**2 / 3, why=why)
         elif name == "log_std":
             assert_close(value, -1.2, ulps=1)
         else:

@@ -99,7 +99,7 @@ def test_goals_are_uniform_in_the_square():
     for sx in (-1, 1):
         for sy in (-1, 1):
             frac = np.mean((np.sign(goals[:, 0]) == sx) & (np.sign(goals[:, 1]) == sy))
-            assert abs(frac - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 4000)
+            assert_within(frac, 0.25, atol=5 * np.sqrt(0.25 * 0.75 / 4000), why="5σ of a fraction")
     # the corners are reached, not just the middle
     assert goals.min() < -0.49 and goals.max() > 0.49
 

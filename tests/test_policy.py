@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from numerics import assert_close, assert_exact
+from numerics import assert_close, assert_exact, assert_within
 
 from metarl_tf.policy import (
     GaussianMLPPolicy,
@@ -163,7 +163,8 @@ def test_gaussian_kl_matches_closed_form_and_monte_carlo(run_mode):
         return np.sum(-0.5 * ((x - m) / np.exp(ls)) ** 2 - ls - 0.5 * np.log(2 * np.pi), axis=1)
 
     samples = log_density(mp[0], lp[0]) - log_density(mq[0], lq[0])
-    assert abs(samples.mean() - got[0]) < 5 * samples.std() / np.sqrt(n)
+    atol = 5 * samples.std() / np.sqrt(n)
+    assert_within(samples.mean(), got[0], atol=atol, why="5 standard errors of a Monte Carlo mean")
 
 
 def test_gaussian_kl_is_zero_for_identical_distributions():
@@ -181,7 +182,10 @@ def test_gaussian_entropy_matches_closed_form_and_monte_carlo():
     x = np.exp(log_std[0]) * rng.standard_normal((n, 2))
     neg_log_p = -gaussian_log_prob(tf.zeros((n, 2), tf.float64), tf.constant(log_std[0]), x)
     neg_log_p = neg_log_p.numpy()
-    assert abs(neg_log_p.mean() - got[0]) < 5 * neg_log_p.std() / math.sqrt(n)
+    atol = 5 * neg_log_p.std() / math.sqrt(n)
+    assert_within(
+        neg_log_p.mean(), got[0], atol=atol, why="5 standard errors of a Monte Carlo mean"
+    )
 
 
 def test_parameter_order_names_and_shapes(make_policy):
