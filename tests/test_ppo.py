@@ -181,7 +181,7 @@ def test_ppo_step_improves_the_surrogate(toy, steps, meta_sgd):
     new_logp = numpy_log_prob(policy, new_params, outer)
     before = numpy_clipped_loss(old_logp, old_logp, adv, mask, clip)
     after = numpy_clipped_loss(new_logp, old_logp, adv, mask, clip)
-    assert_close(stats["loss_before"], before, ulps=16, scale=1.0, dtype=np.float32)
+    assert_close(stats["loss_before"], before, ulps=32, scale=1.0, dtype=np.float32)
     assert_close(stats["loss_after"], after, ulps=16, scale=1.0, dtype=np.float32)
     assert after < before - 1e-3
     kl = numpy_mean_kl(policy, old_params, new_params, outer)

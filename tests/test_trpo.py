@@ -150,9 +150,10 @@ def test_gauss_newton_product_equals_exact_kl_hessian_through_adaptation(
         grad = inner_tape.gradient(kl, variables)
         grad_dot_v = tf.add_n([tf.reduce_sum(g * x) for g, x in zip(grad, v, strict=True)])
     expected = outer_tape.gradient(grad_dot_v, variables)
-    # at θ_old the KL and its gradient vanish: what remains is rounding of O(1) terms
-    assert_close(kl, 0.0, ulps=64, scale=1.0)  # ULPS? abs 1e-10
-    assert_close(grad, [tf.zeros_like(g) for g in grad], ulps=64, scale=1.0)  # ULPS? abs 1e-5
+    # at θ_old the KL and its gradient vanish: what remains is rounding of O(1) terms, summed
+    # over every step of the batch for the gradient
+    assert_close(kl, 0.0, ulps=8, scale=1.0)
+    assert_close(grad, [tf.zeros_like(g) for g in grad], ulps=256, scale=1.0)
 
     if analytic:
         hessians = [InnerLossHessian(p, inner, inner_adv, "tanh") for p, _ in result.trace]
@@ -169,7 +170,7 @@ def test_gauss_newton_product_equals_exact_kl_hessian_through_adaptation(
         policy, result, sizes, inner, inner_adv, fisher(u), meta_sgd, False, hessians
     )
     got = h_theta + (h_alpha or [])
-    assert_close(got, expected, ulps=1024)  # ULPS? norm-rtol=1e-4
+    assert_close(got, expected, ulps=32)
     flat_got = np.concatenate([g.numpy().ravel() for g in got])
     # and it is positive semi-definite along v (a Fisher): vᵀ H v >= 0
     assert float(flat_got @ np.concatenate([x.numpy().ravel() for x in v])) >= 0
