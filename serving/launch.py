@@ -42,6 +42,8 @@ class ServiceProcess:
         log_path: where the server's output goes (default: a temporary file, deleted by
             :meth:`stop` unless start-up failed).
         ready_timeout: seconds to wait for ``/readyz``.
+        command: run this instead of ``bentoml serve`` (e.g. the server inside a container);
+            it must listen on ``host:port``.
     """
 
     def __init__(
@@ -52,7 +54,9 @@ class ServiceProcess:
         log_path: str | os.PathLike | None = None,
         ready_timeout: float = 240.0,
         host: str = "127.0.0.1",
+        command: list[str] | None = None,
     ):
+        self.command = command
         self.host, self.port = host, port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.env = {**os.environ, **(env or {})}
@@ -73,7 +77,7 @@ class ServiceProcess:
         """Starts the server and blocks until ``/readyz`` is 200 (raises if it dies or times
         out, with the end of its log). Records ``(seconds, /livez status, /readyz status)``
         probes in :attr:`startup_probes`."""
-        cmd = [
+        cmd = self.command or [
             sys.executable,
             "-m",
             "bentoml",
