@@ -61,7 +61,7 @@ image: venv  ## the Dockerfile built with buildah (chroot isolation) on the debo
 	$(PY) scripts/image.py build
 
 image-test: image  ## run the service in the image; from the host: /readyz, /adapt + /act, with and without a token
-	$(PY) scripts/image.py test --json bench/results/image.json
+	$(PY) scripts/image.py test
 
 fuzz: venv  ## schemathesis against a live service (~2 min); fails on any 5xx or schema violation
 	$(PY) scripts/fuzz.py

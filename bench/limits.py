@@ -75,9 +75,7 @@ def measure(url: str, token: str | None, size_mb: int) -> dict:
             "peak": peak.peak and round(peak.peak / MB, 1),
             "after": after and round(after / MB, 1),
         },
-        "rss_growth_mb": (
-            round((max(peak.peak, after or 0) - before) / MB, 1) if before else None
-        ),
+        "rss_growth_mb": (round((max(peak.peak, after or 0) - before) / MB, 1) if before else None),
     }
     part = b'{"observations": [[0.1, '
     for chunked in (True, False):

@@ -23,6 +23,7 @@ are not comparable (the load average is recorded).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -69,10 +70,8 @@ def server_rss(url: str) -> int | None:
             continue
     total = 0
     for p in procs.values():
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 

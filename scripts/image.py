@@ -3,7 +3,8 @@
     python scripts/image.py base    # Debian bookworm base from debootstrap -> localhost/debian-min:bookworm
     python scripts/image.py build   # the Dockerfile on that base -> localhost/metarl-adaptation:dev
     python scripts/image.py test    # run the service inside; from the host: /readyz, /adapt + /act
-                                    # with and without a token -> bench/results/image.json
+                                    # with and without a token
+Each step merges its figures (time, size, the round trip) into bench/results/image.json.
 
 ``make image-base``, ``make image`` and ``make image-test`` run these. Where a registry is reachable
 and a Docker engine runs, ``docker build -t metarl-adaptation .`` builds the same Dockerfile on
@@ -36,6 +37,18 @@ BASE_IMAGE = "localhost/debian-min:bookworm"
 IMAGE = "localhost/metarl-adaptation:dev"
 ROOTFS = Path("/var/tmp/metarl-debian-rootfs")
 MIRROR = "http://deb.debian.org/debian"
+
+
+def record(path: str | None, key: str, info: dict) -> None:
+    """Merges ``{key: info}`` into the JSON file at ``path`` (base, build and test results)."""
+    if not path:
+        return
+    target = Path(path)
+    data = json.loads(target.read_text()) if target.is_file() else {}
+    data[key] = info
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -82,6 +95,7 @@ def cmd_base(args) -> dict:
         "bytes": image_size(args.base),
     }
     print(json.dumps(info))
+    record(args.json, "base", info)
     return info
 
 
@@ -89,7 +103,8 @@ def cmd_build(args) -> dict:
     need("buildah", "podman")
     if args.base != "python:3.11-slim" and not image_exists(args.base):
         sys.exit(f"error: no base image {args.base}; make it first: make image-base")
-    cmd = ["buildah", "bud", "--isolation", "chroot", "--layers", "-t", args.image]
+    cmd = ["buildah", "bud", "--isolation", "chroot", "--format", "docker", "--layers"]
+    cmd += ["-t", args.image]
     cmd += ["--build-arg", f"BASE={args.base}", "-f", "Dockerfile"]
     ca = args.ca or os.environ.get("SSL_CERT_FILE")
     if ca:
@@ -103,6 +118,7 @@ def cmd_build(args) -> dict:
         "bytes": image_size(args.image),
     }
     print(json.dumps(info))
+    record(args.json, "build", info)
     return info
 
 
@@ -189,14 +205,13 @@ def cmd_test(args) -> dict:
         print(json.dumps(run_info), flush=True)
         results["runs"].append(run_info)
     ok = all(
-        r["readyz"] == 200 and r["api_token"] == r["token"] and r.get("act_without_token", 401) == 401
+        r["readyz"] == 200
+        and r["api_token"] == r["token"]
+        and r.get("act_without_token", 401) == 401
         for r in results["runs"]
     )
     results["ok"] = ok
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    record(args.json, "test", results)
     if not ok:
         sys.exit("error: the image's round trip failed (see above)")
     return results
@@ -210,7 +225,11 @@ def main(argv=None) -> None:
     p.add_argument("--rootfs", type=Path, default=ROOTFS, help="debootstrap directory (base)")
     p.add_argument("--mirror", default=MIRROR, help="Debian mirror (base)")
     p.add_argument("--ca", help="CA bundle for pip in the build (default: $SSL_CERT_FILE)")
-    p.add_argument("--json", help="write the test's results here (test)")
+    p.add_argument(
+        "--json",
+        default=str(REPO_ROOT / "bench" / "results" / "image.json"),
+        help="merge the results into this JSON file ('' for none)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("error: buildah/debootstrap need root here (run as root)")
