@@ -127,10 +127,28 @@ def _add_train(sub) -> None:
     p.add_argument("--meta-batch-size", type=int, help="tasks per meta-iteration (overrides)")
     p.add_argument("--episodes-per-task", type=int, help="episodes per task (overrides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    _add_backend_options(p, default=None)
     p.add_argument(
         "--select", choices=["last", "best"], default="last",
         help="bundle from the last iteration, or from the iteration with the best 10-iteration moving "
         "average of the *training* post-adaptation return (kept in RUN_DIR/best)",
+    )  # fmt: skip
+
+
+def _add_backend_options(p, default) -> None:
+    """--backend, --ray-address, --num-env-workers (train: defaults from the preset)."""
+    p.add_argument(
+        "--backend", choices=["local", "ray"], default=default,
+        help="where the environments step: local (this process) or ray (Ray actors; same batches)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ray-address", default=None,
+        help="with --backend ray: 'auto' or 'ray://host:port' joins a cluster (default: start Ray "
+        "on this machine with all its cores)",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-env-workers", type=int, default=None,
+        help="with --backend ray: actors stepping environments (default: one per CPU of the cluster)",
     )  # fmt: skip
 
 
@@ -167,6 +185,7 @@ def _add_evaluate(sub) -> None:
     )  # fmt: skip
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write PNG plots with this path prefix (curve, trajectories)")
+    _add_backend_options(p, default="local")
 
 
 def _add_export(sub) -> None:
@@ -256,6 +275,9 @@ def _train_config(args):
         "log_std_shift": args.log_std_shift,
     }  # fmt: skip
     overrides["meta_batch_size"] = args.meta_batch_size
+    overrides["backend"] = args.backend
+    overrides["ray_address"] = args.ray_address
+    overrides["num_env_workers"] = args.num_env_workers
     overrides["episodes_per_task"] = args.episodes_per_task
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -403,6 +425,7 @@ def cmd_evaluate(args) -> int:
         plot_method_trajectories,
         plot_trajectories,
     )  # fmt: skip
+    from metarl_tf.rollout import make_backend
 
     if args.tasks < 2 or args.episodes < 1 or args.steps < 0:
         print("error: need --tasks >= 2, --episodes >= 1, --steps >= 0", file=sys.stderr)
@@ -424,10 +447,12 @@ def cmd_evaluate(args) -> int:
                 f"--baseline-step-size takes 'grid' or a number, got {args.baseline_step_size!r}"
             ) from None
     bundle = load_bundle(args.bundle)
+    backend = make_backend(args.backend, args.ray_address, args.num_env_workers or 0)
     t0 = time.perf_counter()
     result = evaluate(
         bundle, args.tasks, args.episodes, args.steps, seeds=seeds, baselines=baselines,
         pretrained=args.pretrained, oracle=args.oracle, baseline_step_size=step_size,
+        backend=backend,
     )  # fmt: skip
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {','.join(map(str, seeds))}"
     print(f"{bundle.name}: {args.tasks} fresh tasks, {args.episodes} episodes per step, {seed_text} "
@@ -593,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
                     "plot-training": cmd_plot_training, "scratch-ppo": cmd_scratch_ppo}  # fmt: skip
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # user errors: say what is wrong, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ImportError, ConnectionError) as err:  # --backend ray: Ray missing or unreachable
+        if isinstance(err, ImportError) and err.name != "ray":
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

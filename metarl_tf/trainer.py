@@ -23,7 +23,7 @@ from metarl_tf.envs import make_task_distribution
 from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
 from metarl_tf.policy import make_policy
-from metarl_tf.rollout import EpisodeBatch, Sampler
+from metarl_tf.rollout import EpisodeBatch, Sampler, make_backend
 
 # XLA (jit_compile) helps Eigen's kernels but runs slower than TensorFlow's oneDNN kernels for this
 # step (bench/train_speed.py: 3.1 s vs 1.7 s per nav2d iteration); METARL_JIT=1 opts in.
@@ -31,7 +31,7 @@ _JIT = os.environ.get("METARL_JIT", "0") == "1"
 CHECKPOINT_ARRAYS = "state.npz"
 CHECKPOINT_STATE = "state.json"
 # Fields a run may change when it continues: on --resume of its checkpoint ...
-RUN_FIELDS = ("iterations", "checkpoint_every")
+RUN_FIELDS = ("iterations", "checkpoint_every", "backend", "ray_address", "num_env_workers")
 # ... and from a bundle (train --init-from): sampling and outer-step settings, and the number of
 # inner steps trained for and the objective over them (e.g. continue a 1-step meta-init with a
 # 2-step objective), not the task distribution, the policy or the inner step rule.
@@ -114,7 +114,8 @@ class MetaTrainer:
                 raise ValueError("log_std_shift needs a Gaussian policy (continuous actions)")
             shape = self.policy.parameter_shapes[-1]
             self.log_std_shift = tf.Variable(tf.zeros(shape), name="log_std_shift")
-        self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task)
+        backend = make_backend(c.backend, c.ray_address, c.num_env_workers)
+        self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task, backend)
         self.adapter = Adapter(
             self.policy, self.step_sizes, c.gamma, c.gae_lambda, c.baseline, self.log_std_shift
         )
@@ -232,6 +233,7 @@ class MetaTrainer:
         c = self.config
         task_seed, inner_seed, outer_seed = self._seeds(self.iteration)
         inner_seeds = self._inner_seeds(self.iteration, inner_seed)
+        retries = self.sampler.retries
         t0 = time.perf_counter()
         tasks = self.dist.sample_tasks(c.meta_batch_size, task_seed)
         batch, info = self.sample_meta_batch(tasks, inner_seeds, outer_seed)
@@ -259,6 +261,7 @@ class MetaTrainer:
             "time/iteration_s": t4 - t0,
             "time/elapsed_s": self.elapsed,
             "charts/env_steps": float(sum(b.num_steps for b in [*inner_np, outer_np])),
+            "charts/sampling_retries": float(self.sampler.retries - retries),
             "charts/peak_rss_mb": peak_rss_mb(),
         }
         if c.meta_sgd:
