@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +64,12 @@ class ServiceProcess:
         if bundle is not None:
             self.env["METARL_BUNDLE"] = str(bundle)
         self.env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+        # A BentoML home of its own: `bentoml serve` empties its home's Prometheus directory at
+        # start, and every server on the machine would otherwise count into the same files.
+        self._own_home = None
+        if (env or {}).get("BENTOML_HOME") is None:
+            self._own_home = tempfile.mkdtemp(prefix="metarl-bentoml-home-")
+            self.env["BENTOML_HOME"] = self._own_home
         self.ready_timeout = ready_timeout
         self._own_log = log_path is None
         if log_path is None:
@@ -200,6 +207,8 @@ class ServiceProcess:
         self._remove_own_log()
 
     def _remove_own_log(self) -> None:
+        if self._own_home is not None:
+            shutil.rmtree(self._own_home, ignore_errors=True)
         if self._own_log and not self._failed:
             self.log_path.unlink(missing_ok=True)
 
