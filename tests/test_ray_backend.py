@@ -8,11 +8,11 @@ import signal
 
 import numpy as np
 import pytest
+from numerics import assert_exact
 
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.policy import make_policy
 from metarl_tf.rollout import Sampler, make_backend
-from tests.numerics import assert_exact
 
 ray = pytest.importorskip("ray", reason='the ray extra: pip install -e ".[ray]"')
 pytestmark = pytest.mark.slow  # Ray starts in seconds; the module takes about a minute

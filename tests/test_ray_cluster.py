@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.numerics import assert_exact
+from numerics import assert_exact
 
 pytest.importorskip("ray", reason='the ray extra: pip install -e ".[ray]"')
 pytestmark = pytest.mark.slow

@@ -4,13 +4,13 @@ sampler sample the batch again, up to ``max_retries`` times."""
 
 import numpy as np
 import pytest
+from numerics import assert_exact
 
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.envs.base import RecoverableSamplingError
 from metarl_tf.envs.ray_backend import EnvWorker
 from metarl_tf.policy import make_policy
 from metarl_tf.rollout import LocalBackend, Sampler, make_backend
-from tests.numerics import assert_exact
 
 
 @pytest.mark.parametrize(
