@@ -43,7 +43,7 @@ def schemathesis(url: str, token: str | None, max_time: int, workers: int, seed:
         exe, "--config-file", str(CONFIG), "--no-color", "run", f"{url}/docs.json",
         "--max-time", str(max_time), "--workers", str(workers), "--seed", str(seed),
         "--continue-on-failure", "--report", "ndjson", "--report-dir", str(report),
-        "--suppress-health-check", "too_slow,filter_too_much",
+        "--suppress-health-check", "too_slow,filter_too_much", "--generation-database", "none",
     ]  # fmt: skip
     env = {**os.environ, "METARL_FUZZ_AUTH": f"Bearer {token}" if token else ""}
     print("+", " ".join(cmd), flush=True)
