@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -299,6 +301,10 @@ def _train_config(args):
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _exit_at_once(signum, frame) -> None:
+    os._exit(128 + signum)
+
+
 def cmd_train(args) -> int:
     from metarl_tf.pretrain import default_bundle_path
     from metarl_tf.training import fit
@@ -502,6 +508,12 @@ def cmd_scratch_ppo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "train":  # the process is this command
+        # Outside fit's loop (its set-up checks, and once it returned with everything written)
+        # nothing is half done: SIGTERM/SIGINT there end the process at once, with status
+        # 128 + the signal's number, as fit does after the iteration under way.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _exit_at_once)
     from metarl_tf.training.run import RunError  # after parsing: --help imports no TensorFlow
 
     try:

@@ -176,9 +176,7 @@ def _restore(trainer: MetaTrainer, run_dir: Path, log: Callable[[str], None]) ->
             trainer.history = rows[-BEST_WINDOW:]
         if trainer.best is None:
             trainer.best = _legacy_best(run_dir / LEGACY_BEST_DIR, rows)
-    except CheckpointError as err:
-        raise RunError(f"--resume: {err}") from None
-    except ValueError as err:  # another configuration, a bad metrics line
+    except ValueError as err:  # CheckpointError, another configuration, a bad metrics line
         raise RunError(f"--resume: {err}") from None
     try:
         write_metrics_rows(metrics_path, rows)
