@@ -110,6 +110,8 @@ class TrainConfig:
     num_env_workers: int = 0
 
     def __post_init__(self):
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.outer not in ("trpo", "adam", "ppo"):
             raise ValueError(f"outer must be 'trpo', 'ppo' or 'adam', got {self.outer!r}")
         if not 0.0 <= self.gae_lambda <= 1.0:

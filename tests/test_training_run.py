@@ -52,6 +52,8 @@ def test_fit_refuses_bad_requests_before_training(tmp_path):
         fit(config, tmp_path / "r", resume=True, log=None)
     with pytest.raises(RunError, match="select must be 'last' or 'best'"):
         fit(config, tmp_path / "r", select="first", log=None)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1, got 0"):
+        config.replace(checkpoint_every=0)
     with pytest.raises(RunError, match="no checkpoint in"):
         export_run(tmp_path / "r", tmp_path / "b")
     assert not (tmp_path / "b").exists()
