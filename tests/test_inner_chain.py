@@ -308,6 +308,9 @@ class CountingSampler:
         self.calls.append(([np.array(p) for p in params], seed))
         return self.sampler.sample(params, tasks, seed)
 
+    def __getattr__(self, name):  # the rest of the sampler's interface (e.g. ``retries``)
+        return getattr(self.sampler, name)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2, 3])
