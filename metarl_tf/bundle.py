@@ -23,16 +23,19 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from metarl_tf.envs import TaskDistribution, make_task_distribution
+from metarl_tf.episodes import pad_episodes
 from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
-from metarl_tf.rollout import pad_episodes
+from metarl_tf.specs import spec_from_json, spec_to_json
+
+if TYPE_CHECKING:  # a bundle builds its task distribution only when asked
+    from metarl_tf.envs import TaskDistribution
 
 FORMAT_VERSION = 1
 # Version 2: the adaptation rule has per-step step sizes (``step_sizes.blocks``) or a log σ shift
@@ -56,14 +59,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _spec_to_json(spec) -> dict[str, Any]:
-    d = {"shape": list(spec.shape), "dtype": spec.dtype.name}
-    if hasattr(spec, "minimum"):
-        d["minimum"] = np.broadcast_to(spec.minimum, spec.shape).tolist()
-        d["maximum"] = np.broadcast_to(spec.maximum, spec.shape).tolist()
-    return d
-
-
 @dataclass
 class Bundle:
     """A loaded bundle.
@@ -75,7 +70,10 @@ class Bundle:
         policy: the Keras policy holding the meta-initialization θ.
         step_sizes: scalar α, or Meta-SGD step sizes (one float32 array per parameter, or per-step
             blocks of them: ``metarl_tf.maml.step_block``).
-        task_distribution: the task distribution it was trained on.
+
+    The specs and the horizon come from ``meta.json``; the task distribution it was trained on
+    is built only when asked (:meth:`make_task_distribution`, :attr:`task_distribution`), so
+    loading a bundle to adapt or act (the service) imports no environment.
     """
 
     path: Path
@@ -83,7 +81,34 @@ class Bundle:
     meta: dict[str, Any]
     policy: GaussianMLPPolicy | CategoricalMLPPolicy
     step_sizes: float | list[np.ndarray]
-    task_distribution: TaskDistribution
+
+    @property
+    def observation_spec(self):
+        """The ``tf.TensorSpec`` of one observation (``meta.json``)."""
+        return spec_from_json(self.meta["observation_spec"], "observation")
+
+    @property
+    def action_spec(self):
+        """The ``BoundedTensorSpec`` of one action (``meta.json``)."""
+        return spec_from_json(self.meta["action_spec"], "action")
+
+    @property
+    def horizon(self) -> int:
+        """The maximum episode length of the task distribution (``meta.json``)."""
+        return _horizon(self.meta)
+
+    def make_task_distribution(self) -> TaskDistribution:
+        """A new instance of the task distribution the bundle was trained on
+        (``meta.json``'s ``task_distribution``): this imports the environments."""
+        from metarl_tf.envs import make_task_distribution
+
+        td = self.meta["task_distribution"]
+        return make_task_distribution(td["name"], **td.get("config", {}))
+
+    @functools.cached_property
+    def task_distribution(self) -> TaskDistribution:
+        """This bundle's :meth:`make_task_distribution`, built on first use."""
+        return self.make_task_distribution()
 
     @property
     def adaptation(self) -> dict[str, Any]:
@@ -292,9 +317,13 @@ def save_bundle(
         "format_version": FORMAT_VERSION_STEP_RULES if step_rules else FORMAT_VERSION,
         "name": path.name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "task_distribution": {"name": task_distribution.name, "config": task_distribution.config()},
-        "observation_spec": _spec_to_json(task_distribution.observation_spec),
-        "action_spec": _spec_to_json(task_distribution.action_spec),
+        "task_distribution": {
+            "name": task_distribution.name,
+            "config": task_distribution.config(),
+            "horizon": int(task_distribution.horizon),
+        },
+        "observation_spec": spec_to_json(task_distribution.observation_spec),
+        "action_spec": spec_to_json(task_distribution.action_spec),
         "policy": {
             "class": type(policy).__name__,
             "config": {
@@ -405,6 +434,22 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                 f"{meta_path}: adaptation.log_std_shift must be a list of {expected} floats for "
                 f"a Gaussian policy's log_std, got {shift!r}"
             )
+    for key in ("observation_spec", "action_spec"):
+        if not isinstance(meta.get(key), dict) or "shape" not in meta[key]:
+            raise BundleError(
+                f"{meta_path}: missing {key} (shape and dtype); the bundle is incomplete"
+            )
+    if _horizon(meta) is None:
+        raise BundleError(
+            f"{meta_path}: task_distribution has no horizon (task_distribution.horizon or "
+            "task_distribution.config.horizon); re-export the bundle"
+        )
+    return Bundle(path, path.name, meta, policy, step_sizes)
+
+
+def _horizon(meta: dict[str, Any]) -> int | None:
+    """The task distribution's horizon recorded in ``meta``: ``task_distribution.horizon``, or
+    its ``config.horizon`` (bundles written before the horizon had its own field)."""
     td = meta["task_distribution"]
-    dist = make_task_distribution(td["name"], **td.get("config", {}))
-    return Bundle(path, path.name, meta, policy, step_sizes, dist)
+    horizon = td.get("horizon", td.get("config", {}).get("horizon"))
+    return None if horizon is None else int(horizon)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-import metarl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import metarl_tf  # noqa: F401  (TensorFlow's environment, before TensorFlow loads)
 
 
 def _list_of(kind, example: str):
@@ -496,8 +496,8 @@ def cmd_export(args) -> int:
 
 def cmd_export_savedmodel(args) -> int:
     from metarl_tf.bundle import load_bundle
+    from metarl_tf.episodes import load_episodes
     from metarl_tf.export import export_saved_model
-    from metarl_tf.rollout import load_episodes
 
     if args.steps is not None and not args.adapt_on:
         print("error: --steps needs --adapt-on", file=sys.stderr)
@@ -541,10 +541,13 @@ def cmd_plot_training(args) -> int:
 
 
 def cmd_scratch_ppo(args) -> int:
+    # first: it sets TF_USE_LEGACY_KERAS for tf-agents before Keras 3 loads (metarl_tf.scratch)
+    from metarl_tf.scratch import PPOConfig, compare_with_bundle, plot_comparison
+
+    # isort: split
     from tqdm import tqdm
 
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.scratch import PPOConfig, compare_with_bundle, plot_comparison
 
     if args.tasks < 1 or args.episodes < 1 or args.steps < 1 or args.env_steps < 1:
         print("error: need --tasks, --episodes, --steps and --env-steps >= 1", file=sys.stderr)

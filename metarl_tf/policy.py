@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from metarl_tf.envs.base import is_discrete_spec
+from metarl_tf.specs import action_spec_problem, is_discrete_spec, num_actions
 
 ACTIVATIONS = {"tanh": tf.tanh, "relu": tf.nn.relu}
 
@@ -445,16 +445,10 @@ def make_policy(
     if len(observation_spec.shape) != 1:
         raise ValueError(f"observation spec must be rank 1 [obs_dim], got {observation_spec.shape}")
     obs_dim = int(observation_spec.shape[0])
+    if problem := action_spec_problem(action_spec):
+        raise ValueError(problem)
     if is_discrete_spec(action_spec):
-        low, high = np.asarray(action_spec.minimum), np.asarray(action_spec.maximum)
-        if tuple(action_spec.shape) != () or low.size != 1 or int(low) != 0:
-            raise ValueError(
-                "a discrete action spec must be BoundedTensorSpec((), int, minimum=0, "
-                f"maximum=k-1), got shape {tuple(action_spec.shape)}, minimum {low.tolist()}"
-            )
-        return CategoricalMLPPolicy(obs_dim, int(high) + 1, hidden_sizes, activation)
-    if len(action_spec.shape) != 1:
-        raise ValueError(f"a continuous action spec must be rank 1, got {action_spec.shape}")
+        return CategoricalMLPPolicy(obs_dim, num_actions(action_spec), hidden_sizes, activation)
     return GaussianMLPPolicy(
         obs_dim, int(action_spec.shape[0]), hidden_sizes, activation, init_log_std
     )

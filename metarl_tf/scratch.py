@@ -8,12 +8,19 @@ the agent sees exactly what an outside user's agent would.
 
     python -m metarl_tf scratch-ppo saved_models/nav2d-maml --tasks 5 --env-steps 200000
 
-TF-Agents builds its networks with legacy ``tf.keras`` (``TF_USE_LEGACY_KERAS=1``, set by
-``metarl_tf/__init__.py``); nothing here touches our Keras 3 policies.
+TF-Agents builds its networks with legacy ``tf.keras`` (tf-keras): ``TF_USE_LEGACY_KERAS=1`` is
+set below, before TensorFlow and tf-agents load. ``import keras`` (Keras 3) resolves ``tf.keras``
+for the process, so import this module before anything that imports Keras 3 (the CLI does).
+Nothing here touches our Keras 3 policies.
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+# isort: split
 from dataclasses import dataclass
 from typing import Any
 

@@ -20,10 +20,11 @@ from metarl_tf.bundle import load_bundle, save_bundle
 from metarl_tf.config import TrainConfig
 from metarl_tf.curvature import analytic_curvature_for
 from metarl_tf.envs import make_task_distribution
+from metarl_tf.episodes import EpisodeBatch
 from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
 from metarl_tf.policy import make_policy
-from metarl_tf.rollout import EpisodeBatch, Sampler
+from metarl_tf.rollout import Sampler
 
 # XLA (jit_compile) helps Eigen's kernels but runs slower than TensorFlow's oneDNN kernels for this
 # step (bench/train_speed.py: 3.1 s vs 1.7 s per nav2d iteration); METARL_JIT=1 opts in.

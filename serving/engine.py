@@ -25,9 +25,9 @@ import tensorflow as tf
 
 from metarl_tf.bundle import AdaptedPolicy, Bundle
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, weights_to_json
+from metarl_tf.episodes import pad_episodes
 from metarl_tf.export import saved_model_archive
 from metarl_tf.policy import numpy_forward
-from metarl_tf.rollout import pad_episodes
 from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
 from serving.store import PolicyNotFound, PolicyStore
 from serving.validation import RequestError
@@ -104,7 +104,7 @@ class AdaptationEngine:
         self.activation = meta["policy"]["config"]["activation"]
         self.parameter_names = list(bundle.policy.parameter_names)
         self.parameter_shapes = [list(s) for s in bundle.policy.parameter_shapes]
-        horizon = int(bundle.task_distribution.horizon)
+        horizon = bundle.horizon
         self.max_episode_length = min(settings.max_episode_length or horizon, horizon)
         # A bundle with a log σ shift (train --log-std-shift) takes one step per batch: its
         # later steps expect episodes of the adapted policy, not of the exploring one.

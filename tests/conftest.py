@@ -6,12 +6,15 @@ loops, numpy, TF-Agents, finite differences, autodiff through the public functio
 calling the function being checked.
 """
 
-import metarl_tf  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-
-# isort: split
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads, just below
+# The tests use tf-agents as a reference (specs, value functions, drivers); it needs the legacy
+# tf.keras, which TensorFlow resolves once, when Keras 3 or tf.keras first loads: set it before
+# anything imports them. The package itself sets it only where it imports tf-agents.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+# isort: split
+import metarl_tf  # noqa: F401  (first: TensorFlow's environment before TensorFlow loads)
 
 # isort: split
 import keras
@@ -19,8 +22,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from metarl_tf.episodes import EpisodeBatch
 from metarl_tf.policy import GaussianMLPPolicy
-from metarl_tf.rollout import EpisodeBatch
 
 
 @pytest.fixture(params=["eager", "function"])

@@ -82,6 +82,22 @@ def test_bundle_adapter_equals_an_adapter_with_the_original_settings(
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
 
 
+def test_specs_and_horizon_come_from_meta_json_and_the_distribution_only_when_asked(saved):
+    """``load_bundle`` builds no task distribution: the specs and the horizon are read from
+    ``meta.json`` and equal the distribution's; ``make_task_distribution`` builds a new one."""
+    path, _, _ = saved["scalar"]
+    bundle = load_bundle(path)
+    assert "task_distribution" not in vars(bundle)  # the cached property was not computed
+    dist = Navigation2D(horizon=7)
+    assert bundle.horizon == 7
+    assert bundle.observation_spec == dist.observation_spec
+    assert bundle.action_spec == dist.action_spec
+    built = bundle.make_task_distribution()
+    assert isinstance(built, Navigation2D) and built is not bundle.make_task_distribution()
+    assert built.config() == dist.config() and built.horizon == 7
+    assert bundle.task_distribution is bundle.task_distribution  # built once when used
+
+
 def test_policy_keras_loads_in_safe_mode(saved):
     path, policy, _ = saved["scalar"]
     model = keras.saving.load_model(path / "policy.keras", safe_mode=True)
@@ -97,6 +113,7 @@ def test_meta_json_describes_the_bundle_and_checksums_every_file(saved):
     assert meta["task_distribution"] == {
         "name": "nav2d",
         "config": {"horizon": 7, "include_goal": False},
+        "horizon": 7,  # the bundle's horizon without building the distribution
     }
     assert meta["observation_spec"]["shape"] == [2]
     assert meta["action_spec"]["minimum"] == pytest.approx([-0.1, -0.1])

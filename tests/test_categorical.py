@@ -18,6 +18,7 @@ from metarl_tf.curvature import (
     analytic_curvature_for,
 )
 from metarl_tf.envs import BernoulliBandit, CartPoleVaried, Navigation2D
+from metarl_tf.episodes import EpisodeBatch
 from metarl_tf.maml import Adapter, adapt, inner_gradients, inner_hvp, policy_gradient_loss
 from metarl_tf.outer import MetaBatch, mean_kl, trpo_meta_step
 from metarl_tf.outer.trpo import fisher_vector_product
@@ -31,7 +32,7 @@ from metarl_tf.policy import (
     numpy_categorical_sample,
     tile_parameters,
 )
-from metarl_tf.rollout import EpisodeBatch, Sampler
+from metarl_tf.rollout import Sampler
 
 
 def make_categorical(hidden=(4,), obs_dim=3, k=4, seed=0, activation="tanh"):

@@ -136,7 +136,7 @@ def nav_episodes(n: int, seed: int, goal=(0.3, -0.2), lengths=None):
 
 def local_adapt(bundle, params, episodes, steps):
     """In-process reference: the bundle's own compiled Adapter on UNPADDED episodes."""
-    from metarl_tf.rollout import pad_episodes
+    from metarl_tf.episodes import pad_episodes
 
     triples = [
         (np.array(e["observations"]), np.array(e["actions"]), np.array(e["rewards"]))

@@ -85,7 +85,7 @@ def test_adapting_a_stored_policy_continues_its_chain(tmp_path, make_policy):
     first = engine.adapt(episodes, 1)
     second = engine.adapt(episodes, 1, parent=first.policy_id)
     assert engine.store.get(second.policy_id).extra["depth"] == 2
-    from metarl_tf.rollout import pad_episodes
+    from metarl_tf.episodes import pad_episodes
 
     batch = pad_episodes(episodes, length=engine.max_episode_length, num_episodes=4)
     expected = bundle.make_adapter()(bundle.policy.parameters, batch, 2)[0]

@@ -18,6 +18,7 @@ import gymnasium
 import numpy as np
 
 from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep, discrete_actions
+from metarl_tf.specs import bounded_spec, tensor_spec
 
 
 class BernoulliBanditBatch(BatchedEnv):
@@ -78,17 +79,11 @@ class BernoulliBandit(TaskDistribution):
 
     @property
     def observation_spec(self):
-        from tf_agents.specs import tensor_spec
-
-        return tensor_spec.TensorSpec((1,), np.float32, name="observation")
+        return tensor_spec((1,), np.float32, name="observation")
 
     @property
     def action_spec(self):
-        from tf_agents.specs import tensor_spec
-
-        return tensor_spec.BoundedTensorSpec(
-            (), np.int32, minimum=0, maximum=self.k - 1, name="action"
-        )
+        return bounded_spec((), np.int32, minimum=0, maximum=self.k - 1, name="action")
 
     def sample_tasks(self, n: int, seed: int | None) -> list[Task]:
         means = np.random.default_rng(seed).uniform(0.0, 1.0, size=(n, self.k))
