@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from metarl_tf.episodes import pad_episodes
-from metarl_tf.maml import Adapter, step_size_blocks
+from metarl_tf.maml import Adapter, StepRule, step_size_blocks
 from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 from metarl_tf.specs import spec_from_json, spec_to_json
 
@@ -69,7 +69,7 @@ class Bundle:
         meta: the parsed ``meta.json``.
         policy: the Keras policy holding the meta-initialization θ.
         step_sizes: scalar α, or Meta-SGD step sizes (one float32 array per parameter, or per-step
-            blocks of them: ``metarl_tf.maml.step_block``).
+            blocks of them: :class:`metarl_tf.maml.StepRule`).
 
     The specs and the horizon come from ``meta.json``; the task distribution it was trained on
     is built only when asked (:meth:`make_task_distribution`, :attr:`task_distribution`), so
@@ -144,10 +144,15 @@ class Bundle:
         return _sha256(self.path / META_FILE)
 
     @property
+    def step_rule(self) -> StepRule:
+        """The bundle's inner step rule (step sizes, per-step blocks, log σ shift)."""
+        return StepRule(self.step_sizes, len(self.policy.parameter_shapes), self.log_std_shift)
+
+    @property
     def default_steps(self) -> int:
         """Inner steps one :meth:`adapt` takes by default: the bundle's ``adaptation.steps``, or
-        1 for a bundle with a log σ shift (its later steps need episodes of the adapted policy)."""
-        return 1 if self.log_std_shift is not None else int(self.adaptation.get("steps", 1))
+        1 for a bundle with a log σ shift (:meth:`StepRule.default_steps`)."""
+        return self.step_rule.default_steps(self.adaptation.get("steps", 1))
 
     @functools.cached_property
     def adapter(self) -> Adapter:
@@ -185,7 +190,7 @@ class Bundle:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         depth = 0 if parent is None else parent.depth
-        if self.log_std_shift is not None and depth == 0 and steps > 1:
+        if self.step_rule.needs_adapted_episodes(depth, steps):
             raise ValueError(
                 f"bundle {self.name!r} adds a log σ shift in its first inner step, so its later "
                 f"steps need episodes of the adapted policy: adapt with steps=1, collect episodes "

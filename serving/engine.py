@@ -108,10 +108,8 @@ class AdaptationEngine:
         self.max_episode_length = min(settings.max_episode_length or horizon, horizon)
         # A bundle with a log σ shift (train --log-std-shift) takes one step per batch: its
         # later steps expect episodes of the adapted policy, not of the exploring one.
-        self.one_step_per_batch = bundle.log_std_shift is not None
-        self.default_steps = (
-            1 if self.one_step_per_batch else int(bundle.adaptation.get("steps", 1))
-        )
+        self.step_rule = bundle.step_rule
+        self.default_steps = bundle.default_steps
         self.buckets = episode_buckets(settings.max_episodes)
         self.meta_parameters = bundle.policy.get_parameters()
         self.adapter = bundle.make_adapter()
@@ -205,7 +203,7 @@ class AdaptationEngine:
         else:
             stored = self.lookup_stored(parent, "parent")
             start_params, depth = stored.parameters, stored.extra.get("depth", 0)
-        if self.one_step_per_batch and depth == 0 and steps > 1:
+        if self.step_rule.needs_adapted_episodes(depth, steps):
             raise RequestError(
                 f"this bundle explores with its own noise before adaptation (a log σ shift is "
                 f"added by the first inner step), so its later steps need episodes collected by "

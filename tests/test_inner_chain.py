@@ -611,15 +611,16 @@ def test_step_weights_are_validated_and_reach_the_trainer_and_the_cli(monkeypatc
     assert _train_config(args).activation == "relu"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--hidden-sizes", "100.5"])
-    import metarl_tf.trainer as trainer_module
+    import metarl_tf.outer.trpo as trpo_module
 
     seen = []
+    meta_gradient = trpo_module.meta_gradient
 
     def recording(*args, **kwargs):
         seen.append(kwargs["step_weights"])
-        return trpo_meta_step(*args, **kwargs)
+        return meta_gradient(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "trpo_meta_step", recording)
+    monkeypatch.setattr(trpo_module, "meta_gradient", recording)
     row = MetaTrainer(config).train_iteration()
     assert np.isfinite(row["returns/post_adaptation"]) and seen == [(3.0, 1.0)]
 
