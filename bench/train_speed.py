@@ -32,6 +32,18 @@ PYTORCH_MAML_RL_BEST_S = 4.2
 PYTORCH_MAML_RL_DEFAULT_S = 14.2
 
 
+def _timed(fn, repeats: int) -> float:
+    """Least seconds of ``repeats`` calls of ``fn`` after one warm-up call (the least disturbed
+    by the shared machine); bench/curvature_products.py uses it too."""
+    fn()  # trace / warm up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def _after(t, tensors):
     """``tensors`` passed through an identity that runs only after the op ``t``: the ops that
     consume them start after ``t``."""
