@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from metarl_tf.episodes import pad_episodes
 from metarl_tf.maml import Adapter, StepRule, step_size_blocks
-from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
+from metarl_tf.policy import LOG_STD, CategoricalMLPPolicy, GaussianMLPPolicy
 from metarl_tf.specs import spec_from_json, spec_to_json
 
 if TYPE_CHECKING:  # a bundle builds its task distribution only when asked
@@ -428,10 +428,10 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         step_sizes = float(sizes)
     shift = meta["adaptation"].get("log_std_shift")
     if shift is not None:
-        expected = list(policy.parameter_shapes[-1])
+        expected = list(policy.parameter_shapes[LOG_STD])
         numeric = all(isinstance(x, (int, float)) and np.isfinite(x) for x in np.ravel(shift))
         if (
-            policy.parameter_names[-1] != "log_std"
+            policy.parameter_names[LOG_STD] != "log_std"
             or np.shape(shift) != tuple(expected)
             or not numeric
         ):

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from metarl_tf.policy import categorical_log_prob, gaussian_log_prob
+from metarl_tf.policy import categorical_log_prob, gaussian_log_prob, split_parameters
 
 
 def _flatten(x, trailing: int):
@@ -268,11 +268,7 @@ class _MLP(_Carried):
         if activation not in ("tanh", "relu"):
             raise ValueError(f"no analytic curvature for activation {activation!r}")
         self.activation = activation
-        if has_log_std:
-            *layers, self.log_std = params
-        else:
-            layers, self.log_std = list(params), None
-        self.kernels, self.biases = layers[0::2], layers[1::2]
+        self.kernels, self.biases, self.log_std = split_parameters(params, has_log_std)
         self.inputs = [_with_ones(x)]  # [h_l, 1] for every layer input h_0 .. h_{L-1}
         self.hidden = []  # h_1 .. h_{L-1}
         self.dact = []  # act'(z_l) of every hidden layer
@@ -304,8 +300,7 @@ class _MLP(_Carried):
         structure as params). With a :class:`_FirstLayerJacobian` ``first``, ``R(output)`` takes
         the first layer's part from it, and ``R(h_1)`` and what it feeds are not formed (its
         entry of the first list is None)."""
-        layers = tangent[:-1] if self.has_log_std else tangent
-        v_kernels, v_biases = layers[0::2], layers[1::2]
+        v_kernels, v_biases, _ = split_parameters(tangent, self.has_log_std)
         start = 0 if first is None else 1
         r_inputs = [None] * (start + 1)  # R(h_0) = 0: observations do not depend on θ
         r_h = None
@@ -390,7 +385,7 @@ class _MLP(_Carried):
         direction's kernels and biases (flat list), the Hessian-vector product's kernel and bias
         parts (flat list)."""
         deltas, deltas_t, cross_terms, first = cache
-        v_kernels, v_biases = tangent_layers[0::2], tangent_layers[1::2]
+        v_kernels, v_biases, _ = split_parameters(tangent_layers, has_log_std=False)
         v_first = None if first is None else first.direction(v_kernels[0], v_biases[0])
         last = len(self.kernels) - 1
         out = []

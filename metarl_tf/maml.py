@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from metarl_tf.policy import tile_parameters
+from metarl_tf.policy import LOG_STD, tile_parameters
 
 
 def policy_gradient_loss(policy, params, episodes, advantages, lvc: bool = False):
@@ -190,7 +190,7 @@ class StepRule:
         ]
         if self.shifts(step):
             shift = self.log_std_shift if log_std_shift is None else log_std_shift
-            new[-1] = new[-1] + shift
+            new[LOG_STD] = new[LOG_STD] + shift
         return new
 
     @property
@@ -314,7 +314,7 @@ def adaptation_jvp(
             dv_j = rule.sizes(j, v_steps)
             u = [ui - g * dv for ui, g, dv in zip(u, grads, dv_j, strict=True)]
         if v_shift is not None and j == 0:  # the rule's shift (StepRule.apply)
-            u = [*u[:-1], u[-1] + v_shift]
+            u = [*u[:LOG_STD], u[LOG_STD] + v_shift]
         levels.append(u)
     return levels if every_step else u
 
@@ -354,7 +354,7 @@ def adaptation_vjp(
     for j in reversed(range(len(result.trace))):
         point, grads = result.trace[j]
         if j == 0 and with_shift:  # w is the cotangent of θ_1, where the shift is added
-            w_shift = tf.reduce_sum(w[-1], axis=0)
+            w_shift = tf.reduce_sum(w[LOG_STD], axis=0)
         sizes, b = rule.sizes(j), rule.block(j)
         if with_steps:
             for i, (g, wi) in enumerate(zip(grads, w, strict=True)):

@@ -23,7 +23,7 @@ from metarl_tf.envs import make_task_distribution
 from metarl_tf.episodes import EpisodeBatch
 from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.outer import MetaBatch, make_meta_step
-from metarl_tf.policy import make_policy
+from metarl_tf.policy import LOG_STD, make_policy
 from metarl_tf.rollout import Sampler
 
 # XLA (jit_compile) helps Eigen's kernels but runs slower than TensorFlow's oneDNN kernels for this
@@ -114,7 +114,7 @@ class MetaTrainer:
         if c.log_std_shift:
             if getattr(self.policy, "distribution_type", None) != "gaussian":
                 raise ValueError("log_std_shift needs a Gaussian policy (continuous actions)")
-            shape = self.policy.parameter_shapes[-1]
+            shape = self.policy.parameter_shapes[LOG_STD]
             self.log_std_shift = tf.Variable(tf.zeros(shape), name="log_std_shift")
         self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task)
         self.adapter = Adapter(

@@ -38,6 +38,7 @@ from metarl_tf.maml import (
     per_step_batches,
 )
 from metarl_tf.outer.common import MetaBatch, mean_kl_from_dist, surrogate_from_log_prob
+from metarl_tf.policy import LOG_STD
 
 
 def _dot(a, b):
@@ -172,7 +173,8 @@ def meta_gradient(
         without it (its gradient and curvature entries zero)."""
         if not shifts:
             return vector
-        return [*vector[: n_theta - 1], tf.zeros_like(vector[n_theta - 1]), *vector[n_theta:]]
+        i = n_theta + LOG_STD  # the pre-adaptation log σ among the meta-parameters
+        return [*vector[:i], tf.zeros_like(vector[i]), *vector[i + 1 :]]
 
     sizes = alphas if learn_step_sizes else step_sizes
     # The Hessian/Fisher products below run ~2 * cg_iterations times at the same points: cache
