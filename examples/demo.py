@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a fresh clone without installing
 
 from metarl_tf.envs import make_task_distribution  # noqa: E402  (numpy environments only)
-from serving.client import AdaptationClient  # noqa: E402
+from serving.client import AdaptationClient, token_from_env  # noqa: E402
 from serving.launch import ServiceProcess  # noqa: E402
 
 DEFAULT_BUNDLE = REPO_ROOT / "saved_models" / "nav2d-maml"
@@ -55,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="PNG of the trajectories ('' for none)",
     )
     p.add_argument("--json", default=os.environ.get("DEMO_JSON"), help="results JSON (DEMO_JSON)")
+    p.add_argument(
+        "--token",
+        default=token_from_env(),
+        help="bearer token of the service (default: METARL_API_TOKEN / METARL_API_TOKEN_FILE)",
+    )
     p.add_argument(
         "--min-improvement",
         type=float,
@@ -178,7 +183,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.url:
-        client = AdaptationClient(args.url, timeout=60)
+        client = AdaptationClient(args.url, timeout=60, token=args.token)
         client.wait_until_ready(timeout=60)
         with client:
             result = run(client, args)
@@ -199,7 +204,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with service:
             print(f"ready after {time.perf_counter() - t0:.1f} s")
-            with AdaptationClient(service.url, timeout=60) as client:
+            with AdaptationClient(service.url, timeout=60, token=args.token) as client:
                 result = run(client, args)
         print("service stopped")
     if args.json:

@@ -181,7 +181,7 @@ def _add_export_savedmodel(sub) -> None:
         "export-savedmodel",
         help="write a bundle's policy (optionally adapted to episodes) as a TensorFlow SavedModel",
         description="Writes the bundle's meta-initialization, or with --adapt-on the policy adapted "
-        "to those episodes, as a SavedModel that plain TensorFlow loads (docs/export.md).",
+        "to those episodes, as a SavedModel that plain TensorFlow loads (docs/serving.md).",
     )
     p.add_argument("bundle", help="bundle directory, e.g. saved_models/nav2d-maml")
     p.add_argument("out", help="SavedModel directory to write")

@@ -14,6 +14,9 @@ Episodes are ``{"observations": [T, obs_dim], "actions": [T, act_dim], "rewards"
 or ``(observations, actions, rewards)`` tuples of arrays; record the *raw* (unclipped) actions
 (:meth:`AdaptationClient.act_full`), as the trainer does.
 
+A service started with ``METARL_API_TOKEN`` needs the token: ``AdaptationClient(url, token=...)``
+(:func:`token_from_env` reads it the way the service does).
+
 Every 4xx/5xx answer raises :class:`ServiceError` carrying the server's reason (``error``), the
 request ``field`` it concerns and what was ``expected``.
 """
@@ -117,6 +120,16 @@ class ActResult:
     raw_actions: np.ndarray
     policy_id: str | None
     deterministic: bool
+
+
+def token_from_env() -> str | None:
+    """The API token from ``METARL_API_TOKEN`` or the file named by ``METARL_API_TOKEN_FILE``
+    (stripped), or ``None``."""
+    token = os.environ.get("METARL_API_TOKEN")
+    path = os.environ.get("METARL_API_TOKEN_FILE", "").strip()
+    if token is None and path:
+        token = pathlib.Path(path).read_text()
+    return token.strip() if token is not None else None
 
 
 def _as_list(x: Any) -> Any:
@@ -228,6 +241,8 @@ class AdaptationClient:
         packed: send episode arrays to ``/adapt`` as base64 float32 (PackedArray) rather than
             nested JSON lists: same values (float32 either way on the server), a body about a
             quarter of the size and a faster request.
+        token: the service's bearer token (``METARL_API_TOKEN``), sent as
+            ``Authorization: Bearer <token>``; ``None`` for a service without one.
     """
 
     def __init__(
@@ -236,10 +251,14 @@ class AdaptationClient:
         timeout: float = 30.0,
         transport=None,
         packed: bool = True,
+        token: str | None = None,
     ):
         self.url = url.rstrip("/")
         self.packed = packed
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, transport=transport, headers=headers
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -390,7 +409,7 @@ class AdaptationClient:
     ) -> pathlib.Path:
         """Downloads ``policy`` as a TensorFlow SavedModel (``POST /export``) and unpacks it into
         ``path`` (a new or empty directory; :func:`extract_saved_model`). Plain TensorFlow runs
-        it: ``tf.saved_model.load(path).mean_action(observations)`` (docs/export.md).
+        it: ``tf.saved_model.load(path).mean_action(observations)`` (docs/serving.md).
 
         Args:
             policy: ``"meta"``, a policy id, or an :class:`AdaptResult`.

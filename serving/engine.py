@@ -29,7 +29,7 @@ from metarl_tf.episodes import pad_episodes
 from metarl_tf.export import saved_model_archive
 from metarl_tf.policy import numpy_forward
 from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
-from serving.store import PolicyNotFound, PolicyStore
+from serving.store import PolicyNotFound, PolicyStore, RedisPolicyStore, StoreUnavailable
 from serving.validation import RequestError
 
 META_ID = "meta"
@@ -59,6 +59,15 @@ def episode_buckets(max_episodes: int) -> list[int]:
         candidates.update((p, p + p // 2))
         p *= 2
     return sorted({b for b in candidates if b < max_episodes} | {max_episodes})
+
+
+def _store_unavailable(err: StoreUnavailable) -> RequestError:
+    return RequestError(
+        f"{err}; the request was not served",
+        "service",
+        "a retry after Retry-After seconds (the policy store is back)",
+        status=503,
+    )
 
 
 @dataclass
@@ -115,7 +124,11 @@ class AdaptationEngine:
         self.adapter = bundle.make_adapter()
         # The adapter's input for parent "meta", converted once instead of per request.
         self._meta_tensors = [tf.constant(p) for p in self.meta_parameters]
-        self.store = PolicyStore(settings.store_size, settings.store_ttl_s)
+        if settings.store_url:
+            self.store = RedisPolicyStore(settings.store_url, bundle.checksum, settings.store_ttl_s)
+        else:
+            self.store = PolicyStore(settings.store_size, settings.store_ttl_s)
+        self.shared_store = settings.store_url is not None
         self._rng = np.random.default_rng()
         self._rng_lock = threading.Lock()
         self.ready = False
@@ -176,6 +189,8 @@ class AdaptationEngine:
             raise RequestError(
                 err.reason, field, "'meta' or a live policy_id returned by /adapt", status=404
             ) from None
+        except StoreUnavailable as err:
+            raise _store_unavailable(err) from None
 
     def parameters_from_weights(self, weights: Any, field: str = "weights") -> list[np.ndarray]:
         """Inline weights ``{name: nested list}`` -> checked float32 arrays (400 naming the
@@ -229,11 +244,15 @@ class AdaptationEngine:
                 "rewards and observations of the scale the bundle was trained on",
                 status=422,
             )
-        stored = self.store.add(
-            adapted, parent=parent, steps=steps, depth=depth + steps,
-            num_episodes=len(episodes), num_transitions=int(sum(len(r) for _, _, r in episodes)),
-            inner_losses=[float(x) for x in losses],
-        )  # fmt: skip
+        try:
+            stored = self.store.add(
+                adapted, parent=parent, steps=steps, depth=depth + steps,
+                num_episodes=len(episodes),
+                num_transitions=int(sum(len(r) for _, _, r in episodes)),
+                inner_losses=[float(x) for x in losses],
+            )  # fmt: skip
+        except StoreUnavailable as err:
+            raise _store_unavailable(err) from None
         return AdaptOutcome(
             stored.policy_id,
             parent,

@@ -121,8 +121,41 @@ class ServiceProcess:
                     pass
                 self.startup_probes.append((round(elapsed, 3), live, ready))
                 if ready == 200:
-                    return self
+                    break
                 time.sleep(0.05)
+        self._wait_for_every_worker(start)
+        return self
+
+    def _wait_for_every_worker(self, start: float) -> None:
+        """With ``METARL_WORKERS`` > 1, ``/readyz`` answers from whichever worker accepts the
+        connection: poll ``/metadata`` on fresh connections until every worker said ready."""
+        try:
+            workers = int(self.env.get("METARL_WORKERS") or 1)
+        except ValueError:
+            workers = 1
+        if workers <= 1:
+            return
+        token = self.env.get("METARL_API_TOKEN")
+        if token is None and self.env.get("METARL_API_TOKEN_FILE"):
+            token = Path(self.env["METARL_API_TOKEN_FILE"]).read_text()
+        headers = {"Authorization": f"Bearer {token.strip()}"} if token else {}
+        ready_pids: set[int] = set()
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=self.url, timeout=5.0, limits=limits, headers=headers) as http:
+            while len(ready_pids) < workers:
+                if time.monotonic() - start > self.ready_timeout:
+                    self._failed = True
+                    self.stop()
+                    raise RuntimeError(
+                        f"{len(ready_pids)} of {workers} workers ready after "
+                        f"{self.ready_timeout:g} s; log {self.log_path}:\n{self.log_tail()}"
+                    )
+                try:
+                    info = http.post("/metadata", json={}).json()
+                    if info.get("ready"):
+                        ready_pids.add(info["worker_pid"])
+                except (httpx.HTTPError, ValueError, KeyError):
+                    time.sleep(0.05)
 
     def _startup_failed(self) -> bool:
         # A worker whose start-up fails is restarted by BentoML's arbiter: do not wait for it.

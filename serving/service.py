@@ -10,13 +10,15 @@ every padded request size in a background thread; ``/readyz`` answers 503 until 
 load balancer sends no request to a cold worker. ``/adapt`` also answers 503 (JSON) until then;
 ``/act`` and ``/metadata`` need no compilation and answer at once.
 
-Errors: every refused request gets a 4xx JSON body ``{"error", "field", "expected"}``. Type errors
-found by pydantic (inside BentoML) are reshaped to the same form by :class:`RequestGuard`, which
-also turns away bodies over ``METARL_MAX_BODY_BYTES`` (413) before they are read.
+Errors: every refused request gets a 4xx (or 503) JSON body ``{"error", "field", "expected"}``
+(:mod:`serving.errors`). :class:`serving.guard.RequestGuard`, in front of the routes, checks the
+bearer token, reads bodies within ``METARL_MAX_BODY_BYTES`` and ``METARL_READ_TIMEOUT_S``, bounds
+queued adaptations and reshapes pydantic's type errors into that form.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,9 +29,18 @@ from typing import Annotated, Any
 import anyio
 import bentoml
 from bentoml.validators import ContentType
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from serving.schemas import ActRequest, ActResponse, AdaptRequest, AdaptResponse, ExportRequest
+from serving.errors import error_response
+from serving.guard import RequestGuard
+from serving.schemas import (
+    ActRequest,
+    ActResponse,
+    AdaptRequest,
+    AdaptResponse,
+    ExportRequest,
+    patch_openapi,
+)
 from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
 from serving.validation import RequestError, check_episodes, check_observations, check_steps
 
@@ -46,135 +57,11 @@ if not (SETTINGS.bundle / "meta.json").is_file():
 _reason = unsupported_bundle_reason(json.loads((SETTINGS.bundle / "meta.json").read_text()))
 if _reason:
     raise SettingsError(f"METARL_BUNDLE={str(SETTINGS.bundle)!r}: {_reason}")
-API_PATHS = ("/adapt", "/act", "/metadata", "/export")
+# /noop (the latency benchmark's floor) exists only with METARL_BENCH_NOOP=1.
+BENCH_NOOP = os.environ.get("METARL_BENCH_NOOP") == "1"
+API_PATHS = ("/adapt", "/act", "/metadata", "/export") + (("/noop",) if BENCH_NOOP else ())
 # Above this many observations, /act computes in a worker thread instead of on the event loop.
 THREAD_ACT_ROWS = 256
-
-
-# pydantic names the member of a union (an episode array is nested lists or a PackedArray) in an
-# error's location; these are not request fields.
-_UNION_TAGS = {"list[float]", "list[list[float]]", "PackedArray"}
-
-
-def _format_loc(loc: Any) -> str:
-    """pydantic ``("episodes", 2, "actions", 0)`` -> ``"episodes[2].actions[0]"``."""
-    out = ""
-    for part in loc or ():
-        if part in _UNION_TAGS:
-            continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
-
-
-def _relevant(detail: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drops a union member's complaint that the value has the other member's form (a list sent
-    where a PackedArray object would go, or an object where lists would), keeping the problems
-    within the form the client chose."""
-    kept = [
-        d
-        for d in detail
-        if not (
-            set(d.get("loc") or ()) & _UNION_TAGS
-            and d.get("type") in ("model_type", "list_type", "model_attributes_type")
-        )
-    ]
-    return kept or detail
-
-
-_EXPECTED = {
-    "missing": "a value: this field is required",
-    "extra_forbidden": "only the documented fields (see /docs.json)",
-    "json_invalid": "a JSON object",
-    "model_type": "a JSON object",
-    "model_attributes_type": "a JSON object",
-}
-
-
-def reshape_validation_error(body: dict[str, Any]) -> dict[str, Any]:
-    """BentoML's pydantic error body ``{"error", "detail": [{"type", "loc", "msg"}, ...]}`` in
-    this service's form ``{"error", "field", "expected", "detail"}`` (first problem first)."""
-    detail = _relevant(body.get("detail") or [{}])
-    first = detail[0]
-    field = _format_loc(first.get("loc"))
-    msg = first.get("msg", "invalid value")
-    more = f" (and {len(detail) - 1} more problem(s), see detail)" if len(detail) > 1 else ""
-    return {
-        "error": f"{field}: {msg}{more}",
-        "field": field,
-        "expected": _EXPECTED.get(first.get("type"), msg.removeprefix("Input should be ")),
-        "detail": detail,
-    }
-
-
-class RequestGuard:
-    """ASGI middleware on the API routes: reads every body as JSON, refuses bodies over the size
-    limit (413) before they are read, and reshapes BentoML's 400 validation bodies into
-    ``{"error", "field", "expected"}``. Other responses pass through untouched."""
-
-    def __init__(self, app, max_body_bytes: int, paths: tuple[str, ...] = API_PATHS):
-        self.app, self.max_body_bytes, self.paths = app, max_body_bytes, paths
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.paths:
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        if headers.get(b"content-type") != b"application/json":
-            # The API speaks JSON only: parse the body as JSON whatever it is labelled (curl -d
-            # says form-urlencoded), which also keeps BentoML's other decoders out of reach.
-            scope = dict(scope)
-            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
-                (b"content-type", b"application/json")
-            ]
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.max_body_bytes
-            except ValueError:
-                too_big = False  # the server itself rejects a malformed Content-Length
-            if too_big:
-                error = RequestError(
-                    f"request body of {int(length)} bytes exceeds the limit of "
-                    f"{self.max_body_bytes} (METARL_MAX_BODY_BYTES)",
-                    "body",
-                    f"at most {self.max_body_bytes} bytes",
-                    status=413,
-                )
-                await error_response(error)(scope, receive, send)
-                return
-
-        held: dict[str, Any] = {}
-
-        async def reshaping_send(message):
-            if message["type"] == "http.response.start" and message["status"] == 400:
-                held["start"], held["body"] = message, []
-                return
-            if "start" not in held or message["type"] != "http.response.body":
-                await send(message)
-                return
-            held["body"].append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            body = b"".join(held["body"])
-            try:
-                data = json.loads(body)
-            except ValueError:
-                data = None
-            if isinstance(data, dict) and "detail" in data and "field" not in data:
-                body = json.dumps(reshape_validation_error(data)).encode()
-            headers = [
-                (k, v) for k, v in held["start"]["headers"] if k.lower() != b"content-length"
-            ]
-            headers.append((b"content-length", str(len(body)).encode()))
-            await send({**held["start"], "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, reshaping_send)
-
-
-def error_response(error: RequestError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if error.status == 503 else None
-    return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
 
 
 @bentoml.service(
@@ -291,8 +178,11 @@ class AdaptationService:
             if weights is not None:
                 params = engine.parameters_from_weights(weights)
             else:
-                policy_id = policy_id or "meta"
-                params = engine.lookup(policy_id)
+                policy_id = "meta" if policy_id is None else policy_id
+                if engine.shared_store and policy_id != "meta":  # a network call: off the loop
+                    params = await anyio.to_thread.run_sync(engine.lookup, policy_id)
+                else:
+                    params = engine.lookup(policy_id)
         except RequestError as err:
             return error_response(err)
         if len(obs) > THREAD_ACT_ROWS:
@@ -325,13 +215,13 @@ class AdaptationService:
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict[str, Any]:
         """Bundle, task distribution, specs, adaptation defaults, limits, store and warm-up."""
-        info = self.engine.metadata()
+        info = await anyio.to_thread.run_sync(self.engine.metadata)  # the store may be remote
         info["warmup"]["error"] = self.warmup_error
         info["version"] = _package_version()
         info["worker_pid"] = os.getpid()
         return info
 
-    if os.environ.get("METARL_BENCH_NOOP") == "1":
+    if BENCH_NOOP:
 
         @bentoml.api(route="/noop")
         async def noop(self) -> dict[str, Any]:
@@ -345,4 +235,14 @@ def _package_version() -> str:
     return metarl_tf.__version__
 
 
-AdaptationService.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes)
+AdaptationService.add_asgi_middleware(
+    RequestGuard,
+    api_paths=API_PATHS,
+    max_body_bytes=SETTINGS.max_body_bytes,
+    read_timeout_s=SETTINGS.read_timeout_s,
+    max_pending=SETTINGS.max_pending,
+    token=SETTINGS.api_token,
+    openapi_patch=functools.partial(
+        patch_openapi, api_paths=API_PATHS, token=SETTINGS.api_token is not None
+    ),
+)

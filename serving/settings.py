@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO_ROOT / "saved_models" / "nav2d-maml"
@@ -59,6 +60,59 @@ def _env_int_list(name: str) -> tuple[int, ...]:
     return values
 
 
+def _env_token() -> str | None:
+    """The API token from ``METARL_API_TOKEN`` or the file named by ``METARL_API_TOKEN_FILE``
+    (surrounding whitespace stripped); ``None`` when neither is set (no authentication)."""
+    token = os.environ.get("METARL_API_TOKEN")
+    path = os.environ.get("METARL_API_TOKEN_FILE", "").strip()
+    if token is not None and path:
+        raise SettingsError(
+            "METARL_API_TOKEN and METARL_API_TOKEN_FILE are both set: set only one of them"
+        )
+    if path:
+        try:
+            token = Path(path).read_text()
+        except OSError as err:
+            raise SettingsError(
+                f"METARL_API_TOKEN_FILE={path!r} cannot be read ({err.strerror}): point it at a "
+                "readable file holding the token"
+            ) from None
+    if token is None:
+        return None
+    token = token.strip()
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        where = "METARL_API_TOKEN_FILE" if path else "METARL_API_TOKEN"
+        raise SettingsError(
+            f"{where}: expected a token of at least 16 printable characters without spaces "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return token
+
+
+def _env_store_url() -> str | None:
+    raw = os.environ.get("METARL_STORE_URL", "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise SettingsError(
+            f"METARL_STORE_URL={redact_url(raw)!r}: expected redis://host:port/db "
+            "(or rediss://, unix://), or unset for the in-process store"
+        )
+    return raw
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (what logs and ``/metadata`` show)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """What the service loads and the limits it enforces.
@@ -73,15 +127,25 @@ class ServiceSettings:
             ``query_observations`` (``METARL_MAX_OBSERVATIONS``, 4096).
         max_body_bytes: requests with a larger ``Content-Length`` get a 413
             (``METARL_MAX_BODY_BYTES``, 32 MiB).
-        store_size: most adapted policies kept per worker (``METARL_STORE_SIZE``, 1024);
-            the least recently used one is dropped first.
+        store_size: most adapted policies kept per worker by the in-process store
+            (``METARL_STORE_SIZE``, 1024); the least recently used one is dropped first.
         store_ttl_s: an adapted policy unused for this long is dropped (``METARL_STORE_TTL_S``,
-            3600).
+            3600; with Redis, the key's expiry, renewed on every use).
+        store_url: ``METARL_STORE_URL=redis://host:port/db`` keeps adapted policies in Redis,
+            shared by every worker and replica serving the same bundle and kept across restarts;
+            unset: the in-process store (one worker's memory).
+        api_token: ``METARL_API_TOKEN`` (or the content of ``METARL_API_TOKEN_FILE``): when
+            set, the API routes and ``/metrics`` need ``Authorization: Bearer <token>``. Never
+            reported or logged.
+        read_timeout_s: a request body that stops arriving for this long gets a 408
+            (``METARL_READ_TIMEOUT_S``, 10).
+        max_pending: most ``/adapt`` requests queued or running per worker
+            (``METARL_MAX_PENDING``, 8); more get a 503 with ``Retry-After``.
         warmup_steps: step counts compiled for every episode bucket before ``/readyz`` turns
             ready (``METARL_WARMUP_STEPS``, comma-separated; default the bundle's default steps).
             Other step counts compile on first use (about half a second, once).
-        workers: BentoML worker processes (``METARL_WORKERS``, 1). Adapted-policy ids live in
-            one worker's memory; see the README on scaling out.
+        workers: BentoML worker processes (``METARL_WORKERS``, 1). Without ``store_url``,
+            adapted-policy ids live in one worker's memory (docs/serving.md, scaling out).
         tf_threads: TensorFlow intra- and inter-op threads per worker (``METARL_TF_THREADS``, 1).
             One adaptation request is small (a few thousand steps through a small MLP); one
             thread avoids the thread-pool hand-offs that cost more than they save at this size
@@ -99,6 +163,10 @@ class ServiceSettings:
     warmup_steps: tuple[int, ...] = field(default_factory=tuple)
     workers: int = 1
     tf_threads: int = 1
+    store_url: str | None = None
+    api_token: str | None = field(default=None, repr=False)
+    read_timeout_s: float = 10.0
+    max_pending: int = 8
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
@@ -116,12 +184,18 @@ class ServiceSettings:
             warmup_steps=_env_int_list("METARL_WARMUP_STEPS"),
             workers=_env_int("METARL_WORKERS", cls.workers),
             tf_threads=_env_int("METARL_TF_THREADS", cls.tf_threads),
+            store_url=_env_store_url(),
+            api_token=_env_token(),
+            read_timeout_s=_env_float("METARL_READ_TIMEOUT_S", cls.read_timeout_s),
+            max_pending=_env_int("METARL_MAX_PENDING", cls.max_pending),
         )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["bundle"] = str(self.bundle)
         d["warmup_steps"] = list(self.warmup_steps)
+        d["store_url"] = redact_url(self.store_url) if self.store_url else None
+        d["api_token"] = self.api_token is not None  # whether auth is on, never the token
         return d
 
 
