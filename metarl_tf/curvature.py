@@ -211,7 +211,8 @@ class _Carried:
     and enter another: :meth:`carry` gives them as a nest (sub-objects as nested dicts),
     :meth:`restore` rebuilds the object from that nest without recomputing anything. The trainer
     caches the inner loss's passes while it adapts for sampling and the TRPO meta-step reuses
-    them (``MetaBatch.inner_curvature``).
+    them (``MetaBatch.inner_curvature``); :func:`recording_gradients` and
+    :func:`restoring_gradients` are the two ends, the only code that carries.
     """
 
     _static: tuple[str, ...] = ()  # Python-valued attributes: not carried, given to restore
@@ -239,6 +240,41 @@ class _Carried:
         for k in cls._static:
             setattr(obj, k, static[k])
         return obj
+
+
+def recording_gradients(hessian_cls, activation: str, carried: list):
+    """The ``gradients`` hook of :func:`metarl_tf.maml.adapt` that takes every inner step's loss
+    and gradient from an inner-loss Hessian built at its point (``hessian_cls``) and appends the
+    Hessian's :meth:`_Carried.carry` to ``carried``: the sampling adaptation's end of the carry
+    (:meth:`metarl_tf.maml.Adapter.with_curvature`)."""
+
+    def gradients(point, episodes, advantages):
+        hessian = hessian_cls(point, episodes, advantages, activation)
+        carried.append(hessian.carry())
+        return hessian.loss, hessian.gradient
+
+    return gradients
+
+
+def restoring_gradients(hessian_cls, carried: list, activation: str, lvc: bool, hessians: list):
+    """The meta-step's end of the carry: the ``gradients`` hook of :func:`metarl_tf.maml.adapt`
+    that restores inner step ``j``'s Hessian from ``carried[j]`` (``MetaBatch.inner_curvature``)
+    instead of recomputing its passes, appends it to ``hessians`` and returns its loss and
+    gradient. The first one is checked against the point it is used at: a batch sampled before
+    the last update is refused."""
+    carried = list(carried)
+
+    def gradients(point, episodes, advantages):
+        hessians.append(hessian_cls.restore(carried.pop(0), activation=activation, lvc=lvc))
+        if len(hessians) == 1:
+            tf.debugging.assert_equal(
+                hessians[0].net.kernels[0], point[0],
+                message="batch.inner_curvature was computed at other parameters than the "
+                "policy's current ones (sample the batch again after an update)",
+            )  # fmt: skip
+        return hessians[-1].loss, hessians[-1].gradient
+
+    return gradients
 
 
 class _MLP(_Carried):

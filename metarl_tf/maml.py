@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from metarl_tf.advantages import compute_advantages
+from metarl_tf.curvature import recording_gradients
 from metarl_tf.policy import LOG_STD, tile_parameters
 
 
@@ -399,17 +401,10 @@ class Adapter:
         self._concrete: dict[tuple, Any] = {}
 
     def _adapt(self, params, episodes, steps: int, first_step: int = 0, hessian_cls=None):
-        from metarl_tf.advantages import compute_advantages
-
         advantages = compute_advantages(episodes, self.gamma, self.gae_lambda, self.baseline)
         carried, gradients = [], None
         if hessian_cls is not None:
-
-            def gradients(point, batch, adv):
-                hessian = hessian_cls(point, batch, adv, self.policy.activation)
-                carried.append(hessian.carry())
-                return hessian.loss, hessian.gradient
-
+            gradients = recording_gradients(hessian_cls, self.policy.activation, carried)
         result = adapt(
             self.policy, params, self.step_sizes, episodes, advantages, steps,
             gradients=gradients, log_std_shift=self.log_std_shift, first_step=first_step,

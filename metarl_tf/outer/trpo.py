@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from metarl_tf.config import objective_weights
-from metarl_tf.curvature import analytic_curvature_for
+from metarl_tf.curvature import analytic_curvature_for, restoring_gradients
 from metarl_tf.maml import (
     adapt,
     adaptation_jvp,
@@ -194,21 +194,14 @@ def meta_gradient(
             )
 
         def gradients(point, episodes, adv):
-            if carried:  # computed while adapting for sampling, at this same point
-                state = carried.pop(0)
-                hessians.append(hessian_cls.restore(state, activation=policy.activation, lvc=lvc))
-                if len(hessians) == 1:  # a batch sampled before the last update is refused
-                    tf.debugging.assert_equal(
-                        hessians[0].net.kernels[0], point[0],
-                        message="batch.inner_curvature was computed at other parameters than the "
-                        "policy's current ones (sample the batch again after an update)",
-                    )  # fmt: skip
-                return hessians[-1].loss, hessians[-1].gradient
             if analytic_curvature:
                 hessians.append(hessian_cls(point, episodes, adv, policy.activation, lvc))
                 return hessians[-1].loss, hessians[-1].gradient
             hessians.append(functools.partial(inner_hvp, policy, point, episodes, adv, lvc=lvc))
             return inner_gradients(policy, point, episodes, adv)
+
+        if carried:  # computed while adapting for sampling, at these same points
+            gradients = restoring_gradients(hessian_cls, carried, policy.activation, lvc, hessians)
 
         result = adapt(
             policy, theta, sizes, inner, inner_adv, inner_steps, False, gradients,
