@@ -3,7 +3,7 @@
 
 Adaptation pads every request to fixed sizes so the compiled function is reused: time to the
 maximum episode length and the episode count to a bucket (:func:`episode_buckets`). Padding adds only masked steps and masked episodes, which change no loss, baseline or
-advantage (``metarl_tf.rollout.pad_episodes``), so the result equals an unpadded ``adapt``.
+advantage (``metarl_tf.episodes.pad_episodes``), so the result equals an unpadded ``adapt``.
 
 Actions use :func:`metarl_tf.policy.numpy_forward`: for one observation a numpy forward pass of
 the small MLP takes microseconds, far less than a TensorFlow call. ``tests/test_serving.py``

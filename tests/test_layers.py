@@ -28,8 +28,17 @@ PACKAGES = ("metarl_tf", "serving")
 # Layer of every module (a package name covers its submodules unless one is listed itself).
 # Lower layers know nothing of higher ones.
 LAYERS: dict[int, list[str]] = {
-    # data contracts: specs <-> JSON, episode arrays, typed configuration
-    0: ["metarl_tf.specs", "metarl_tf.episodes", "metarl_tf.config", "metarl_tf.version"],
+    # data contracts and file formats: specs <-> JSON, episode arrays, typed configuration, the
+    # bundle's meta.json schema, checkpoints, atomic file writes (no TensorFlow)
+    0: [
+        "metarl_tf.specs",
+        "metarl_tf.episodes",
+        "metarl_tf.config",
+        "metarl_tf.version",
+        "metarl_tf.bundle_schema",
+        "metarl_tf.checkpoint",
+        "metarl_tf.atomic_files",
+    ],
     # environments; policies (the MLP forward pass, the parameter layout); advantages
     1: ["metarl_tf.envs", "metarl_tf.policy", "metarl_tf.advantages"],
     # the algorithm: inner step, analytic curvature, outer steps; the sampler
