@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from numerics import assert_exact
 from tf_agents.specs import tensor_spec as tfa_spec
 
 from metarl_tf.specs import (
@@ -43,8 +44,8 @@ def test_json_round_trip(spec, as_json):
     back = spec_from_json(as_json)
     assert type(back) is type(spec) and back.shape == spec.shape and back.dtype == spec.dtype
     if hasattr(spec, "minimum"):
-        np.testing.assert_array_equal(back.minimum, np.broadcast_to(spec.minimum, spec.shape))
-        np.testing.assert_array_equal(back.maximum, np.broadcast_to(spec.maximum, spec.shape))
+        assert_exact(back.minimum, np.broadcast_to(spec.minimum, spec.shape))
+        assert_exact(back.maximum, np.broadcast_to(spec.maximum, spec.shape))
     assert spec_to_json(back) == as_json
 
 
