@@ -100,7 +100,7 @@ def trpo_pieces(trainer, config, repeats: int = 5) -> dict[str, float]:
 
 def measure(config, args) -> dict:
     """Trains ``args.warmup + args.iterations`` iterations of ``config`` and returns the figures."""
-    from metarl_tf.trainer import MetaTrainer, peak_rss_mb
+    from metarl_tf.training.trainer import MetaTrainer, peak_rss_mb
 
     trainer = MetaTrainer(config)
     t0 = time.perf_counter()

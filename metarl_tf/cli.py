@@ -299,8 +299,8 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from metarl_tf.pretrain import default_bundle_path
     from metarl_tf.training import fit
+    from metarl_tf.training.pretrain import default_bundle_path
 
     config = _train_config(args)
     default_out = (
@@ -330,16 +330,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from metarl_tf.baselines import parse_baselines
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.evaluation import (
-        evaluate,
-        format_paired,
-        format_table,
-        plot_curve,
-        plot_method_trajectories,
-        plot_trajectories,
-    )  # fmt: skip
+    from metarl_tf.evaluation.baselines import parse_baselines
+    from metarl_tf.evaluation.plots import plot_curve, plot_method_trajectories, plot_trajectories
+    from metarl_tf.evaluation.report import evaluate, format_paired, format_table
     from metarl_tf.rollout import make_backend
 
     if args.tasks < 2 or args.episodes < 1 or args.steps < 0:
@@ -435,7 +429,7 @@ def cmd_export_savedmodel(args) -> int:
 
 
 def cmd_plot_training(args) -> int:
-    from metarl_tf.evaluation import plot_training, read_metrics
+    from metarl_tf.evaluation.plots import plot_training, read_metrics
 
     if args.window < 1:
         print("error: --window must be >= 1", file=sys.stderr)

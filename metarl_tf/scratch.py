@@ -211,7 +211,7 @@ def episode_returns(reward, boundary, last) -> np.ndarray:
 def steps_to_reach(curve: dict[str, list[float]], level: float, window: int = 3) -> int | None:
     """First environment-step count at which the trailing ``window``-update mean return reaches
     ``level``; ``None`` if it never does."""
-    from metarl_tf.evaluation import moving_average
+    from metarl_tf.evaluation.statistics import moving_average
 
     reached = np.flatnonzero(moving_average(curve["mean_return"], window) >= level)
     return int(curve["env_steps"][reached[0]]) if len(reached) else None
@@ -250,7 +250,7 @@ def compare_with_bundle(
     """The bundle's adaptation curve and PPO from scratch on the same ``n_tasks`` test tasks (the
     tasks ``evaluate --seed seed`` uses), and the environment steps PPO needs to match MAML after
     1..``steps`` inner steps."""
-    from metarl_tf.evaluation import EVAL_SEED_SALT, adaptation_curve
+    from metarl_tf.evaluation.protocol import EVAL_SEED_SALT, adaptation_curve
 
     dist_name = bundle.meta["task_distribution"]["name"]
     tasks = bundle.task_distribution.sample_tasks(n_tasks, seed=EVAL_SEED_SALT + seed)
@@ -295,7 +295,7 @@ def compare_with_bundle(
 def plot_comparison(result: dict[str, Any], path) -> None:
     """Return vs. environment steps on the new tasks: PPO from scratch (each task faint, mean
     bold) and MAML after 0..k inner steps (points)."""
-    from metarl_tf.evaluation import new_axes, save_axes
+    from metarl_tf.evaluation.plots import new_axes, save_axes
 
     fig, ax = new_axes()
     for c in result["ppo_scratch"]["per_task_curves"]:

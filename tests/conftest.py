@@ -207,7 +207,7 @@ def tiny_run(tmp_path_factory):
     iterations 3 and 4.
     """
     from metarl_tf.config import get_preset
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.training.trainer import MetaTrainer
 
     def trace_counts(trainer):
         """Trace count of every ``tf.function`` held by the trainer, its sampler and its adapter
@@ -239,3 +239,12 @@ def tiny_run(tmp_path_factory):
         "params_4": _values_of(trainer.policy.parameters),
         "metrics_3_4": later,
     }
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    """An HTTP client of the module's ``service`` fixture (a running service process)."""
+    import httpx
+
+    with httpx.Client(base_url=service.url, timeout=30) as client:
+        yield client

@@ -230,7 +230,7 @@ def test_every_shipped_bundle_loads_and_says_how_it_was_trained(name):
 
 def test_halfcheetah_vel_baseline_presets_write_where_evaluate_looks():
     from metarl_tf.config import get_preset
-    from metarl_tf.pretrain import default_bundle_path
+    from metarl_tf.training.pretrain import default_bundle_path
 
     assert str(default_bundle_path(get_preset("halfcheetah-vel-pretrain"))) == (
         "saved_models/halfcheetah-vel-pretrained"

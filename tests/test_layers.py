@@ -52,13 +52,9 @@ LAYERS: dict[int, list[str]] = {
     ],
     # training and evaluation
     4: [
-        "metarl_tf.trainer",
-        "metarl_tf.pretrain",
         "metarl_tf.training",
         "metarl_tf.evaluation",
-        "metarl_tf.baselines",
         "metarl_tf.scratch",
-        "metarl_tf.metaworld_eval",
     ],
     # applications: parse, call the library, print / respond
     5: ["metarl_tf.cli", "metarl_tf.__main__", "metarl_tf", "serving", "serving.*"],
@@ -68,23 +64,12 @@ LAYERS: dict[int, list[str]] = {
 FORBIDDEN = [
     *[
         ("metarl_tf.envs", f"metarl_tf.{m}")
-        for m in ("policy", "rollout", "bundle", "trainer", "training", "evaluation", "maml")
+        for m in ("policy", "rollout", "bundle", "training", "evaluation", "maml")
     ],
     ("metarl_tf.policy", "metarl_tf.envs"),
     *[
         ("serving", f"metarl_tf.{m}")
-        for m in (
-            "envs",
-            "rollout",
-            "trainer",
-            "training",
-            "pretrain",
-            "evaluation",
-            "baselines",
-            "scratch",
-            "metaworld_eval",
-            "agents",
-        )
+        for m in ("envs", "rollout", "training", "evaluation", "scratch", "agents")
     ],  # fmt: skip
     ("metarl_tf", "serving"),
 ]
@@ -243,20 +228,9 @@ def test_every_module_has_a_layer_and_imports_point_down():
     assert not problems, "\n".join(problems)
 
 
-# Cycles that the move of the trainers under training/ and the split of evaluation.py into
-# evaluation/ (protocol below baselines below the report) remove; none may be added.
-KNOWN_CYCLES = [
-    ["metarl_tf.baselines", "metarl_tf.evaluation"],
-    ["metarl_tf.pretrain", "metarl_tf.trainer"],
-]
-
-
 def test_no_import_cycles():
     found = cycles(import_graph())
-    new = [c for c in found if c not in KNOWN_CYCLES]
-    assert not new, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in new)
-    gone = [c for c in KNOWN_CYCLES if c not in found]
-    assert not gone, f"cycles no longer there: remove them from KNOWN_CYCLES: {gone}"
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
 def test_no_forbidden_edges():
@@ -365,7 +339,7 @@ def test_importing_the_package_sets_no_legacy_keras():
     """``import metarl_tf`` (and the core modules) leave TF_USE_LEGACY_KERAS alone: only the
     modules that import tf-agents set it."""
     out = _run(
-        "import os\nimport metarl_tf, metarl_tf.bundle, metarl_tf.trainer\n"
+        "import os\nimport metarl_tf, metarl_tf.bundle, metarl_tf.training\n"
         "print('legacy:', os.environ.get('TF_USE_LEGACY_KERAS'))"
     )
     assert "legacy: None" in out, out

@@ -14,7 +14,7 @@ from metarl_tf.cli import main
 from metarl_tf.config import get_preset
 from metarl_tf.outer import MetaBatch, make_meta_step
 from metarl_tf.policy import numpy_forward
-from metarl_tf.pretrain import PretrainTrainer, default_bundle_path, pretrain_step
+from metarl_tf.training.pretrain import PretrainTrainer, default_bundle_path, pretrain_step
 
 
 def np_log_prob(mean, log_std, actions):

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from numerics import assert_close, assert_exact
@@ -76,12 +75,6 @@ def service(tiny_bundle, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "service.log"
     with ServiceProcess(bundle=tiny_bundle, env=LIMITS, log_path=log) as proc:
         yield proc
-
-
-@pytest.fixture(scope="module")
-def http(service):
-    with httpx.Client(base_url=service.url, timeout=30) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ distribution built with ``split="train"`` samples training tasks (meta-training)
 with the goal hidden (zeros), as float32; actions are 4-dimensional in ``[-1, 1]``; the reward
 is Meta-World's dense v3 reward. An episode lasts ``horizon`` steps (Meta-World's own limit is
 500). ``episode_success`` (``env.get_attr``) tells whether ``info["success"]`` was 1 at any step
-of the current episode; the meta-test on it is :mod:`metarl_tf.metaworld_eval`.
+of the current episode; the meta-test on it is :mod:`metarl_tf.evaluation.metaworld`.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def make_meta_step(
         policy: the policy; ``step_sizes`` the inner step sizes (variables when learned).
         optimizer: a built Keras optimizer for PPO and Adam (``None`` for TRPO).
         log_std_shift: the learned log σ shift variable (TRPO), or ``None``.
-        joint: the pretrained baseline's update (:mod:`metarl_tf.pretrain`): step size zero, one
+        joint: the pretrained baseline's update (:mod:`metarl_tf.training.pretrain`): step size zero, one
             first-order inner step, nothing else learned, so ``θ' = θ`` and the objective is the
             policy's own surrogate.
     """

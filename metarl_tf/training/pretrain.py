@@ -26,7 +26,7 @@ import numpy as np
 
 from metarl_tf.config import TrainConfig
 from metarl_tf.outer import MetaBatch, make_meta_step
-from metarl_tf.trainer import MetaTrainer, _to_tensors, peak_rss_mb
+from metarl_tf.training.trainer import MetaTrainer, _to_tensors, peak_rss_mb
 
 
 def default_bundle_path(config: TrainConfig) -> Path:

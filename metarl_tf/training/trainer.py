@@ -516,13 +516,3 @@ class MetaTrainer:
             path, self.policy, self.step_size_values(), self.dist,
             adaptation=adaptation, training=summary, extra_files=extra_files,
         )  # fmt: skip
-
-
-def make_trainer(config: TrainConfig, run_dir: str | Path | None = None) -> MetaTrainer:
-    """The trainer of ``config.algo``: :class:`MetaTrainer` (``maml``) or
-    :class:`metarl_tf.pretrain.PretrainTrainer` (``pretrain``)."""
-    if config.algo == "pretrain":
-        from metarl_tf.pretrain import PretrainTrainer
-
-        return PretrainTrainer(config, run_dir)
-    return MetaTrainer(config, run_dir)

@@ -2,7 +2,7 @@
 step (the benchmark's own measure: a task counts as solved in an episode when ``info["success"]``
 was 1 at any step).
 
-    python -m metarl_tf.metaworld_eval BUNDLE [N_TASKS] [EPISODES]
+    python -m metarl_tf.evaluation.metaworld BUNDLE [N_TASKS] [EPISODES]
 
 prints :func:`meta_test_success` as JSON.
 """
@@ -85,7 +85,7 @@ def meta_test_success(
             "return_pre": returns_pre}  # fmt: skip
 
 
-if __name__ == "__main__":  # python -m metarl_tf.metaworld_eval BUNDLE [N_TASKS] [EPISODES]
+if __name__ == "__main__":  # python -m metarl_tf.evaluation.metaworld BUNDLE [N_TASKS] [EPISODES]
     import json
     import sys
 
