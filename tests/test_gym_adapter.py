@@ -30,7 +30,7 @@ def recipe():
 
 def test_recipe_distribution(recipe):
     dist = TASK_DISTRIBUTIONS["point-goal-1d"](horizon=7)
-    assert dist.config() == {"horizon": 7, "num_workers": 0}
+    assert dist.config() == {"horizon": 7}
     assert dist.observation_spec.shape == (1,) and dist.action_spec.shape == (1,)
     assert_close(dist.action_spec.maximum, 0.1, ulps=1)
     tasks = dist.sample_tasks(2, seed=0)
