@@ -4,6 +4,7 @@ plot-training | scratch-ppo."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -312,7 +313,7 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir or f"runs/{out.name}")
     result = fit(
         config, run_dir, out, resume=args.resume, init_from=args.init_from, select=args.select,
-        progress=not args.no_progress,
+        progress=not args.no_progress, log=functools.partial(print, flush=True),
     )  # fmt: skip
     last = result.last_metrics
     if last:
