@@ -157,6 +157,7 @@ def choose_step_size(
     episodes: int,
     steps: int,
     params: list[np.ndarray] | None = None,
+    backend=None,
 ) -> float:
     """Sets ``method.step_size`` to the grid value with the best mean return after 1..``steps``
     inner steps on ``n_tasks`` validation tasks (seed :data:`VALIDATION_SEED`); records the
@@ -170,7 +171,7 @@ def choose_step_size(
         method.adapter.step_sizes.assign(float(alpha))
         curve = method_curve(
             method.task_distribution, method.policy, params or method.params, method.adapter,
-            tasks, episodes, k, VALIDATION_SEED,
+            tasks, episodes, k, VALIDATION_SEED, backend,
         )  # fmt: skip
         score = float(np.mean(curve["mean_return"][1:]))
         scores.append(score if np.isfinite(score) else -np.inf)
@@ -198,6 +199,7 @@ def build_methods(
     validation_tasks: int = 40,
     episodes: int = 20,
     steps: int = 3,
+    backend=None,
 ) -> list[Method]:
     """``maml`` (the bundle as it is) and the requested baselines, with their step sizes fixed
     (``step_size``) or chosen on validation tasks (``step_size=None``: :func:`choose_step_size`).
@@ -228,7 +230,7 @@ def build_methods(
         if step_size is None:
             # the random baseline's grid uses an initialization of its own (seed VALIDATION_SEED)
             init = random_parameters(method.policy, VALIDATION_SEED) if name == "random" else None
-            choose_step_size(method, grid, validation_tasks, episodes, steps, init)
+            choose_step_size(method, grid, validation_tasks, episodes, steps, init, backend)
         else:
             method.step_size = float(step_size)
             method.selection = {

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -29,31 +28,43 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from metarl_tf.atomic_files import (
+    check_writable,
+    fsync_tree,
+    recover_directory,
+    replace_directory,
+    temporary_sibling,
+)
+from metarl_tf.bundle_schema import (
+    FORMAT_VERSION,
+    FORMAT_VERSION_STEP_RULES,
+    META_FILE,
+    POLICY_FILE,
+    STEP_SIZES_FILE,
+    BundleError,
+    check_against_distribution,
+    is_project_bundle,
+    sha256_of,
+    validate_bundle,
+)
 from metarl_tf.envs import TaskDistribution, make_task_distribution
 from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 from metarl_tf.rollout import pad_episodes
 
-FORMAT_VERSION = 1
-# Version 2: the adaptation rule has per-step step sizes (``step_sizes.blocks``) or a log σ shift
-# (``adaptation.log_std_shift``). Written only for such bundles, so that a reader of version 1,
-# which would ignore them and adapt differently, refuses the bundle instead.
-FORMAT_VERSION_STEP_RULES = 2
-POLICY_FILE = "policy.keras"
-META_FILE = "meta.json"
-STEP_SIZES_FILE = "step_sizes.npz"
-
-
-class BundleError(ValueError):
-    """A bundle is missing, incomplete, tampered with, or of an unknown format."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = [
+    "FORMAT_VERSION",
+    "FORMAT_VERSION_STEP_RULES",
+    "META_FILE",
+    "POLICY_FILE",
+    "STEP_SIZES_FILE",
+    "AdaptedPolicy",
+    "Bundle",
+    "BundleError",
+    "check_bundle_target",
+    "load_bundle",
+    "save_bundle",
+]
 
 
 def _spec_to_json(spec) -> dict[str, Any]:
@@ -116,7 +127,7 @@ class Bundle:
     def checksum(self) -> str:
         """sha256 of ``meta.json``, which holds the sha256 of every other file: one digest that
         identifies the whole bundle (recorded in exported SavedModels)."""
-        return _sha256(self.path / META_FILE)
+        return sha256_of(self.path / META_FILE)
 
     @property
     def default_steps(self) -> int:
@@ -246,6 +257,33 @@ def _step_size_keys(parameter_names: list[str], blocks: int) -> list[str]:
     return [f"step{b}__{n}" for b in range(blocks) for n in names]
 
 
+def check_bundle_target(path: str | os.PathLike) -> Path:
+    """Refuses a bundle destination that holds anything but a bundle of this project: an
+    existing file or link, or a non-empty directory without our ``meta.json``. A new bundle
+    replaces the old one there; nothing else is ever deleted. Returns ``path``."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise BundleError(
+            f"refusing to write a bundle to {str(path)!r}: it exists and is not a directory; "
+            "choose a new directory (an existing one is replaced only if it holds a bundle)"
+        )
+    if path.is_dir() and any(path.iterdir()) and not is_project_bundle(path):
+        raise BundleError(
+            f"refusing to write a bundle to {str(path)!r}: the directory is not empty and holds "
+            f"no metarl-tf bundle (no valid {META_FILE}); nothing was changed - choose a new or "
+            "empty directory"
+        )
+    return path
+
+
+def check_bundle_destination(path: str | os.PathLike) -> Path:
+    """:func:`check_bundle_target`, plus that its parent directory can be written (created if
+    needed): what a long run checks before it starts. Raises ``OSError`` naming the directory."""
+    path = check_bundle_target(path)
+    check_writable(path.parent)
+    return path
+
+
 def save_bundle(
     path: str | os.PathLike,
     policy: GaussianMLPPolicy | CategoricalMLPPolicy,
@@ -265,9 +303,25 @@ def save_bundle(
         extra_files: ``{name in bundle: source path}`` copied in and checksummed (e.g. the
             training run's ``metrics.jsonl``).
     """
-    path = Path(path)
+    path = check_bundle_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    recover_directory(path)  # what an interrupted earlier write left beside it
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_sibling(path), dir=path.parent))
+    try:
+        _write_bundle_files(
+            tmp, path.name, policy, step_sizes, task_distribution, adaptation, training, extra_files
+        )
+        fsync_tree(tmp)
+        replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_bundle_files(
+    tmp, name, policy, step_sizes, task_distribution, adaptation, training, extra_files
+) -> None:
     tmp.chmod(0o755)
     files = [POLICY_FILE]
     policy.save(tmp / POLICY_FILE)
@@ -290,7 +344,7 @@ def save_bundle(
         files.append(name)
     meta = {
         "format_version": FORMAT_VERSION_STEP_RULES if step_rules else FORMAT_VERSION,
-        "name": path.name,
+        "name": name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "task_distribution": {"name": task_distribution.name, "config": task_distribution.config()},
         "observation_spec": _spec_to_json(task_distribution.observation_spec),
@@ -315,70 +369,39 @@ def save_bundle(
         },
         "adaptation": {"step_sizes": sizes_json, **adaptation},
         "training": training or {},
-        "files": {f: _sha256(tmp / f) for f in files},
+        "files": {f: sha256_of(tmp / f) for f in files},
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if path.exists():
-        backup = path.with_name(f".{path.name}.old")
-        if backup.exists():
-            shutil.rmtree(backup)
-        path.rename(backup)
-        tmp.rename(path)
-        shutil.rmtree(backup)
-    else:
-        tmp.rename(path)
-    return path
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Loads and verifies a bundle; raises :class:`BundleError` saying what is wrong."""
+    """Loads and verifies a bundle (:func:`metarl_tf.bundle_schema.validate_bundle`, then the
+    policy, the step sizes and the specs against the task distribution's own); raises
+    :class:`BundleError` saying what is wrong."""
     path = Path(path)
-    if not path.is_dir():
+    old = path.parent / f".{path.name}.old"
+    if not path.exists() and old.is_dir():
         raise BundleError(
-            f"bundle {str(path)!r} is not a directory (expected saved_models/<name>/)"
+            f"bundle {str(path)!r} is missing, but {old} holds its previous version (a write "
+            "was interrupted); writing the bundle again restores it, or rename it yourself"
         )
+    meta = validate_bundle(path)
     meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise BundleError(f"bundle {str(path)!r} has no {META_FILE}; is it a metarl-tf bundle?")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{meta_path}: not valid JSON ({err})") from None
-    version = meta.get("format_version")
-    if version not in (FORMAT_VERSION, FORMAT_VERSION_STEP_RULES):
-        raise BundleError(
-            f"{meta_path}: format_version {version!r} is not supported (expected "
-            f"{FORMAT_VERSION} or {FORMAT_VERSION_STEP_RULES})"
-        )
-    for key in ("files", "policy", "adaptation", "task_distribution"):
-        if key not in meta:
-            raise BundleError(f"{meta_path}: missing key {key!r}; the bundle is incomplete")
-    for name, digest in meta["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise BundleError(f"bundle {str(path)!r} is incomplete: {name} is missing")
-        actual = _sha256(f)
-        if actual != digest:
-            raise BundleError(
-                f"bundle {str(path)!r}: checksum mismatch for {name} (meta.json says {digest[:12]}..., "
-                f"file is {actual[:12]}...); the file was modified or corrupted - re-export the bundle"
-            )
-    if POLICY_FILE not in meta["files"]:
-        raise BundleError(f"{meta_path}: files does not list {POLICY_FILE}")
     try:
         policy = keras.saving.load_model(path / POLICY_FILE, safe_mode=True, compile=False)
     except Exception as err:  # keras raises many types; the message is what matters
         raise BundleError(f"bundle {str(path)!r}: cannot load {POLICY_FILE}: {err}") from err
     if [list(s) for s in policy.parameter_shapes] != meta["policy"]["parameter_shapes"]:
         raise BundleError(f"bundle {str(path)!r}: policy shapes differ from meta.json")
+    if type(policy).__name__ != meta["policy"]["class"]:
+        raise BundleError(
+            f"bundle {str(path)!r}: {POLICY_FILE} holds a {type(policy).__name__}, meta.json "
+            f"says {meta['policy']['class']}"
+        )
     sizes = meta["adaptation"]["step_sizes"]
     if isinstance(sizes, dict):
-        fname = sizes.get("file")
-        if fname not in meta["files"]:
-            raise BundleError(f"{meta_path}: step size file {fname!r} is not checksummed in files")
+        fname = sizes["file"]
         blocks = sizes.get("blocks", 1)
-        if not isinstance(blocks, int) or blocks < 1:
-            raise BundleError(f"{meta_path}: step_sizes.blocks must be a positive integer")
         with np.load(path / fname, allow_pickle=False) as data:
             keys = _step_size_keys(policy.parameter_names, blocks)
             missing = [k for k in keys if k not in data]
@@ -392,19 +415,15 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                 )
     else:
         step_sizes = float(sizes)
-    shift = meta["adaptation"].get("log_std_shift")
-    if shift is not None:
-        expected = list(policy.parameter_shapes[-1])
-        numeric = all(isinstance(x, (int, float)) and np.isfinite(x) for x in np.ravel(shift))
-        if (
-            policy.parameter_names[-1] != "log_std"
-            or np.shape(shift) != tuple(expected)
-            or not numeric
-        ):
-            raise BundleError(
-                f"{meta_path}: adaptation.log_std_shift must be a list of {expected} floats for "
-                f"a Gaussian policy's log_std, got {shift!r}"
-            )
     td = meta["task_distribution"]
-    dist = make_task_distribution(td["name"], **td.get("config", {}))
+    try:
+        dist = make_task_distribution(td["name"], **td.get("config", {}))
+    except (TypeError, ValueError) as err:
+        raise BundleError(f"{meta_path}: task_distribution {td!r}: {err}") from None
+    try:
+        specs = _spec_to_json(dist.observation_spec), _spec_to_json(dist.action_spec)
+    except ImportError:  # an optional extra (Meta-World) builds the specs: checked where it is
+        specs = None
+    if specs is not None:
+        check_against_distribution(meta, *specs, str(meta_path))
     return Bundle(path, path.name, meta, policy, step_sizes, dist)

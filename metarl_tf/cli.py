@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +26,17 @@ def _list_of(kind, example: str):
             ) from None
 
     return parse
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_train(sub) -> None:
@@ -123,14 +132,35 @@ def _add_train(sub) -> None:
         "--gae-lambda", type=float,
         help="GAE λ of the advantages (inner and outer; 1 = Monte Carlo returns minus baseline)",
     )  # fmt: skip
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations")
+    p.add_argument(
+        "--checkpoint-every", type=_positive_int, metavar="N",
+        help="checkpoint every N >= 1 iterations (and always at the end or on SIGTERM/SIGINT)",
+    )  # fmt: skip
     p.add_argument("--meta-batch-size", type=int, help="tasks per meta-iteration (overrides)")
     p.add_argument("--episodes-per-task", type=int, help="episodes per task (overrides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    _add_backend_options(p, default=None)
     p.add_argument(
         "--select", choices=["last", "best"], default="last",
         help="bundle from the last iteration, or from the iteration with the best 10-iteration moving "
-        "average of the *training* post-adaptation return (kept in RUN_DIR/best)",
+        "average of the *training* post-adaptation return (kept in the checkpoint)",
+    )  # fmt: skip
+
+
+def _add_backend_options(p, default) -> None:
+    """--backend, --ray-address, --num-env-workers (train: defaults from the preset)."""
+    p.add_argument(
+        "--backend", choices=["local", "ray"], default=default,
+        help="where the environments step: local (this process) or ray (Ray actors; same batches)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ray-address", default=None,
+        help="with --backend ray: 'auto' or 'ray://host:port' joins a cluster (default: start Ray "
+        "on this machine with all its cores)",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-env-workers", type=int, default=None,
+        help="with --backend ray: actors stepping environments (default: one per CPU of the cluster)",
     )  # fmt: skip
 
 
@@ -167,6 +197,7 @@ def _add_evaluate(sub) -> None:
     )  # fmt: skip
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write PNG plots with this path prefix (curve, trajectories)")
+    _add_backend_options(p, default="local")
 
 
 def _add_export(sub) -> None:
@@ -192,7 +223,11 @@ def _add_export_savedmodel(sub) -> None:
         "optionally lengths [E] (metarl_tf.rollout.save_episodes writes one)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, help="inner steps with --adapt-on (default: the bundle's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an OUT this command wrote (anything else is refused)",
+    )
 
 
 def _add_plot_training(sub) -> None:
@@ -256,19 +291,16 @@ def _train_config(args):
         "log_std_shift": args.log_std_shift,
     }  # fmt: skip
     overrides["meta_batch_size"] = args.meta_batch_size
+    overrides["backend"] = args.backend
+    overrides["ray_address"] = args.ray_address
+    overrides["num_env_workers"] = args.num_env_workers
     overrides["episodes_per_task"] = args.episodes_per_task
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def cmd_train(args) -> int:
-    from tqdm import tqdm
-
     from metarl_tf.pretrain import default_bundle_path
-    from metarl_tf.trainer import make_trainer, read_metrics_rows, write_metrics_rows
+    from metarl_tf.training import fit
 
     config = _train_config(args)
     default_out = (
@@ -278,118 +310,23 @@ def cmd_train(args) -> int:
     )
     out = Path(args.out or default_out)
     run_dir = Path(args.run_dir or f"runs/{out.name}")
-    ckpt_dir = run_dir / "checkpoint"
-    metrics_path = run_dir / "metrics.jsonl"
-    if args.resume and args.init_from:
-        print("error: --resume and --init-from exclude each other", file=sys.stderr)
-        return 2
-    if not args.resume and (ckpt_dir / "state.json").exists():
-        print(f"error: {run_dir} already holds a checkpoint; pass --resume to continue it, "
-              f"or choose another --run-dir", file=sys.stderr)  # fmt: skip
-        return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(config, run_dir)
-    config = trainer.config  # pretrain switches Meta-SGD off
-    if args.resume and trainer.restore_checkpoint(ckpt_dir):
-        print(f"resumed from {ckpt_dir} at iteration {trainer.iteration}")
-        # keep metrics of the iterations the checkpoint covers, drop any written after it
-        if metrics_path.exists():
-            write_metrics_rows(metrics_path, read_metrics_rows(metrics_path, trainer.iteration))
-    elif args.init_from:
-        try:
-            rows = trainer.init_from_bundle(args.init_from)
-        except ValueError as err:  # BundleError included
-            print(f"error: --init-from: {err}", file=sys.stderr)
-            return 2
-        print(f"continuing {args.init_from} from iteration {trainer.iteration}")
-        write_metrics_rows(metrics_path, rows)
-    elif not args.resume:
-        metrics_path.write_text("")
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-
-    import tensorflow as tf
-
-    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-    print(f"{'meta-training' if config.algo == 'maml' else 'pretraining'} {args.preset}: {config.iterations} iterations, "
-          f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x {config.horizon} steps, "
-          f"outer={config.outer}{' meta-sgd' if config.meta_sgd else ''}"
-          f"{' first-order' if config.first_order else ''} -> {out}")  # fmt: skip
-    bar = tqdm(total=config.iterations, initial=trainer.iteration, unit="it", disable=args.no_progress,
-               dynamic_ncols=True)  # fmt: skip
-    interrupted = False
-    # Stop like Ctrl-C on SIGTERM (kill, docker stop, job schedulers), and take SIGINT back from
-    # shells that start background jobs with it ignored.
-    previous = {sig: signal.signal(sig, handler) for sig, handler in (
-        (signal.SIGTERM, _raise_keyboard_interrupt), (signal.SIGINT, signal.default_int_handler))}  # fmt: skip
-    try:
-        while trainer.iteration < config.iterations:
-            m = trainer.train_iteration()
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            with writer.as_default(step=trainer.iteration):
-                for k, v in m.items():
-                    if k != "iteration":
-                        tf.summary.scalar(k, v)
-            bar.update(1)
-            bar.set_postfix(pre=f"{m['returns/pre_adaptation']:.1f}", post=f"{m['returns/post_adaptation']:.1f}",
-                            kl=f"{m.get('losses/kl', 0.0):.4f}", s_it=f"{m['time/iteration_s']:.2f}")  # fmt: skip
-            if args.no_progress:
-                print(f"it {trainer.iteration:4d} pre {m['returns/pre_adaptation']:8.2f} "
-                      f"post {m['returns/post_adaptation']:8.2f} {m['time/iteration_s']:.2f}s", flush=True)  # fmt: skip
-            if trainer.iteration % config.checkpoint_every == 0:
-                trainer.save_checkpoint(ckpt_dir)
-            _track_best(trainer, run_dir / "best")
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: saving a checkpoint and a bundle ...", file=sys.stderr)
-    finally:
-        bar.close()
-        writer.flush()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    trainer.save_checkpoint(ckpt_dir)
-    best_state = run_dir / "best" / "state.json"
-    if args.select == "best" and best_state.exists():
-        final_iteration = trainer.iteration
-        trainer.restore_checkpoint(run_dir / "best")
-        best = json.loads((run_dir / "best" / "best.json").read_text())
-        print(f"selected iteration {trainer.iteration} of {final_iteration} (best 10-iteration moving average "
-              f"of {trainer.selection_metric}: {best['post_return_ma10']:.2f})")  # fmt: skip
-        trainer.selection = {"select": "best", "trained_iterations": final_iteration, **best}
-    trainer.export_bundle(out, extra_files={"metrics.jsonl": metrics_path})
-    last = trainer.history[-10:]
+    result = fit(
+        config, run_dir, out, resume=args.resume, init_from=args.init_from, select=args.select,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    last = result.last_metrics
     if last:
         pre = sum(m["returns/pre_adaptation"] for m in last) / len(last)
         post = sum(m["returns/post_adaptation"] for m in last) / len(last)
-        print(f"bundle written to {out} (iteration {trainer.iteration}; last {len(last)} iterations: "
-              f"pre {pre:.2f}, post {post:.2f}; {trainer.elapsed:.0f} s of training)")  # fmt: skip
+        print(f"bundle written to {out} (iteration {result.iteration}; last {len(last)} iterations: "
+              f"pre {pre:.2f}, post {post:.2f}; {result.elapsed:.0f} s of training)")  # fmt: skip
     else:
-        print(f"bundle written to {out} (iteration {trainer.iteration})")
-    if interrupted:
-        print(f"resume with: python -m metarl_tf train --preset {args.preset} --out {out} "
-              f"--run-dir {run_dir} --resume", file=sys.stderr)  # fmt: skip
-        return 130
-    return 0
-
-
-BEST_WINDOW = 10
-
-
-def _track_best(trainer, best_dir: Path) -> None:
-    """Snapshot the parameters whenever the moving average of the training post-adaptation
-    return (last BEST_WINDOW iterations of this process) reaches a new best."""
-    recent = trainer.history[-BEST_WINDOW:]
-    if len(recent) < BEST_WINDOW:
-        return
-    key = trainer.selection_metric  # post-adaptation return; pre-adaptation for --algo pretrain
-    value = sum(m[key] for m in recent) / len(recent)
-    record = best_dir / "best.json"
-    if record.exists() and json.loads(record.read_text())["post_return_ma10"] >= value:
-        return
-    trainer.save_checkpoint(best_dir)
-    record.write_text(
-        json.dumps({"iteration": trainer.iteration, "post_return_ma10": value}) + "\n"
-    )
+        print(f"bundle written to {out} (iteration {result.iteration})")
+    if result.stopped_by:
+        print(f"{result.stopped_by}: stopped after iteration {result.trained_iterations}; the "
+              f"checkpoint and the bundle are saved. Resume with: python -m metarl_tf train "
+              f"--preset {args.preset} --out {out} --run-dir {run_dir} --resume", file=sys.stderr)  # fmt: skip
+    return result.exit_code
 
 
 def cmd_evaluate(args) -> int:
@@ -403,6 +340,7 @@ def cmd_evaluate(args) -> int:
         plot_method_trajectories,
         plot_trajectories,
     )  # fmt: skip
+    from metarl_tf.rollout import make_backend
 
     if args.tasks < 2 or args.episodes < 1 or args.steps < 0:
         print("error: need --tasks >= 2, --episodes >= 1, --steps >= 0", file=sys.stderr)
@@ -424,10 +362,12 @@ def cmd_evaluate(args) -> int:
                 f"--baseline-step-size takes 'grid' or a number, got {args.baseline_step_size!r}"
             ) from None
     bundle = load_bundle(args.bundle)
+    backend = make_backend(args.backend, args.ray_address, args.num_env_workers or 0)
     t0 = time.perf_counter()
     result = evaluate(
         bundle, args.tasks, args.episodes, args.steps, seeds=seeds, baselines=baselines,
         pretrained=args.pretrained, oracle=args.oracle, baseline_step_size=step_size,
+        backend=backend,
     )  # fmt: skip
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {','.join(map(str, seeds))}"
     print(f"{bundle.name}: {args.tasks} fresh tasks, {args.episodes} episodes per step, {seed_text} "
@@ -461,36 +401,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from metarl_tf.config import TrainConfig
-    from metarl_tf.trainer import make_trainer, read_metrics_rows, write_metrics_rows
+    from metarl_tf.training import export_run
 
-    run_dir = Path(args.run_dir)
-    state = run_dir / "checkpoint" / "state.json"
-    if not state.exists():
-        print(f"error: no checkpoint in {run_dir / 'checkpoint'}", file=sys.stderr)
-        return 2
-    config = TrainConfig.from_dict(json.loads(state.read_text())["config"])
-    trainer = make_trainer(config, run_dir)
-    if args.select == "best":
-        if not (run_dir / "best" / "state.json").exists():
-            print(f"error: no best snapshot in {run_dir / 'best'}", file=sys.stderr)
-            return 2
-        trainer.restore_checkpoint(run_dir / "best")
-        final = json.loads(state.read_text())["iteration"]
-        best = json.loads((run_dir / "best" / "best.json").read_text())
-        trainer.selection = {"select": "best", "trained_iterations": final, **best}
-    else:
-        trainer.restore_checkpoint(run_dir / "checkpoint")
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        trainer.export_bundle(args.out)
-    else:  # the run may have gone on past its last checkpoint: keep the rows the bundle covers
-        trainer.history = read_metrics_rows(metrics, trainer.iteration)
-        with tempfile.TemporaryDirectory() as tmp:
-            kept = Path(tmp) / "metrics.jsonl"
-            write_metrics_rows(kept, trainer.history)
-            trainer.export_bundle(args.out, extra_files={"metrics.jsonl": kept})
-    print(f"bundle written to {args.out} from iteration {trainer.iteration}")
+    result = export_run(args.run_dir, args.out, select=args.select)
+    print(f"bundle written to {args.out} from iteration {result.iteration}")
     return 0
 
 
@@ -587,12 +501,22 @@ def cmd_scratch_ppo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from metarl_tf.training.run import RunError  # after parsing: --help imports no TensorFlow
+
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
                     "export-savedmodel": cmd_export_savedmodel,
                     "plot-training": cmd_plot_training, "scratch-ppo": cmd_scratch_ppo}  # fmt: skip
         return commands[args.command](args)
+    except RunError as err:  # refused or failed runs: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except (ValueError, FileNotFoundError) as err:  # user errors: say what is wrong, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ImportError, ConnectionError) as err:  # --backend ray: Ray missing or unreachable
+        if isinstance(err, ImportError) and err.name != "ray":
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -64,6 +64,12 @@ class TrainConfig:
         algo: ``maml`` (meta-training) or ``pretrain`` (one policy trained jointly on all tasks
             with the outer update and no inner step: the *pretrained* / *oracle* baselines of
             ``metarl_tf.pretrain``).
+        backend: where the sub-environments step: ``local`` (this process) or ``ray`` (Ray
+            actors, :mod:`metarl_tf.envs.ray_backend`); the batches are the same.
+        ray_address: with ``backend="ray"``: ``None`` starts Ray on this machine, ``auto`` or
+            ``ray://host:port`` joins a cluster.
+        num_env_workers: with ``backend="ray"``: actors stepping sub-environments (0 = one per
+            CPU of the Ray cluster).
     """
 
     task_distribution: str = "nav2d"
@@ -99,6 +105,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 10
     algo: str = "maml"
+    backend: str = "local"
+    ray_address: str | None = None
+    num_env_workers: int = 0
 
     def __post_init__(self):
         if self.outer not in ("trpo", "adam", "ppo"):
@@ -135,6 +144,10 @@ class TrainConfig:
             )
         if self.algo not in ("maml", "pretrain"):
             raise ValueError(f"algo must be 'maml' or 'pretrain', got {self.algo!r}")
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
+        if self.num_env_workers < 0:
+            raise ValueError(f"num_env_workers must be >= 0, got {self.num_env_workers}")
         for name in (
             "meta_batch_size",
             "episodes_per_task",

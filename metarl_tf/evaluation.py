@@ -52,14 +52,15 @@ def adaptation_curve(bundle, tasks: list, episodes: int, steps: int, seed: int) 
 
 
 def method_curve(
-    dist, policy, params, adapter, tasks: list, episodes: int, steps: int, seed: int
+    dist, policy, params, adapter, tasks: list, episodes: int, steps: int, seed: int, backend=None
 ) -> dict[str, Any]:
     """:func:`adaptation_curve` for any initial weights ``params`` and inner step ``adapter``.
 
     The noise seeds of the ``steps + 1`` samplings come from ``seed`` alone, so methods evaluated
     with the same seed see the same tasks and the same action noise (common random numbers).
+    ``backend``: where the rollouts run (:func:`metarl_tf.rollout.make_backend`; default local).
     """
-    sampler = Sampler(dist, policy, episodes)
+    sampler = Sampler(dist, policy, episodes, backend)
     rng = np.random.default_rng(seed)
     per_task, batches = [], []
     for k in range(steps + 1):
@@ -115,6 +116,7 @@ def evaluate(
     pretrained=None,
     oracle=None,
     baseline_step_size: float | None = None,
+    backend=None,
 ) -> dict[str, Any]:
     """The ``evaluate`` command's JSON (without plots); see ``python -m metarl_tf evaluate -h``.
 
@@ -123,6 +125,7 @@ def evaluate(
     seed ``s`` draws its tasks with ``EVAL_SEED_SALT + s``. ``methods`` holds the aggregate over
     seeds (:func:`aggregate_seeds`), ``per_seed`` the per-seed results with every task's return,
     ``paired_differences`` ``maml − baseline`` per task (same tasks and noise), mean and CI.
+    ``backend`` runs every rollout (:func:`metarl_tf.rollout.make_backend`; default local).
     """
     from metarl_tf.baselines import RANDOM_INIT_SALT, build_methods, random_parameters
 
@@ -132,6 +135,7 @@ def evaluate(
     methods = build_methods(
         bundle, list(baselines), pretrained=pretrained, oracle=oracle,
         step_size=baseline_step_size, validation_tasks=n_tasks, episodes=episodes, steps=steps,
+        backend=backend,
     )  # fmt: skip
     per_task: dict[str, list[np.ndarray]] = {m.name: [] for m in methods}
     per_seed: dict[str, Any] = {}
@@ -146,7 +150,7 @@ def evaluate(
                 else m.params
             )
             curve = method_curve(
-                m.task_distribution, m.policy, params, m.adapter, tasks, episodes, steps, s
+                m.task_distribution, m.policy, params, m.adapter, tasks, episodes, steps, s, backend
             )
             per_task[m.name].append(np.array(curve["per_task"]))
             per_seed[str(s)][m.name] = {k: curve[k] for k in ("mean_return", "ci95", "per_task")}

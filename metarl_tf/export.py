@@ -62,6 +62,12 @@ import numpy as np
 import tensorflow as tf
 
 import metarl_tf
+from metarl_tf.atomic_files import (
+    fsync_tree,
+    recover_directory,
+    replace_directory,
+    temporary_sibling,
+)
 from metarl_tf.bundle import AdaptedPolicy, Bundle, load_bundle
 from metarl_tf.policy import gaussian_mlp_forward, mlp_forward
 
@@ -258,6 +264,15 @@ def _source(policy_or_bundle) -> Bundle | AdaptedPolicy:
     )
 
 
+def _is_exported_savedmodel(path: Path) -> bool:
+    """A directory :func:`export_saved_model` wrote (the only kind it replaces)."""
+    return (
+        not path.is_symlink()
+        and (path / "saved_model.pb").is_file()
+        and (path / "assets" / METADATA_ASSET).is_file()
+    )
+
+
 def export_saved_model(
     policy_or_bundle: Bundle | AdaptedPolicy | str | os.PathLike,
     path: str | os.PathLike,
@@ -271,18 +286,25 @@ def export_saved_model(
             bundle directory, or an :class:`~metarl_tf.bundle.AdaptedPolicy`
             (:meth:`Bundle.adapt`, or a policy the service stored).
         path: the SavedModel directory to write (written beside it, then renamed into place).
-        overwrite: replace an existing non-empty ``path``; otherwise that is an error.
+        overwrite: replace a SavedModel this function wrote at ``path`` (anything else there is
+            refused and left as it is); without it a non-empty ``path`` is an error.
 
     Returns:
         ``path``.
     """
     source = _source(policy_or_bundle)
     path = Path(path)
-    occupied = path.exists() and not (path.is_dir() and not any(path.iterdir()))
+    occupied = os.path.lexists(path) and not (path.is_dir() and not any(path.iterdir()))
     if occupied and not overwrite:
         raise FileExistsError(
             f"{path} exists and is not an empty directory; choose another path or pass "
             "overwrite=True (--overwrite)"
+        )
+    if occupied and not _is_exported_savedmodel(path):
+        raise FileExistsError(
+            f"refusing to overwrite {path}: it is not a SavedModel this project exported (no "
+            f"saved_model.pb with assets/{METADATA_ASSET}); nothing was changed - choose another "
+            "path"
         )
     bundle = source if isinstance(source, Bundle) else source.bundle
     if isinstance(source, Bundle):
@@ -291,7 +313,8 @@ def export_saved_model(
         parameters = [np.asarray(p, np.float32) for p in source.parameters]
     metadata = export_metadata(source)
     path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    recover_directory(path)  # what an interrupted earlier write left beside it
+    work = Path(tempfile.mkdtemp(prefix=temporary_sibling(path), dir=path.parent))
     try:
         asset = work / "asset" / METADATA_ASSET
         asset.parent.mkdir()
@@ -313,9 +336,8 @@ def export_saved_model(
             "action_from_noise": module.action_from_noise.get_concrete_function(observation, noise),
         }
         tf.saved_model.save(module, str(work / "model"), signatures=signatures)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        (work / "model").rename(path)
+        fsync_tree(work / "model")
+        replace_directory(work / "model", path)  # the old SavedModel or the new, never neither
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path

@@ -98,6 +98,7 @@ class PretrainTrainer(MetaTrainer):
         """One joint update on fresh tasks; returns its metrics (also appended to ``history``)."""
         c = self.config
         task_seed, sample_seed, monitor_seed = self._seeds(self.iteration)
+        retries = self.sampler.retries
         t0 = time.perf_counter()
         tasks = self.dist.sample_tasks(c.meta_batch_size, task_seed)
         batch_np = self.sampler.sample(self.policy.parameters, tasks, sample_seed)
@@ -125,6 +126,7 @@ class PretrainTrainer(MetaTrainer):
             "time/elapsed_s": self.elapsed,
             "charts/env_steps": float(batch_np.num_steps),
             "charts/monitor_env_steps": float(after_np.num_steps),
+            "charts/sampling_retries": float(self.sampler.retries - retries),
             "charts/peak_rss_mb": peak_rss_mb(),
         }
         self.history.append(metrics)

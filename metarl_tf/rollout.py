@@ -10,18 +10,47 @@ the stored actions). The policy draws its own per-step noise (``sample_noise``: 
 noise, or uniform numbers for inverse-CDF sampling of a categorical policy) from the sampler's
 seeded RNG, and turns observations and noise into actions (``numpy_act``).
 
+Where the sub-environments step is the *backend*'s business: :class:`LocalBackend` builds the
+task distribution's own batched env in this process (the embedded default);
+:class:`metarl_tf.envs.ray_backend.RayBackend` splits the sub-environments over Ray actors and
+gathers their observations for the same one policy call per step (:func:`make_backend`). A backend
+that loses a worker mid-batch raises :class:`RecoverableSamplingError`; the sampler then samples
+the whole batch again (the same seed gives the same batch) and counts the retry.
+
 Discrete actions are stored float-encoded (``[..., 1]`` float32 holding the index, see
 :mod:`metarl_tf.policy`) and handed to the env as integers ``[num_envs]``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import logging
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from metarl_tf.envs.base import Task, TaskDistribution, is_discrete_spec
+from metarl_tf.envs.base import (
+    BatchedEnv,
+    RecoverableSamplingError,
+    Task,
+    TaskDistribution,
+    is_discrete_spec,
+)
 from metarl_tf.policy import GaussianMLPPolicy
+
+BACKENDS = ("local", "ray")
+__all__ = [
+    "BACKENDS",
+    "EpisodeBatch",
+    "LocalBackend",
+    "RecoverableSamplingError",
+    "Sampler",
+    "SamplingBackend",
+    "load_episodes",
+    "make_backend",
+    "pad_episodes",
+    "save_episodes",
+]
+_log = logging.getLogger(__name__)
 
 
 class EpisodeBatch(NamedTuple):
@@ -51,6 +80,56 @@ class EpisodeBatch(NamedTuple):
         return int(np.sum(self.mask))
 
 
+class SamplingBackend(Protocol):
+    """Where the sub-environments of a batch step: ``make_batched_env`` has the meaning of
+    :meth:`TaskDistribution.make_batched_env` (task-major, ``BatchedEnv.seed`` before every
+    ``reset``); ``close`` releases the backend's workers."""
+
+    name: str
+
+    def make_batched_env(
+        self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
+    ) -> BatchedEnv: ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The task distribution's own batched env, in this process (or in the distribution's own
+    worker processes, e.g. the MuJoCo families' ``num_workers``)."""
+
+    name = "local"
+
+    def make_batched_env(
+        self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
+    ) -> BatchedEnv:
+        return dist.make_batched_env(tasks, episodes_per_task)
+
+    def close(self) -> None:
+        pass
+
+
+def make_backend(
+    backend: str = "local", address: str | None = None, num_workers: int = 0
+) -> SamplingBackend:
+    """The sampling backend by name.
+
+    Args:
+        backend: ``local`` (this process) or ``ray`` (Ray actors; needs the ``ray`` extra).
+        address: with ``ray``: ``None`` starts a Ray instance on this machine, ``auto`` joins
+            the cluster this machine belongs to, ``ray://host:port`` a remote one.
+        num_workers: with ``ray``: actors stepping sub-environments (0 = one per CPU of the Ray
+            cluster).
+    """
+    if backend == "local":
+        return LocalBackend()
+    if backend == "ray":
+        from metarl_tf.envs.ray_backend import RayBackend
+
+        return RayBackend.shared(address=address, num_workers=num_workers)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
 class Sampler:
     """Collects ``episodes_per_task`` episodes per task with per-task policy weights.
 
@@ -58,15 +137,30 @@ class Sampler:
         dist: the task distribution (builds the batched env).
         policy: the policy; only its functional form and specs are used.
         episodes_per_task: episodes collected for every task.
+        backend: where the sub-environments step (default :class:`LocalBackend`).
+        max_retries: times a batch is sampled again after a :class:`RecoverableSamplingError`.
+
+    Attributes:
+        retries: batches sampled again so far (a trainer reports it per iteration).
     """
 
-    def __init__(self, dist: TaskDistribution, policy: GaussianMLPPolicy, episodes_per_task: int):
+    def __init__(
+        self,
+        dist: TaskDistribution,
+        policy: GaussianMLPPolicy,
+        episodes_per_task: int,
+        backend: SamplingBackend | None = None,
+        max_retries: int = 3,
+    ):
         # policy: GaussianMLPPolicy or CategoricalMLPPolicy (anything with act_dim, sample_noise,
         # numpy_act)
         self.dist = dist
         self.policy = policy
         self.episodes_per_task = int(episodes_per_task)
         self.horizon = dist.horizon
+        self.backend = backend if backend is not None else LocalBackend()
+        self.max_retries = int(max_retries)
+        self.retries = 0
 
     def sample(
         self, params, tasks: list[Task], seed: int, deterministic: bool = False
@@ -77,10 +171,27 @@ class Sampler:
             params: per-task weights ``[tasks, *shape]``, or one shared set ``[*shape]``.
             tasks: the tasks, ``len(tasks)`` of them.
             seed: seeds the action noise and the env's own randomness (``BatchedEnv.seed``); the
-                same inputs and seed give the same batch.
+                same inputs and seed give the same batch, whatever the backend.
             deterministic: take the mean (Gaussian) or most likely (categorical) action instead
                 of sampling.
+
+        Raises:
+            RecoverableSamplingError: the backend failed ``max_retries + 1`` times in a row.
         """
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._sample(params, tasks, seed, deterministic)
+            except RecoverableSamplingError as err:
+                if attempt == self.max_retries:
+                    raise RecoverableSamplingError(
+                        f"sampling failed {attempt + 1} times in a row on the "
+                        f"{self.backend.name} backend; last error: {err}"
+                    ) from err
+                self.retries += 1
+                _log.warning("sampling again (retry %d): %s", attempt + 1, err)
+        raise AssertionError("unreachable")
+
+    def _sample(self, params, tasks: list[Task], seed: int, deterministic: bool) -> EpisodeBatch:
         n_tasks, n_eps, horizon = len(tasks), self.episodes_per_task, self.horizon
         params = [np.asarray(p, np.float32) for p in params]
         if params[0].ndim == 2:  # shared weights: one copy per task
@@ -97,7 +208,7 @@ class Sampler:
         rewards = np.zeros((horizon, n_tasks * n_eps), np.float32)
         mask = np.zeros((horizon, n_tasks * n_eps), np.float32)
 
-        env = self.dist.make_batched_env(tasks, n_eps)
+        env = self.backend.make_batched_env(self.dist, tasks, n_eps)
         env.seed(env_seed)
         obs = env.reset()
         active = np.ones(n_tasks * n_eps, bool)

@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +17,25 @@ import numpy as np
 import tensorflow as tf
 
 from metarl_tf.advantages import compute_advantages
+from metarl_tf.atomic_files import write_text_atomic
 from metarl_tf.bundle import load_bundle, save_bundle
+from metarl_tf.checkpoint import BEST_PREFIX, checkpoint_exists, read_checkpoint, write_checkpoint
 from metarl_tf.config import TrainConfig
 from metarl_tf.curvature import analytic_curvature_for
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.maml import Adapter, step_size_blocks
 from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
 from metarl_tf.policy import make_policy
-from metarl_tf.rollout import EpisodeBatch, Sampler
+from metarl_tf.rollout import EpisodeBatch, Sampler, make_backend
 
 # XLA (jit_compile) helps Eigen's kernels but runs slower than TensorFlow's oneDNN kernels for this
 # step (bench/train_speed.py: 3.1 s vs 1.7 s per nav2d iteration); METARL_JIT=1 opts in.
 _JIT = os.environ.get("METARL_JIT", "0") == "1"
-CHECKPOINT_ARRAYS = "state.npz"
-CHECKPOINT_STATE = "state.json"
+# Iterations of metrics a checkpoint keeps: the window of ``--select best``'s moving average and of
+# the bundle's "last 10 iterations" summary.
+BEST_WINDOW = 10
 # Fields a run may change when it continues: on --resume of its checkpoint ...
-RUN_FIELDS = ("iterations", "checkpoint_every")
+RUN_FIELDS = ("iterations", "checkpoint_every", "backend", "ray_address", "num_env_workers")
 # ... and from a bundle (train --init-from): sampling and outer-step settings, and the number of
 # inner steps trained for and the objective over them (e.g. continue a 1-step meta-init with a
 # 2-step objective), not the task distribution, the policy or the inner step rule.
@@ -44,25 +48,57 @@ CONTINUATION_FIELDS = RUN_FIELDS + (
 CHECKPOINT_SHIFT = "log_std_shift"
 
 
-def read_metrics_rows(path: str | Path, up_to: int | None = None) -> list[dict[str, float]]:
+def read_metrics_rows(
+    path: str | Path, up_to: int | None = None, drop_torn_tail: bool = False
+) -> list[dict[str, float]]:
     """The rows of a ``metrics.jsonl`` (none if the file is absent), only those of iterations
-    ``<= up_to`` when given (a run may have logged past the checkpoint or bundle it continues)."""
+    ``<= up_to`` when given (a run may have logged past the checkpoint or bundle it continues).
+    ``drop_torn_tail``: ignore a last line that is not complete JSON (a write cut short by a
+    kill or a full disk) instead of raising."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
+            if drop_torn_tail and number == len(lines):
+                break
             raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
     return rows if up_to is None else [r for r in rows if r["iteration"] <= up_to]
 
 
 def write_metrics_rows(path: str | Path, rows: list[dict]) -> None:
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """Replaces ``path`` with ``rows`` atomically (a crash leaves the old or the new file)."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@dataclass
+class BestSnapshot:
+    """The parameters at the iteration with the best moving average of the selection metric
+    (``train --select best``).
+
+    Attributes:
+        iteration: the iteration they are from.
+        value: the moving average of the last :data:`BEST_WINDOW` iterations' selection metric.
+        elapsed: training seconds up to that iteration.
+        window: the metrics rows of those iterations (the bundle's summary).
+        arrays: the trainer's :meth:`MetaTrainer.state_arrays` without optimizer state.
+    """
+
+    iteration: int
+    value: float
+    elapsed: float
+    window: list[dict[str, float]]
+    arrays: dict[str, np.ndarray]
+
+    def record(self) -> dict[str, Any]:
+        """What the bundle's ``training.selection`` records (with ``select``)."""
+        return {"iteration": self.iteration, "post_return_ma10": self.value}
 
 
 def peak_rss_mb() -> float:
@@ -114,7 +150,8 @@ class MetaTrainer:
                 raise ValueError("log_std_shift needs a Gaussian policy (continuous actions)")
             shape = self.policy.parameter_shapes[-1]
             self.log_std_shift = tf.Variable(tf.zeros(shape), name="log_std_shift")
-        self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task)
+        backend = make_backend(c.backend, c.ray_address, c.num_env_workers)
+        self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task, backend)
         self.adapter = Adapter(
             self.policy, self.step_sizes, c.gamma, c.gae_lambda, c.baseline, self.log_std_shift
         )
@@ -138,6 +175,7 @@ class MetaTrainer:
         self.elapsed = 0.0  # training wall-clock seconds, carried across resumes
         self.history: list[dict[str, float]] = []
         self.selection: dict[str, Any] = {"select": "last"}
+        self.best: BestSnapshot | None = None  # updated by track_best
         self.lineage: list[dict[str, Any]] = []  # bundles this run continued (init_from_bundle)
 
     @property
@@ -232,6 +270,7 @@ class MetaTrainer:
         c = self.config
         task_seed, inner_seed, outer_seed = self._seeds(self.iteration)
         inner_seeds = self._inner_seeds(self.iteration, inner_seed)
+        retries = self.sampler.retries
         t0 = time.perf_counter()
         tasks = self.dist.sample_tasks(c.meta_batch_size, task_seed)
         batch, info = self.sample_meta_batch(tasks, inner_seeds, outer_seed)
@@ -259,6 +298,7 @@ class MetaTrainer:
             "time/iteration_s": t4 - t0,
             "time/elapsed_s": self.elapsed,
             "charts/env_steps": float(sum(b.num_steps for b in [*inner_np, outer_np])),
+            "charts/sampling_retries": float(self.sampler.retries - retries),
             "charts/peak_rss_mb": peak_rss_mb(),
         }
         if c.meta_sgd:
@@ -269,56 +309,121 @@ class MetaTrainer:
         return metrics
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        """Writes parameters, step sizes, optimizer state and counters (atomically)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def state_arrays(self, optimizer: bool = True) -> dict[str, np.ndarray]:
+        """Parameters, Meta-SGD step sizes, log σ shift and (``optimizer``) the optimizer's
+        variables, by checkpoint key."""
         arrays = {f"param_{i}": p.numpy() for i, p in enumerate(self.policy.parameters)}
         if self.config.meta_sgd:
             arrays.update({f"alpha_{i}": s.numpy() for i, s in enumerate(self.step_sizes)})
         if self.log_std_shift is not None:
             arrays[CHECKPOINT_SHIFT] = self.log_std_shift.numpy()
-        if self.optimizer is not None:
+        if optimizer and self.optimizer is not None:
             arrays.update(
                 {f"opt_{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)}
             )
-        tmp = directory / (CHECKPOINT_ARRAYS + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(directory / CHECKPOINT_ARRAYS)
-        state = {
+        return arrays
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], where: str = "checkpoint") -> None:
+        """Assigns what :meth:`state_arrays` returned (optimizer variables when present)."""
+        try:
+            self.policy.set_parameters(
+                [arrays[f"param_{i}"] for i in range(len(self.policy.parameters))]
+            )
+            if self.config.meta_sgd:
+                for i, s in enumerate(self.step_sizes):
+                    s.assign(arrays[f"alpha_{i}"])
+            if self.log_std_shift is not None:
+                self.log_std_shift.assign(arrays[CHECKPOINT_SHIFT])
+            if self.optimizer is not None and "opt_0" in arrays:
+                for i, v in enumerate(self.optimizer.variables):
+                    v.assign(arrays[f"opt_{i}"])
+        except (KeyError, ValueError) as err:  # a missing key, or a shape that does not fit
+            raise ValueError(
+                f"{where}: does not fit this configuration's variables ({err})"
+            ) from None
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Writes the state (:meth:`state_arrays`), the counters, the last :data:`BEST_WINDOW`
+        iterations' metrics and the best snapshot to ``directory/checkpoint.npz`` in one atomic
+        write (:mod:`metarl_tf.checkpoint`). Returns ``directory``."""
+        arrays = self.state_arrays()
+        best = None
+        if self.best is not None:
+            arrays.update({BEST_PREFIX + k: v for k, v in self.best.arrays.items()})
+            best = {
+                "iteration": self.best.iteration,
+                "value": self.best.value,
+                "elapsed": self.best.elapsed,
+                "window": self.best.window,
+            }
+        manifest = {
             "iteration": self.iteration,
             "elapsed": self.elapsed,
             "config": self.config.to_dict(),
             "lineage": self.lineage,
+            "history": [m for m in self.history if m["iteration"] <= self.iteration][-BEST_WINDOW:],
+            "best": best,
         }
-        (directory / (CHECKPOINT_STATE + ".tmp")).write_text(json.dumps(state, indent=2))
-        (directory / (CHECKPOINT_STATE + ".tmp")).replace(directory / CHECKPOINT_STATE)
-        return directory
+        write_checkpoint(directory, arrays, manifest)
+        return Path(directory)
 
     def restore_checkpoint(self, directory: str | Path) -> bool:
-        """Restores a checkpoint written by :meth:`save_checkpoint`; ``False`` if there is none."""
+        """Restores a checkpoint written by :meth:`save_checkpoint` (or the older two-file
+        format); ``False`` if there is none. Raises :class:`~metarl_tf.checkpoint.CheckpointError`
+        (a ``ValueError``) naming a truncated or corrupt file, ``ValueError`` for a checkpoint of
+        another configuration."""
         directory = Path(directory)
-        if not (directory / CHECKPOINT_STATE).is_file():
+        if not checkpoint_exists(directory):
             return False
-        state = json.loads((directory / CHECKPOINT_STATE).read_text())
+        arrays, manifest = read_checkpoint(directory)
         self._check_same_config(
-            TrainConfig.from_dict(state["config"]), f"checkpoint in {directory}"
+            TrainConfig.from_dict(manifest["config"]), f"checkpoint in {directory}"
         )
-        with np.load(directory / CHECKPOINT_ARRAYS, allow_pickle=False) as data:
-            self.policy.set_parameters(
-                [data[f"param_{i}"] for i in range(len(self.policy.parameters))]
+        own = {k: v for k, v in arrays.items() if not k.startswith(BEST_PREFIX)}
+        self.load_state_arrays(own, f"checkpoint in {directory}")
+        self.iteration, self.elapsed = int(manifest["iteration"]), float(manifest["elapsed"])
+        self.lineage = manifest.get("lineage", [])
+        self.history = list(manifest.get("history", []))
+        best = manifest.get("best")
+        self.best = None
+        if best is not None:
+            self.best = BestSnapshot(
+                iteration=int(best["iteration"]),
+                value=float(best["value"]),
+                elapsed=float(best["elapsed"]),
+                window=list(best["window"]),
+                arrays={
+                    k[len(BEST_PREFIX) :]: v for k, v in arrays.items() if k.startswith(BEST_PREFIX)
+                },
             )
-            if self.config.meta_sgd:
-                for i, s in enumerate(self.step_sizes):
-                    s.assign(data[f"alpha_{i}"])
-            if self.log_std_shift is not None:
-                self.log_std_shift.assign(data[CHECKPOINT_SHIFT])
-            if self.optimizer is not None:
-                for i, v in enumerate(self.optimizer.variables):
-                    v.assign(data[f"opt_{i}"])
-        self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
-        self.lineage = state.get("lineage", [])
         return True
+
+    def track_best(self) -> bool:
+        """Keeps a :class:`BestSnapshot` of the current state when the moving average of the
+        last :data:`BEST_WINDOW` iterations' :attr:`selection_metric` beats the best so far
+        (in memory; :meth:`save_checkpoint` writes it). Returns whether it did."""
+        recent = self.history[-BEST_WINDOW:]
+        if len(recent) < BEST_WINDOW or recent[-1]["iteration"] != self.iteration:
+            return False
+        value = float(sum(m[self.selection_metric] for m in recent) / len(recent))
+        if self.best is not None and self.best.value >= value:
+            return False
+        self.best = BestSnapshot(
+            self.iteration, value, self.elapsed, list(recent), self.state_arrays(optimizer=False)
+        )
+        return True
+
+    def select_best(self) -> dict[str, Any]:
+        """Loads the best snapshot's parameters (the bundle is then written from them) and
+        returns the ``selection`` record; raises ``ValueError`` if there is none yet."""
+        if self.best is None:
+            raise ValueError(f"no best snapshot yet: it needs {BEST_WINDOW} iterations of metrics")
+        trained = self.iteration
+        self.load_state_arrays(self.best.arrays, "best snapshot")
+        self.iteration, self.elapsed = self.best.iteration, self.best.elapsed
+        self.history = list(self.best.window)
+        self.selection = {"select": "best", "trained_iterations": trained, **self.best.record()}
+        return self.selection
 
     def _check_same_config(self, saved: TrainConfig, what: str, may_differ=RUN_FIELDS) -> None:
         """Refuses to continue ``what`` under another configuration; the fields in

@@ -19,7 +19,6 @@ queued adaptations and reshapes pydantic's type errors into that form.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import threading
@@ -31,6 +30,7 @@ import bentoml
 from bentoml.validators import ContentType
 from starlette.responses import Response
 
+from metarl_tf.bundle_schema import BundleError
 from serving.errors import error_response
 from serving.guard import RequestGuard
 from serving.schemas import (
@@ -41,22 +41,21 @@ from serving.schemas import (
     ExportRequest,
     patch_openapi,
 )
-from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
+from serving.settings import ServiceSettings, SettingsError
+from serving.startup import check_bundle_at_startup, install_stop_handler, stop_server
 from serving.validation import RequestError, check_episodes, check_observations, check_steps
 
 logger = logging.getLogger("metarl_tf.serving")
 
 SETTINGS = ServiceSettings.from_env()
-# Fail at import (so `bentoml serve` exits with the reason) rather than in a worker that BentoML
-# would restart forever; the full check (checksums, shapes) runs when the worker loads it.
-if not (SETTINGS.bundle / "meta.json").is_file():
-    raise SettingsError(
-        f"METARL_BUNDLE={str(SETTINGS.bundle)!r} is not a bundle directory (no meta.json); "
-        "train one (python -m metarl_tf train --preset nav2d) or point METARL_BUNDLE at one"
-    )
-_reason = unsupported_bundle_reason(json.loads((SETTINGS.bundle / "meta.json").read_text()))
-if _reason:
-    raise SettingsError(f"METARL_BUNDLE={str(SETTINGS.bundle)!r}: {_reason}")
+# Checked at import, in `bentoml serve`'s own process before any worker starts: a bundle the
+# service cannot serve ends the server with one line and exit status 1 (serving/startup.py),
+# rather than workers that BentoML would restart forever.
+try:
+    check_bundle_at_startup(SETTINGS.bundle)
+except SettingsError as _err:
+    raise SystemExit(f"error: {_err}") from None
+install_stop_handler()
 # /noop (the latency benchmark's floor) exists only with METARL_BENCH_NOOP=1.
 BENCH_NOOP = os.environ.get("METARL_BENCH_NOOP") == "1"
 API_PATHS = ("/adapt", "/act", "/metadata", "/export") + (("/noop",) if BENCH_NOOP else ())
@@ -86,7 +85,10 @@ class AdaptationService:
             tf.config.threading.set_inter_op_parallelism_threads(SETTINGS.tf_threads)
         except RuntimeError:
             logger.warning("TensorFlow already initialized; METARL_TF_THREADS not applied")
-        bundle = load_bundle(self.settings.bundle)  # BundleError says what is wrong
+        try:
+            bundle = load_bundle(self.settings.bundle)
+        except BundleError as err:  # what only the task distribution can check (action bounds)
+            stop_server(f"error: METARL_BUNDLE={str(self.settings.bundle)!r}: {err}")
         self.engine = AdaptationEngine(bundle, self.settings)
         self.warmup_error: str | None = None
         logger.info("loaded bundle %s; warming up %s", bundle.path, self.engine.buckets)

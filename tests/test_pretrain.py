@@ -123,6 +123,6 @@ def test_tiny_pretrain_run_writes_a_loadable_bundle_and_resumes(tmp_path):
         assert m["losses/kl"] <= get_preset("tiny").max_kl
         assert m["charts/env_steps"] > 0 and m["charts/monitor_env_steps"] > 0
         assert all(np.isfinite(v) for v in m.values())
-    assert (run / "checkpoint" / "state.json").is_file()
+    assert (run / "checkpoint" / "checkpoint.npz").is_file()
     assert main([*args, "--resume", "--iterations", "3"]) == 0
     assert load_bundle(out).meta["training"]["iterations"] == 3

@@ -17,7 +17,14 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep, discrete_actions
+from metarl_tf.envs.base import (
+    BatchedEnv,
+    Task,
+    TaskDistribution,
+    TimeStep,
+    discrete_actions,
+    slice_of_batch,
+)
 
 
 class BernoulliBanditBatch(BatchedEnv):
@@ -36,8 +43,9 @@ class BernoulliBanditBatch(BatchedEnv):
         self.seed(seed)
         self.reset()
 
-    def seed(self, seed: int | None) -> None:
+    def seed(self, seed: int | None, offset: int = 0, total: int | None = None) -> None:
         self.rng = np.random.default_rng(seed)
+        self._total, self._rows = slice_of_batch(offset, total, self.num_envs)
 
     def _observation(self) -> np.ndarray:
         return np.ones((self.num_envs, 1), np.float32)
@@ -50,7 +58,7 @@ class BernoulliBanditBatch(BatchedEnv):
     def step(self, actions: np.ndarray) -> TimeStep:
         arms = discrete_actions(actions, self.num_envs, self.k)
         p = self.means[np.arange(self.num_envs), arms]
-        pays = self.rng.random(self.num_envs) < p
+        pays = self.rng.random(self._total)[self._rows] < p  # this slice's draws
         reward = np.where(self.done, 0.0, pays).astype(np.float32)
         self.t += 1
         self.done = self.done | (self.t >= self.horizon)

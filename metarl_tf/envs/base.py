@@ -17,6 +17,11 @@ import numpy as np
 Task = dict[str, Any]
 
 
+class RecoverableSamplingError(RuntimeError):
+    """A sampling worker was lost while stepping sub-envs (and is being restarted); sampling the
+    batch again may succeed (:class:`metarl_tf.rollout.Sampler` does)."""
+
+
 def is_discrete_spec(spec) -> bool:
     """An integer-typed action spec: discrete actions ``0 .. maximum``."""
     return np.issubdtype(np.dtype(getattr(spec.dtype, "as_numpy_dtype", spec.dtype)), np.integer)
@@ -39,6 +44,19 @@ def discrete_actions(actions, num_envs: int, num_actions: int) -> np.ndarray:
             f"discrete actions must be in [0, {num_actions - 1}], got {a.min()} .. {a.max()}"
         )
     return a
+
+
+def slice_of_batch(offset: int, total: int | None, num_envs: int) -> tuple[int, slice]:
+    """``(total, rows)`` of ``num_envs`` sub-envs that are sub-envs ``offset ..`` of a batch of
+    ``total`` (``None``: the whole batch): a batched env that draws its randomness for the whole
+    batch keeps ``rows`` of it (:meth:`BatchedEnv.seed`). ``ValueError`` when they do not fit."""
+    total = num_envs if total is None else int(total)
+    offset = int(offset)
+    if offset < 0 or offset + num_envs > total:
+        raise ValueError(
+            f"sub-envs {offset} .. {offset + num_envs - 1} are not in a batch of {total}"
+        )
+    return total, slice(offset, offset + num_envs)
 
 
 class TimeStep(NamedTuple):
@@ -70,10 +88,17 @@ class BatchedEnv(abc.ABC):
         """Applies ``actions [num_envs, act_dim]`` (unclipped; the env clips) to every sub-env;
         for a discrete action spec (scalar integer), integer ``actions [num_envs]``."""
 
-    def seed(self, seed: int | None) -> None:  # noqa: B027 (optional hook, no-op by default)
+    def seed(  # noqa: B027 (optional hook, no-op by default)
+        self, seed: int | None, offset: int = 0, total: int | None = None
+    ) -> None:
         """Seeds the env's own randomness (stochastic rewards, random initial states) for the
         following episodes. Deterministic envs need not override it; the sampler calls it
-        before every ``reset``."""
+        before every ``reset``.
+
+        ``offset`` and ``total``: these ``num_envs`` sub-envs are sub-envs ``offset ..
+        offset + num_envs - 1`` of a batch of ``total`` (default ``num_envs``) split across
+        workers; each sub-env then draws exactly the numbers it would draw in the whole batch,
+        so a batch is the same however it is split (:mod:`metarl_tf.envs.ray_backend`)."""
 
 
 class TaskDistribution(abc.ABC):
@@ -110,6 +135,12 @@ class TaskDistribution(abc.ABC):
     def config(self) -> dict[str, Any]:
         """Constructor arguments, JSON-serializable, so the distribution can be rebuilt."""
         return {}
+
+    def in_process(self) -> TaskDistribution:
+        """The distribution as a sampling worker holds it: it steps every sub-env in this process
+        (no worker processes of its own) and may reuse its envs from one batched env to the
+        next, so only one of its batched envs is in use at a time. Default: itself."""
+        return self
 
 
 def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: int = 2) -> None:

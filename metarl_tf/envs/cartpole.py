@@ -22,7 +22,14 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep, discrete_actions
+from metarl_tf.envs.base import (
+    BatchedEnv,
+    Task,
+    TaskDistribution,
+    TimeStep,
+    discrete_actions,
+    slice_of_batch,
+)
 
 GRAVITY = 9.8
 FORCE_MAG = 10.0
@@ -49,11 +56,12 @@ class CartPoleBatch(BatchedEnv):
         self.seed(seed)
         self.reset()
 
-    def seed(self, seed: int | None) -> None:
+    def seed(self, seed: int | None, offset: int = 0, total: int | None = None) -> None:
         self.rng = np.random.default_rng(seed)
+        self._total, self._rows = slice_of_batch(offset, total, self.num_envs)
 
     def reset(self) -> np.ndarray:
-        self.state = self.rng.uniform(-0.05, 0.05, size=(self.num_envs, 4))
+        self.state = self.rng.uniform(-0.05, 0.05, size=(self._total, 4))[self._rows]
         self.t = 0
         self.done = np.zeros(self.num_envs, bool)
         self.terminated = np.zeros(self.num_envs, bool)

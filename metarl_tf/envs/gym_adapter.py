@@ -11,12 +11,13 @@ to the action space's bounds before they reach the env. Observations are flatten
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep
+from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep, slice_of_batch
 from metarl_tf.envs.workers import EnvGroup, MakeEnv, WorkerError, WorkerPool
 
 SampleTasks = Callable[[int, np.random.Generator], list[Task]]
@@ -38,6 +39,8 @@ class GymBatchedEnv(BatchedEnv):
         horizon: maximum episode length.
         low, high: action bounds; actions are clipped to them.
         pool: worker processes to step the sub-envs in, or ``None`` (this process).
+        group: with ``pool=None``, an :class:`EnvGroup` to reuse (its envs are reconfigured for
+            ``tasks``; the group then serves this batched env only); ``None``: a new one.
     """
 
     def __init__(
@@ -48,31 +51,38 @@ class GymBatchedEnv(BatchedEnv):
         low: np.ndarray,
         high: np.ndarray,
         pool: WorkerPool | None = None,
+        group: EnvGroup | None = None,
     ):
         self.num_envs = len(tasks)
         self.horizon = int(horizon)
         self.low, self.high = np.asarray(low, np.float32), np.asarray(high, np.float32)
         self._seed: int | None = None
+        self._total, self._rows = slice_of_batch(0, None, self.num_envs)
         self._pool = pool
+        self._owner: WorkerPool | EnvGroup | None = pool or group  # shared with later envs
         if pool is None:
-            self._group = EnvGroup()
+            self._group = group if group is not None else EnvGroup()
             self.obs_dim = self._group.configure(make_env, tasks)
         else:
             self._slices = pool.split(self.num_envs)
-            pool.owner = self
             dims = pool.call("configure", [(make_env, tasks[s]) for s in self._slices])
             self.obs_dim = max(dims)
+        if self._owner is not None:
+            self._owner.owner = self
         self._active = np.zeros(self.num_envs, bool)
         self.t = 0
 
-    def seed(self, seed: int | None) -> None:
-        """Seeds the initial states of the next :meth:`reset` (sub-env ``i`` from ``(seed, i)``)."""
+    def seed(self, seed: int | None, offset: int = 0, total: int | None = None) -> None:
+        """Seeds the initial states of the next :meth:`reset` (sub-env ``i`` from ``(seed, i)``,
+        ``i`` counted in the whole batch of ``total``, see :meth:`BatchedEnv.seed`)."""
         self._seed = seed
+        self._total, self._rows = slice_of_batch(offset, total, self.num_envs)
 
     def _check_owner(self) -> None:
-        if self._pool is not None and self._pool.owner is not self:
+        if self._owner is not None and self._owner.owner is not self:
+            what = "worker processes" if self._pool is not None else "envs"
             raise WorkerError(
-                "this batched env's worker processes now serve a newer make_batched_env(); "
+                f"this batched env's {what} now serve a newer make_batched_env(); "
                 "step one batched env of a distribution at a time"
             )
 
@@ -80,20 +90,20 @@ class GymBatchedEnv(BatchedEnv):
         return np.concatenate([np.reshape(p, (-1, self.obs_dim)) for p in parts])
 
     def reset(self) -> np.ndarray:
-        seeds = _sub_env_seeds(self._seed, self.num_envs)
+        seeds = _sub_env_seeds(self._seed, self._total)[self._rows]
         self._seed = None  # the next reset without seed() continues the envs' own streams
         self._active[:] = True
         self.t = 0
+        self._check_owner()
         if self._pool is None:
             return self._group.reset(seeds)
-        self._check_owner()
         return self._gather(self._pool.call("reset", [(seeds[s],) for s in self._slices]))
 
     def get_attr(self, name: str) -> list:
         """``getattr(env, name)`` of every sub-env's gymnasium env, in sub-env order."""
+        self._check_owner()
         if self._pool is None:
             return self._group.get_attr(name)
-        self._check_owner()
         parts = self._pool.call("get_attr", [(name,) for _ in self._slices])
         return [x for part in parts for x in part]
 
@@ -101,10 +111,10 @@ class GymBatchedEnv(BatchedEnv):
         actions = np.clip(np.asarray(actions, np.float32), self.low, self.high)
         if actions.shape[0] != self.num_envs:
             raise ValueError(f"expected actions for {self.num_envs} sub-envs, got {actions.shape}")
+        self._check_owner()
         if self._pool is None:
             obs, reward, done = self._group.step(actions, self._active)
         else:
-            self._check_owner()
             parts = self._pool.call("step", [(actions[s], self._active[s]) for s in self._slices])
             obs = self._gather([p[0] for p in parts])
             reward = np.concatenate([p[1] for p in parts])
@@ -158,9 +168,19 @@ class GymTaskDistribution(TaskDistribution):
             self.name = name
         self._spaces: tuple[Any, Any] | None = None
         self._pool: WorkerPool | None = None
+        self._group: EnvGroup | None = None  # reused envs (in_process)
 
     def config(self) -> dict[str, Any]:
         return {"horizon": self.horizon, "num_workers": self.num_workers}
+
+    def in_process(self) -> GymTaskDistribution:
+        """A copy without worker processes that reuses its envs across batched envs."""
+        worker = copy.copy(self)
+        worker.num_workers, worker._pool, worker._group = 0, None, EnvGroup()
+        return worker
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}  # worker processes stay with their parent
 
     # -- specs --------------------------------------------------------------------------------
     def _probe_spaces(self):
@@ -222,7 +242,7 @@ class GymTaskDistribution(TaskDistribution):
                 self._pool = WorkerPool(self.num_workers)
             pool = self._pool
         return GymBatchedEnv(
-            self.make_env, per_env, self.horizon, act_space.low, act_space.high, pool
+            self.make_env, per_env, self.horizon, act_space.low, act_space.high, pool, self._group
         )
 
     def close(self) -> None:
@@ -230,6 +250,8 @@ class GymTaskDistribution(TaskDistribution):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._group is not None:
+            self._group.close()
 
     def __enter__(self):
         return self

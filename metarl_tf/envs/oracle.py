@@ -16,6 +16,7 @@ oracle is evaluated on the very test tasks of the meta-learned policy.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +40,9 @@ class OracleBatchedEnv(BatchedEnv):
 
     def _with_features(self, observation: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(observation, np.float32), self.features], axis=1)
+
+    def seed(self, seed: int | None, offset: int = 0, total: int | None = None) -> None:
+        self.env.seed(seed, offset, total)
 
     def reset(self) -> np.ndarray:
         return self._with_features(self.env.reset())
@@ -82,6 +86,11 @@ class OracleObservation(TaskDistribution):
 
     def config(self) -> dict[str, Any]:
         return self.base.config()
+
+    def in_process(self) -> OracleObservation:
+        worker = copy.copy(self)
+        worker.base = self.base.in_process()
+        return worker
 
     @property
     def observation_spec(self):

@@ -46,6 +46,7 @@ class EnvGroup:
         self._factory_key: bytes | None = None
         self.obs: np.ndarray | None = None
         self.n = self.obs_dim = 0
+        self.owner: object | None = None  # the batched env currently using the envs
 
     def configure(self, make_env: MakeEnv, tasks: Sequence[Task]) -> int:
         """Sets up ``len(tasks)`` envs, env ``i`` running ``tasks[i]``; returns the obs size."""

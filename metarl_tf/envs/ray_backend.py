@@ -1,0 +1,326 @@
+"""Sampling on Ray: actors own slices of a batch's sub-environments.
+
+:class:`RayBackend` keeps ``num_workers`` Ray actors. For a batch of ``tasks x episodes``
+sub-environments, each actor builds its contiguous slice with the task distribution's own
+``make_batched_env`` (for gymnasium families: the same :class:`~metarl_tf.envs.workers.EnvGroup`
+as in this process; the actor holds the distribution's :meth:`~TaskDistribution.in_process` copy,
+so its envs are reused from batch to batch). :class:`RayBatchedEnv` is a
+:class:`~metarl_tf.envs.base.BatchedEnv` over the actors: ``reset`` and ``step`` send every actor
+its slice of the actions and gather the observations, so the sampler keeps one batched policy
+call per time step. Each actor seeds its slice as sub-envs ``offset ..`` of the whole batch
+(``BatchedEnv.seed(seed, offset, total)``): a batch is the same on any number of actors, and the
+same as in this process.
+
+Faults: actors restart (``max_restarts``) when their process dies; a call to a dead, restarting or
+unresponsive actor (``timeout_s``) raises :class:`RecoverableSamplingError`, and the sampler
+samples the batch again on the restarted actors. ``ray`` is an optional dependency
+(``pip install -e ".[ray]"``); this module imports it on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+import weakref
+from typing import Any
+
+import numpy as np
+
+from metarl_tf.envs.base import (
+    BatchedEnv,
+    RecoverableSamplingError,
+    Task,
+    TaskDistribution,
+    TimeStep,
+)
+
+INSTALL_HINT = 'the ray backend needs Ray: pip install -e ".[ray]"'
+CONFIGURE_TIMEOUT_S = 600.0  # building a slice's envs (a fresh actor first imports its modules)
+CONNECT_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 120.0  # actors placed and started
+_SHARED: dict[tuple[str, int], RayBackend] = {}
+
+
+def import_ray():
+    """``ray``, or ``ImportError`` saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(INSTALL_HINT, name="ray") from None
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """``ray.init`` waits minutes for an address nobody listens on; fail in seconds instead."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"--ray-address must be 'auto', 'host:port' or 'ray://host:port', got {address!r}"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} ({err}); start one with `ray start --head` "
+            "or omit --ray-address to start Ray on this machine"
+        ) from None
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Starts Ray on this machine (``address=None``: ``num_cpus``, default all its cores; no
+    dashboard) or joins a cluster (``auto``, ``host:port``, ``ray://host:port``); nothing if Ray is already running
+    in this process. Errors are one line: ``ConnectionError`` (nothing there, or ``ray.init``
+    failed) or ``ImportError`` (Ray not installed)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return
+    # The actors import this package: ship the driver's copy, so every node runs the same code.
+    import metarl_tf
+
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "runtime_env": {"py_modules": [metarl_tf]},
+    }
+    if address is None:
+        options.update(
+            address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1"
+        )
+    elif address != "auto":
+        _check_reachable(address)
+        options["address"] = address
+    else:
+        options["address"] = "auto"
+    try:
+        ray.init(**options)
+    except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        where = address or "this machine"
+        raise ConnectionError(f"could not start or join Ray ({where}): {first}") from None
+
+
+class EnvWorker:
+    """The body of a sampling actor: one slice of a batch's sub-envs (see the module docstring).
+
+    Plain Python (no Ray in it), so it can be tested, and run, in this process too."""
+
+    def __init__(self):
+        self._key: str | None = None
+        self._dist: TaskDistribution | None = None
+        self._env: BatchedEnv | None = None
+        self._offset, self._total = 0, 0
+
+    def configure(self, key: str, dist: TaskDistribution, tasks: list[Task], offset: int,
+                  total: int) -> int:  # fmt: skip
+        """Builds sub-envs ``offset .. offset + len(tasks) - 1`` of a batch of ``total`` (one
+        task per sub-env); ``key`` names the distribution (a new one replaces the envs)."""
+        if key != self._key:
+            self.close()
+            self._key, self._dist = key, dist.in_process()
+        self._env = self._dist.make_batched_env(list(tasks), 1)
+        self._offset, self._total = int(offset), int(total)
+        return os.getpid()
+
+    def reset(self, seeded: bool, seed: int | None) -> np.ndarray:
+        if seeded:
+            self._env.seed(seed, self._offset, self._total)
+        return np.asarray(self._env.reset(), np.float32)
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ts = self._env.step(actions)
+        return np.asarray(ts.observation, np.float32), ts.reward, ts.done
+
+    def get_attr(self, name: str) -> list:
+        return self._env.get_attr(name)
+
+    def placement(self) -> tuple[str, int]:
+        """``(Ray node id, process id)`` of this actor."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def close(self) -> None:
+        close = getattr(self._dist, "close", None)
+        if close is not None:
+            close()
+        self._key = self._dist = self._env = None
+
+
+class RayBackend:
+    """Sub-environments stepped by Ray actors (``make_backend("ray", ...)``).
+
+    Args:
+        address: ``None`` starts Ray on this machine; ``auto``, ``host:port`` or
+            ``ray://host:port`` join a cluster (:func:`connect`).
+        num_workers: actors (0 = one per CPU of the cluster). They are spread over the
+            cluster's nodes (``SPREAD`` scheduling).
+        max_restarts: times Ray restarts an actor whose process died.
+        timeout_s: a reset or step that takes longer counts as a lost actor (it is killed and
+            restarted).
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        num_workers: int = 0,
+        max_restarts: int = 5,
+        timeout_s: float = 120.0,
+    ):
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        connect(address)
+        ray = import_ray()
+        self._ray = ray
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.num_workers = int(num_workers) or cpus
+        self.timeout_s = float(timeout_s)
+        actor = ray.remote(EnvWorker).options(
+            num_cpus=min(1.0, cpus / self.num_workers),
+            max_restarts=int(max_restarts),
+            max_task_retries=0,  # a lost step is not replayed: the sampler re-samples the batch
+            scheduling_strategy="SPREAD",
+        )
+        self.actors = [actor.remote() for _ in range(self.num_workers)]
+        ready, _ = ray.wait(
+            [a.placement.remote() for a in self.actors],
+            num_returns=self.num_workers,
+            timeout=START_TIMEOUT_S,
+        )
+        if len(ready) < self.num_workers:
+            self.close()
+            raise ConnectionError(
+                f"only {len(ready)} of {self.num_workers} Ray actors started within "
+                f"{START_TIMEOUT_S:g} s (the cluster has {cpus} CPUs, {ray.available_resources()} "
+                "free); ask for fewer with --num-env-workers"
+            )
+        self._dists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.owner: RayBatchedEnv | None = None
+
+    @classmethod
+    def shared(cls, address: str | None = None, num_workers: int = 0) -> RayBackend:
+        """One backend per Ray cluster and ``num_workers`` in this process (a trainer and its
+        evaluations share the actors instead of asking the cluster for more CPUs)."""
+        connect(address)
+        key = (import_ray().get_runtime_context().gcs_address, int(num_workers))
+        backend = _SHARED.get(key)
+        if backend is None or not backend.actors:
+            backend = _SHARED[key] = cls(address, num_workers)
+        return backend
+
+    def _dist_ref(self, dist: TaskDistribution) -> tuple[str, Any]:
+        """``(key, object ref)`` of the distribution's worker copy, put in Ray's store once."""
+        if dist not in self._dists:
+            self._dists[dist] = (uuid.uuid4().hex, self._ray.put(dist.in_process()))
+        return self._dists[dist]
+
+    def split(self, n: int) -> list[slice]:
+        """Contiguous slices of ``n`` sub-envs, one per actor (sizes differ by at most 1)."""
+        workers = max(1, min(self.num_workers, n))  # no empty slices
+        bounds = np.linspace(0, n, workers + 1).round().astype(int)
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def call(self, method: str, per_actor_args: list[tuple], timeout_s: float | None = None):
+        """``EnvWorker.method(*args)`` on the first ``len(per_actor_args)`` actors at once;
+        their results, in actor order.
+
+        Raises:
+            RecoverableSamplingError: an actor died, is restarting, or did not answer in time
+                (it is then killed, and Ray restarts it).
+        """
+        ray = self._ray
+        actors = self.actors[: len(per_actor_args)]
+        refs = [
+            getattr(a, method).remote(*args) for a, args in zip(actors, per_actor_args, strict=True)
+        ]
+        try:
+            return ray.get(refs, timeout=timeout_s or self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for actor, ref in zip(actors, refs, strict=True):
+                if ref not in ready:
+                    ray.kill(actor, no_restart=False)
+            raise RecoverableSamplingError(
+                f"a Ray actor did not finish {method!r} within {timeout_s or self.timeout_s:g} s "
+                "(killed; Ray restarts it)"
+            ) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RecoverableSamplingError(
+                f"a Ray actor was lost during {method!r}: {first}"
+            ) from None
+
+    def placement(self) -> list[tuple[str, int]]:
+        """``(node id, pid)`` of every actor."""
+        return self.call("placement", [()] * self.num_workers)
+
+    def make_batched_env(
+        self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
+    ) -> RayBatchedEnv:
+        return RayBatchedEnv(self, dist, tasks, episodes_per_task)
+
+    def close(self) -> None:
+        """Stops the actors (Ray itself keeps running until ``ray.shutdown()``)."""
+        for actor in self.actors:
+            self._ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+class RayBatchedEnv(BatchedEnv):
+    """``len(tasks) * episodes_per_task`` sub-envs (task-major) on the actors of ``backend``;
+    one batched env of a backend is in use at a time."""
+
+    def __init__(
+        self, backend: RayBackend, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
+    ):
+        per_env = [task for task in tasks for _ in range(episodes_per_task)]
+        self.num_envs = len(per_env)
+        self.backend = backend
+        self._slices = backend.split(self.num_envs)
+        key, ref = backend._dist_ref(dist)
+        backend.owner = self
+        backend.call(
+            "configure",
+            [(key, ref, per_env[s], s.start, self.num_envs) for s in self._slices],
+            timeout_s=CONFIGURE_TIMEOUT_S,
+        )
+        self._seeded, self._seed = False, None
+
+    def _check_owner(self) -> None:
+        if self.backend.owner is not self:
+            raise RuntimeError(
+                "this batched env's Ray actors now serve a newer make_batched_env(); "
+                "step one batched env of a backend at a time"
+            )
+
+    def seed(self, seed: int | None, offset: int = 0, total: int | None = None) -> None:
+        if offset != 0 or total not in (None, self.num_envs):
+            raise ValueError("a Ray batched env is a whole batch: seed it with offset 0")
+        self._seeded, self._seed = True, seed
+
+    def reset(self) -> np.ndarray:
+        self._check_owner()
+        parts = self.backend.call("reset", [(self._seeded, self._seed)] * len(self._slices))
+        self._seeded, self._seed = False, None
+        return np.concatenate(parts)
+
+    def step(self, actions: np.ndarray) -> TimeStep:
+        self._check_owner()
+        actions = np.asarray(actions)
+        if actions.shape[0] != self.num_envs:
+            raise ValueError(f"expected actions for {self.num_envs} sub-envs, got {actions.shape}")
+        parts = self.backend.call("step", [(actions[s],) for s in self._slices])
+        return TimeStep(
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]).astype(np.float32),
+            np.concatenate([p[2] for p in parts]),
+        )
+
+    def get_attr(self, name: str) -> list:
+        """``getattr(env, name)`` of every sub-env's gymnasium env, in sub-env order."""
+        self._check_owner()
+        parts = self.backend.call("get_attr", [(name,)] * len(self._slices))
+        return [x for part in parts for x in part]
