@@ -215,7 +215,7 @@ PRESETS: dict[str, TrainConfig] = {
     # Meta-SGD from a narrower initial policy (σ = 0.2) and smaller initial step sizes: the base
     # of saved_models/nav2d-maml-1step (80 iterations) and, with --hidden-sizes 100,100
     # --activation relu --log-std-shift and then --meta-sgd-per-step --inner-steps 2
-    # --every-step-objective, of the shipped saved_models/nav2d-maml (README, "Learning"). With
+    # --every-step-objective, of the shipped saved_models/nav2d-maml (docs/RESULTS.md). With
     # σ = 1 most actions saturate the ±0.1 clip, and after adaptation the policy jitters around
     # the goal.
     "nav2d-metasgd-lowstd": TrainConfig(meta_sgd=True, init_log_std=-1.6, inner_step_size=0.05),
@@ -238,7 +238,7 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d-fo": TrainConfig(first_order=True),
     # `nav2d` with ProMP's outer step: 5 Adam epochs on the PPO-clipped surrogate (ε 0.2) of the
     # post-adaptation data, through the inner step, instead of TRPO. lr 3e-3: over 40 iterations
-    # its training post-adaptation return beat lr 1e-3's (−17.2 vs −22.5; README, Algorithms).
+    # its training post-adaptation return beat lr 1e-3's (−17.2 vs −22.5; docs/RESULTS.md).
     "nav2d-ppo": TrainConfig(outer="ppo", outer_learning_rate=3e-3, ppo_epochs=5, ppo_clip=0.2),
     # `nav2d` with two inner steps during meta-training, each on freshly collected episodes.
     "nav2d-2step": TrainConfig(inner_steps=2),
@@ -268,7 +268,7 @@ PRESETS["bandit-k5"] = TrainConfig(
     # task to adapt on). Pulls are independent (constant observation, no state), so γ = 0: a
     # pull's return is its own reward, and the other pulls' reward noise stays out of its
     # advantage. α = 0.1 as nav2d: in 60-iteration trial runs it adapted best of 0.1 / 0.5 / 2.0
-    # (training post-adaptation return 8.0 / 7.9 / 7.6, see README).
+    # (training post-adaptation return 8.0 / 7.9 / 7.6).
     task_distribution="bandit",
     task_kwargs={"k": 5},
     horizon=10,
