@@ -8,7 +8,7 @@ PRESET ?= nav2d
 BUNDLE ?= saved_models/nav2d-maml
 PORT ?= 3000
 
-.PHONY: venv test test-fast lint format train evaluate demo serve bench bento docker clean
+.PHONY: venv test test-fast lint format train evaluate demo serve bench bento docker image-base image image-test fuzz load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,21 @@ bento: venv  ## Bento of the service with the shipped bundle
 
 docker:  ## needs a Docker engine (none runs on the development machines)
 	docker build -t metarl-adaptation .
+
+image-base: venv  ## Debian bookworm base image from debootstrap (root; no registry needed)
+	$(PY) scripts/image.py base
+
+image: venv  ## the Dockerfile built with buildah (chroot isolation) on the debootstrap base
+	$(PY) scripts/image.py build
+
+image-test: image  ## run the service in the image; from the host: /readyz, /adapt + /act, with and without a token
+	$(PY) scripts/image.py test
+
+fuzz: venv  ## schemathesis against a live service (~2 min); fails on any 5xx or schema violation
+	$(PY) scripts/fuzz.py
+
+load: venv  ## 16 clients for 60 s against a running service (URL=..., TOKEN=...)
+	$(PY) bench/load.py --url $${URL:-http://127.0.0.1:$(PORT)} --clients 16 --seconds 60
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

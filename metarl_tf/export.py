@@ -32,9 +32,9 @@ alg="philox")`` (categorical: ``u = tf.random.stateless_uniform([N], seed=[seed,
 dtype=tf.float64, alg="philox")``): the same numbers on every machine and every load. ``action``
 draws fresh numbers (a TensorFlow random op with op seeds 0, 0: seeded nondeterministically).
 ``action_from_noise`` takes ``z`` (``[N, act_dim]`` float32) or ``u`` (``[N]`` float64). The
-service's ``/act`` draws its seeded noise with NumPy (``numpy.random.default_rng(seed)
-.standard_normal((N, act_dim), dtype=numpy.float32)``: PCG64 and a ziggurat sampler, which
-TensorFlow has no op for), so ``action_seeded`` and ``/act`` give different samples for the same
+service's ``/act`` draws its seeded noise with NumPy, through the policy's own sampler
+(``policy.sample_noise(numpy.random.default_rng(seed), (N,))``: PCG64 and a ziggurat sampler,
+which TensorFlow has no op for), so ``action_seeded`` and ``/act`` give different samples for the same
 seed; ``action_from_noise`` with NumPy's numbers gives ``/act``'s sample.
 
 Attributes (tracked variables, read after loading, e.g. ``m.action_spec.maximum.numpy()``):

@@ -132,6 +132,12 @@ def token_from_env() -> str | None:
     return token.strip() if token is not None else None
 
 
+def _actions(values: list) -> np.ndarray:
+    """``[N, act_dim]`` float32 (continuous) or ``[N]`` int64 (discrete) actions."""
+    array = np.asarray(values)
+    return array.astype(np.float32) if array.dtype.kind == "f" else array.astype(np.int64)
+
+
 def _as_list(x: Any) -> Any:
     return np.asarray(x).tolist()
 
@@ -363,7 +369,7 @@ class AdaptationClient:
             weights=(
                 {k: np.asarray(v, np.float32) for k, v in weights.items()} if weights else None
             ),
-            query_actions=np.asarray(query, np.float32) if query is not None else None,
+            query_actions=_actions(query) if query is not None else None,
         )
 
     def act_full(
@@ -395,8 +401,7 @@ class AdaptationClient:
         if seed is not None:
             payload["seed"] = int(seed)
         body = self._json("POST", "/act", payload)
-        actions = np.asarray(body["actions"], np.float32)
-        raw = np.asarray(body["raw_actions"], np.float32)
+        actions, raw = _actions(body["actions"]), _actions(body["raw_actions"])
         if obs.ndim == 1:
             actions, raw = actions[0], raw[0]
         return ActResult(actions, raw, body["policy_id"], body["deterministic"])

@@ -5,9 +5,12 @@ Adaptation pads every request to fixed sizes so the compiled function is reused:
 maximum episode length and the episode count to a bucket (:func:`episode_buckets`). Padding adds only masked steps and masked episodes, which change no loss, baseline or
 advantage (``metarl_tf.rollout.pad_episodes``), so the result equals an unpadded ``adapt``.
 
-Actions use :func:`metarl_tf.policy.numpy_forward`: for one observation a numpy forward pass of
-the small MLP takes microseconds, far less than a TensorFlow call. ``tests/test_serving.py``
-checks the served actions against the Keras policy.
+Actions come from the policy's own numpy sampler (``sample_noise`` and ``numpy_act``, what the
+trainer's sampler runs): for one observation a numpy forward pass of the small MLP takes
+microseconds, far less than a TensorFlow call. A Gaussian policy's actions are clipped to the
+action bounds (the raw sample is returned too); a categorical policy's are integer indices.
+``tests/test_serving.py`` and ``tests/test_serving_discrete.py`` check them against the Keras
+policy.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import tensorflow as tf
 from metarl_tf.bundle import AdaptedPolicy, Bundle
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, weights_to_json
 from metarl_tf.export import saved_model_archive
-from metarl_tf.policy import numpy_forward
 from metarl_tf.rollout import pad_episodes
 from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
 from serving.store import PolicyNotFound, PolicyStore, RedisPolicyStore, StoreUnavailable
@@ -106,11 +108,22 @@ class AdaptationEngine:
         reason = unsupported_bundle_reason(meta)
         if reason:
             raise SettingsError(f"bundle {bundle.name!r}: {reason}")
+        self.policy = bundle.policy
         self.obs_dim = int(meta["observation_spec"]["shape"][0])
-        self.act_dim = int(meta["action_spec"]["shape"][0])
-        self.action_low = np.asarray(meta["action_spec"]["minimum"], np.float32)
-        self.action_high = np.asarray(meta["action_spec"]["maximum"], np.float32)
-        self.activation = meta["policy"]["config"]["activation"]
+        action_spec = meta["action_spec"]
+        # A scalar integer action spec: a categorical policy, actions are indices.
+        self.discrete = len(action_spec["shape"]) == 0
+        # Width of an episode's actions as the adapter takes them: a categorical action is its
+        # index as a float, [T, 1].
+        self.act_dim = 1 if self.discrete else int(action_spec["shape"][0])
+        self.action_low = np.asarray(action_spec["minimum"], np.float32)
+        self.action_high = np.asarray(action_spec["maximum"], np.float32)
+        self.num_actions = (
+            int(action_spec["maximum"]) - int(action_spec["minimum"]) + 1 if self.discrete else None
+        )
+        self.action_range = (
+            (int(action_spec["minimum"]), int(action_spec["maximum"])) if self.discrete else None
+        )
         self.parameter_names = list(bundle.policy.parameter_names)
         self.parameter_shapes = [list(s) for s in bundle.policy.parameter_shapes]
         horizon = int(bundle.task_distribution.horizon)
@@ -148,9 +161,14 @@ class AdaptationEngine:
         steps_list = sorted(wanted or {min(self.default_steps, max_steps)})
         rng = np.random.default_rng(0)
         length = self.max_episode_length
+        actions = (
+            rng.integers(0, self.num_actions, (length, 1))
+            if self.discrete
+            else rng.normal(size=(length, self.act_dim))
+        )
         episode = (
             rng.normal(size=(length, self.obs_dim)).astype(np.float32),
-            rng.normal(size=(length, self.act_dim)).astype(np.float32),
+            actions.astype(np.float32),
             rng.normal(size=length).astype(np.float32),
         )
         with _quiet_retracing_warnings():  # one trace per bucket is the point here
@@ -293,25 +311,31 @@ class AdaptationEngine:
         deterministic: bool,
         seed: int | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(actions clipped to the action bounds, raw actions)`` for ``observations [N, obs_dim]``.
+        """``(actions, raw actions)`` for ``observations [N, obs_dim]``, drawn by the policy's own
+        sampler (``policy.sample_noise`` then ``policy.numpy_act``, as the trainer samples).
 
-        Raw actions are the mean (deterministic) or a sample ``mean + exp(log_std) * noise`` with
-        ``noise ~ N(0, I)`` from ``numpy.random.default_rng(seed)`` (shape ``[N, act_dim]``).
-        Record the raw actions in episodes posted to ``/adapt``, as the trainer's sampler does:
-        the policy-gradient loss uses the log-probability of the sampled action, and the
-        environment does the clipping.
+        The noise comes from ``numpy.random.default_rng(seed)`` (a fresh stream without a seed):
+        ``policy.sample_noise(rng, (N,))``, standard normal ``[N, act_dim]`` for a Gaussian
+        policy, uniform ``[N]`` for a categorical one (inverse-CDF sampling).
+
+        Gaussian: raw actions ``[N, act_dim]`` are the mean (deterministic) or ``mean + σ·noise``;
+        actions are them clipped to the action bounds. Record the raw actions in episodes posted to
+        ``/adapt``, as the trainer's sampler does: the policy-gradient loss uses the
+        log-probability of the sampled action, and the environment does the clipping.
+        Categorical: actions ``[N]`` are int64 indices (the most likely one when deterministic),
+        offset by the spec's minimum; raw actions are the same.
         """
-        mean, log_std = numpy_forward(parameters, observations, self.activation)
         if deterministic:
-            raw = mean
+            noise = None
+        elif seed is None:
+            with self._rng_lock:
+                noise = self.policy.sample_noise(self._rng, (len(observations),))
         else:
-            shape = mean.shape
-            if seed is None:
-                with self._rng_lock:
-                    noise = self._rng.standard_normal(shape, dtype=np.float32)
-            else:
-                noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-            raw = mean + np.exp(log_std) * noise
+            noise = self.policy.sample_noise(np.random.default_rng(seed), (len(observations),))
+        raw = self.policy.numpy_act(parameters, observations, noise, deterministic)
+        if self.discrete:
+            index = raw[..., 0].astype(np.int64) + int(self.action_low)
+            return index, index
         return np.clip(raw, self.action_low, self.action_high), raw
 
     def metadata(self) -> dict[str, Any]:
@@ -327,6 +351,11 @@ class AdaptationEngine:
             "task_distribution": meta["task_distribution"],
             "observation_spec": meta["observation_spec"],
             "action_spec": meta["action_spec"],
+            "actions": (
+                {"kind": "discrete", "num_actions": self.num_actions}
+                if self.discrete
+                else {"kind": "continuous", "act_dim": self.act_dim}
+            ),
             "policy": {
                 "class": meta["policy"].get("class"),
                 "config": meta["policy"]["config"],

@@ -133,14 +133,14 @@ class RequestGuard:
         close = {"Connection": "close"}  # the rest of the body is not read: end the connection
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await error_response(self._too_large(f"{int(length)} bytes"), close)(
-                scope, receive, send
-            )
+            too_large = self._too_large(f"the body announces {int(length)} bytes")
+            await error_response(too_large, close)(scope, receive, send)
             return
         try:
             body = await self._read_body(receive)
         except _BodyTooLarge:
-            await error_response(self._too_large("more bytes"), close)(scope, receive, send)
+            too_large = self._too_large("reading stopped there")
+            await error_response(too_large, close)(scope, receive, send)
             return
         except _BodyStalled:
             error = RequestError(
@@ -173,10 +173,10 @@ class RequestGuard:
             if queued:
                 self.pending -= 1
 
-    def _too_large(self, size: str) -> RequestError:
+    def _too_large(self, what: str) -> RequestError:
         return RequestError(
-            f"request body of {size} exceeds the limit of {self.max_body_bytes} bytes "
-            "(METARL_MAX_BODY_BYTES)",
+            f"the request body exceeds the limit of {self.max_body_bytes} bytes "
+            f"(METARL_MAX_BODY_BYTES); {what}",
             "body",
             f"at most {self.max_body_bytes} bytes",
             status=413,

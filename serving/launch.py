@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,8 @@ class ServiceProcess:
         log_path: where the server's output goes (default: a temporary file, deleted by
             :meth:`stop` unless start-up failed).
         ready_timeout: seconds to wait for ``/readyz``.
+        command: run this instead of ``bentoml serve`` (e.g. the server inside a container);
+            it must listen on ``host:port``.
     """
 
     def __init__(
@@ -52,13 +55,21 @@ class ServiceProcess:
         log_path: str | os.PathLike | None = None,
         ready_timeout: float = 240.0,
         host: str = "127.0.0.1",
+        command: list[str] | None = None,
     ):
+        self.command = command
         self.host, self.port = host, port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.env = {**os.environ, **(env or {})}
         if bundle is not None:
             self.env["METARL_BUNDLE"] = str(bundle)
         self.env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+        # A BentoML home of its own: `bentoml serve` empties its home's Prometheus directory at
+        # start, and every server on the machine would otherwise count into the same files.
+        self._own_home = None
+        if (env or {}).get("BENTOML_HOME") is None:
+            self._own_home = tempfile.mkdtemp(prefix="metarl-bentoml-home-")
+            self.env["BENTOML_HOME"] = self._own_home
         self.ready_timeout = ready_timeout
         self._own_log = log_path is None
         if log_path is None:
@@ -73,7 +84,7 @@ class ServiceProcess:
         """Starts the server and blocks until ``/readyz`` is 200 (raises if it dies or times
         out, with the end of its log). Records ``(seconds, /livez status, /readyz status)``
         probes in :attr:`startup_probes`."""
-        cmd = [
+        cmd = self.command or [
             sys.executable,
             "-m",
             "bentoml",
@@ -196,6 +207,8 @@ class ServiceProcess:
         self._remove_own_log()
 
     def _remove_own_log(self) -> None:
+        if self._own_home is not None:
+            shutil.rmtree(self._own_home, ignore_errors=True)
         if self._own_log and not self._failed:
             self.log_path.unlink(missing_ok=True)
 

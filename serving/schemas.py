@@ -39,9 +39,10 @@ class Episode(BaseModel):
         description="[T, obs_dim]: the observation at every step t (before the action); nested "
         "lists or a PackedArray."
     )
-    actions: list[list[float]] | PackedArray = Field(
+    actions: list[list[float]] | list[int] | PackedArray = Field(
         description="[T, act_dim]: the action the policy sampled at step t, before clipping "
-        "(/act's raw_actions), as the trainer records them; nested lists or a PackedArray."
+        "(/act's raw_actions), as the trainer records them; nested lists or a PackedArray. "
+        "A discrete-action bundle: [T] integer actions (/act's actions)."
     )
     rewards: list[float] | PackedArray = Field(
         description="[T]: the reward of the transition out of step t; a list or a PackedArray."
@@ -92,8 +93,10 @@ class AdaptResponse(BaseModel):
     weights: dict[str, list[Any]] | None = Field(
         default=None, description="Adapted weights {parameter name: nested list}, on request."
     )
-    query_actions: list[list[float]] | None = Field(
-        default=None, description="[N, act_dim] mean actions for query_observations, clipped."
+    query_actions: list[list[float]] | list[int] | None = Field(
+        default=None,
+        description="[N, act_dim] mean actions for query_observations, clipped (discrete: [N] "
+        "most likely actions).",
     )
 
 
@@ -125,9 +128,13 @@ class ActRequest(bentoml.IODescriptor):
 class ActResponse(BaseModel):
     """Actions, clipped to the action bounds, and the raw (unclipped) ones."""
 
-    actions: list[list[float]] = Field(description="[N, act_dim] within the action spec's bounds.")
-    raw_actions: list[list[float]] = Field(
-        description="[N, act_dim] before clipping: record these as episode actions for /adapt."
+    actions: list[list[float]] | list[int] = Field(
+        description="[N, act_dim] within the action spec's bounds; a discrete-action bundle: "
+        "[N] integer actions."
+    )
+    raw_actions: list[list[float]] | list[int] = Field(
+        description="[N, act_dim] before clipping: record these as episode actions for /adapt "
+        "(discrete: [N], the same integers as actions)."
     )
     policy_id: str | None = Field(
         description="The policy used: 'meta' or an id; null when inline weights were given."

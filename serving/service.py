@@ -130,6 +130,7 @@ class AdaptationService:
                 engine.act_dim,
                 self.settings.max_episodes,
                 engine.max_episode_length,
+                engine.action_range,
             )
             n_steps = check_steps(steps, engine.default_steps, self.settings.max_steps)
             query = None

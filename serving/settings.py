@@ -202,17 +202,25 @@ class ServiceSettings:
 def unsupported_bundle_reason(meta: dict[str, Any]) -> str | None:
     """Why the service cannot serve a bundle (from its parsed ``meta.json``), or ``None``.
 
-    The service handles continuous actions only (Gaussian policy: ``[N, act_dim]`` float actions,
-    clipped to the bounds). A discrete-action bundle (``CategoricalMLPPolicy``, scalar integer
-    action spec, e.g. ``saved_models/bandit-k5-maml``) is refused at start-up with this reason
-    instead of failing on its first request.
+    The service serves a Gaussian policy with a vector action spec (``[N, act_dim]`` float
+    actions, clipped to the bounds) and a categorical policy with a scalar integer action spec
+    (``[N]`` integer actions, e.g. ``saved_models/bandit-k5-maml``, ``cartpole-maml``). Any other
+    bundle is refused at start-up with this reason instead of failing on its first request.
     """
     policy_class = meta.get("policy", {}).get("class")
     action_spec = meta.get("action_spec", {})
-    if policy_class == "GaussianMLPPolicy" and len(action_spec.get("shape", [])) == 1:
+    shape = action_spec.get("shape", [None])
+    if policy_class == "GaussianMLPPolicy" and len(shape) == 1:
+        return None
+    if (
+        policy_class == "CategoricalMLPPolicy"
+        and shape == []
+        and "int" in action_spec.get("dtype", "")
+    ):
         return None
     return (
         f"the bundle's policy is {policy_class} with action spec {action_spec}; the service "
-        "serves continuous-action (GaussianMLPPolicy) bundles only. Discrete-action bundles "
-        "(bandit, cartpole) adapt in-process: metarl_tf.bundle.load_bundle(path).make_adapter()"
+        "serves GaussianMLPPolicy bundles with a vector action spec and CategoricalMLPPolicy "
+        "bundles with a scalar integer one. Adapt others in-process: "
+        "metarl_tf.bundle.load_bundle(path).adapt(episodes)"
     )

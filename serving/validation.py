@@ -185,6 +185,35 @@ def _vector(values: Any, field: str, length: int) -> np.ndarray:
     return array
 
 
+def _indices(values: Any, field: str, length: int, low: int, high: int) -> np.ndarray:
+    """Discrete actions: ``length`` integers in ``[low, high]`` (a list, or a packed ``[T]``
+    array of integral values), as the adapter takes them: the index ``a - low`` as float32
+    ``[T, 1]``."""
+    expected = f"a list of {length} integer actions in [{low}, {high}] (one per observation)"
+    packed = _packed(values)
+    if packed is not None:
+        array = _unpack(packed, None, field).astype(np.float64)
+    elif isinstance(values, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    ):
+        array = np.asarray(values, np.float64)
+    else:
+        raise RequestError(f"{field} must be a flat list of integers", field, expected)
+    if len(array) != length:
+        raise RequestError(
+            f"{field} has {len(array)} values but the episode has {length} observations",
+            field,
+            expected,
+        )
+    bad = ~(np.isfinite(array) & (array == np.round(array)) & (array >= low) & (array <= high))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise RequestError(
+            f"{field}[{i}] is {array[i]:g}: not an action of this bundle", f"{field}[{i}]", expected
+        )
+    return (array - low).astype(np.float32)[:, None]
+
+
 def _check_finite(array: np.ndarray, field: str, expected: str) -> None:
     if np.isfinite(array).all():
         return
@@ -205,6 +234,7 @@ def check_episodes(
     act_dim: int,
     max_episodes: int,
     max_length: int,
+    action_range: tuple[int, int] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The ``episodes`` of an ``/adapt`` request as ``(obs [T, obs_dim], act [T, act_dim],
     rew [T])`` float32 arrays, ``1 <= T <= max_length``.
@@ -212,6 +242,9 @@ def check_episodes(
     Args:
         episodes: items with ``observations``, ``actions``, ``rewards`` attributes (the pydantic
             models) or keys (plain dicts).
+        action_range: ``(minimum, maximum)`` of a discrete action spec: actions are then ``[T]``
+            integers, returned as the index ``[T, 1]`` (``act_dim`` must be 1); ``None`` for
+            continuous ``[T, act_dim]`` actions.
     """
     if not isinstance(episodes, (list, tuple)) or len(episodes) == 0:
         raise RequestError(
@@ -246,6 +279,11 @@ def check_episodes(
         obs = _matrix(obs_rows, obs_dim, f"{field}.observations", "observations")
         length = len(obs)
         act_rows = get("actions")
+        if action_range is not None:
+            act = _indices(act_rows, f"{field}.actions", length, *action_range)
+            rew = _vector(get("rewards"), f"{field}.rewards", length)
+            result.append((obs, act, rew))
+            continue
         n_act = _num_rows(act_rows)
         if n_act is not None and n_act != length:
             raise RequestError(

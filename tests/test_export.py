@@ -121,8 +121,8 @@ def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, t
     rng = np.random.default_rng(0)
     obs = rng.uniform(-0.6, 0.6, size=(256, 2)).astype(np.float32)
     seed = 7
-    # /act's seeded noise, as serving/engine.py documents it
-    numpy_noise = np.random.default_rng(seed).standard_normal((256, 2), dtype=np.float32)
+    # /act's seeded noise, as serving/engine.py documents it: the policy's own sampler
+    numpy_noise = nav.policy.sample_noise(np.random.default_rng(seed), (256,))
     arrays, facts = run_plain_tensorflow(
         tmp_path, paths, obs, {"meta": numpy_noise, "adapted": numpy_noise}, seed
     )
@@ -148,7 +148,7 @@ def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, t
         np.testing.assert_array_equal(arrays[f"{name}/seeded_again/raw_actions"], raw)
         np.testing.assert_array_equal(arrays[f"{name}/seeded_signature/raw_actions"], raw)
         np.testing.assert_array_equal(arrays[f"{name}/seeded/actions"], np.clip(raw, -0.1, 0.1))
-        assert not np.allclose(raw, sampled.raw_actions)  # another generator (docs/export.md)
+        assert not np.allclose(raw, sampled.raw_actions)  # another generator (docs/serving.md)
         fresh, fresh_again = arrays[f"{name}/fresh/raw_actions"], arrays[f"{name}/fresh_again/raw_actions"]  # fmt: skip
         assert fresh.shape == raw.shape and not np.allclose(fresh, fresh_again)
     # the model's own record of what it is

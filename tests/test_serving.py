@@ -226,7 +226,7 @@ def test_act_samples_are_seeded_gaussian_and_within_bounds(http, local):
     c = post(http, "/act", {**body, "seed": 124}).json()
     assert a == b and a["raw_actions"] != c["raw_actions"]
     mean, log_std = (x.numpy() for x in local.policy(obs))
-    noise = np.random.default_rng(123).standard_normal((5, 2), dtype=np.float32)
+    noise = local.policy.sample_noise(np.random.default_rng(123), (5,))  # the trainer's sampler
     np.testing.assert_allclose(a["raw_actions"], mean + np.exp(log_std) * noise, atol=1e-6)
     actions = np.array(a["actions"])
     assert np.all(actions >= -0.1 - 1e-7) and np.all(actions <= 0.1 + 1e-7)
