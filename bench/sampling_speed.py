@@ -2,8 +2,6 @@
 x horizon 200), Nav2D and HalfCheetahVel, on each way of stepping the sub-environments:
 
 - ``local_1``: this process (``--backend local``);
-- ``pool_2``: the MuJoCo families' own 2 worker processes (``task_kwargs num_workers=2``; Nav2D
-  has no pool);
 - ``ray_1``, ``ray_2``: 1 or 2 Ray actors stepping slices, one batched policy call per step in
   this process (``--backend ray``);
 - ``ray_2_rollouts``: 2 Ray actors that each run their tasks' whole rollout with a numpy copy of
@@ -11,7 +9,8 @@ x horizon 200), Nav2D and HalfCheetahVel, on each way of stepping the sub-enviro
 
 Every setup samples one batch first (start-up: worker processes, actors, envs built), then the
 setups take turns for ``--rounds`` rounds, so that a load change on a shared machine hits them
-all alike; the median of the rounds is reported, with the ratios to ``local_1``. Asserts nothing.
+all alike; the median of the rounds is reported, with every round's figure, the ratios to
+``local_1`` and the load average. Asserts nothing.
 
     python bench/sampling_speed.py [--rounds 3] [--json bench/results/sampling_speed.json]
 """
@@ -128,16 +127,11 @@ def main() -> None:
     for family in args.families:
         config = get_preset(FAMILIES[family])
         local = make_task_distribution(family, horizon=args.horizon)
-        if family == "halfcheetah-vel":
-            local = make_task_distribution(family, horizon=args.horizon, num_workers=0)
         policy = make_policy(
             local.observation_spec, local.action_spec, config.hidden_sizes, config.activation, 0.0
         )
         params = policy.get_parameters()
         setups = {"local_1": Sampler(local, policy, args.episodes, LocalBackend())}
-        if family == "halfcheetah-vel":
-            pooled = make_task_distribution(family, horizon=args.horizon, num_workers=2)
-            setups["pool_2"] = Sampler(pooled, policy, args.episodes, LocalBackend())
         for n in (1, 2):
             setups[f"ray_{n}"] = Sampler(local, policy, args.episodes, RayBackend(num_workers=n))
 
@@ -165,6 +159,9 @@ def main() -> None:
             ), flush=True)  # fmt: skip
         rates = {name: round(steps[name] / statistics.median(times[name]), 1) for name in runners}
         results[family] = rates
+        results[family + "_per_round"] = {
+            name: [round(steps[name] / t, 1) for t in times[name]] for name in runners
+        }
         results[family + "_ratio_to_local_1"] = {
             name: round(rate / rates["local_1"], 3) for name, rate in rates.items()
         }
@@ -172,8 +169,6 @@ def main() -> None:
         results[family + "_env_steps_per_batch"] = steps["local_1"]
         for sampler in setups.values():
             sampler.backend.close()
-        if family == "halfcheetah-vel":
-            pooled.close()
         print(json.dumps({family: rates}), flush=True)
     results["cpus"] = os.cpu_count()
     if args.json:

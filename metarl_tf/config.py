@@ -177,6 +177,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
         d = dict(d)
+        if "num_workers" in d.get("task_kwargs", {}):  # chose worker processes, now ignored
+            d["task_kwargs"] = {k: v for k, v in d["task_kwargs"].items() if k != "num_workers"}
         for name in ("hidden_sizes", "step_weights"):
             if name in d:
                 d[name] = tuple(d[name])
@@ -295,7 +297,8 @@ PRESETS["cartpole"] = TrainConfig(
 # 2x100 ReLU policy, one inner step of size 0.1, 40 tasks x 20 episodes per meta-batch, horizon
 # 200, TRPO with max KL 0.01. (pytorch-maml-rl's configs/maml/halfcheetah-*.yaml and ant-dir.yaml
 # use the same 40 x 20, fast-lr 0.1, max KL 0.01, cg 10 / 1e-5, line search 15 x 0.8, but a 2x64
-# tanh policy and horizon 100.) Sub-envs step in 2 worker processes (task_kwargs num_workers).
+# tanh policy and horizon 100.) Sub-envs step in this process; --backend ray steps them on Ray
+# actors, in parallel.
 _MUJOCO = TrainConfig(
     hidden_sizes=(100, 100),
     activation="relu",
@@ -304,7 +307,6 @@ _MUJOCO = TrainConfig(
     horizon=200,
     inner_step_size=0.1,
     max_kl=0.01,
-    task_kwargs={"num_workers": 2},
 )
 PRESETS.update(
     {
@@ -323,7 +325,7 @@ PRESETS.update(
         # Meta-World paper's original protocol; 20 tasks x 10 episodes.
         "ml1-reach": _MUJOCO.replace(
             task_distribution="metaworld-ml1",
-            task_kwargs={"env_name": "reach-v3", "num_workers": 2},
+            task_kwargs={"env_name": "reach-v3"},
             horizon=150,
             meta_batch_size=20,
             episodes_per_task=10,

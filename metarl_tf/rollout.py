@@ -24,6 +24,7 @@ Discrete actions are stored float-encoded (``[..., 1]`` float32 holding the inde
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -95,18 +96,28 @@ class SamplingBackend(Protocol):
 
 
 class LocalBackend:
-    """The task distribution's own batched env, in this process (or in the distribution's own
-    worker processes, e.g. the MuJoCo families' ``num_workers``)."""
+    """The task distribution's own batched env, in this process. It holds the distribution's
+    :meth:`~TaskDistribution.in_process` copy, so gymnasium envs are reused from batch to batch
+    (one batched env of a backend in use at a time)."""
 
     name = "local"
+
+    def __init__(self):
+        self._workers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def make_batched_env(
         self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
     ) -> BatchedEnv:
-        return dist.make_batched_env(tasks, episodes_per_task)
+        if dist not in self._workers:
+            self._workers[dist] = dist.in_process()
+        return self._workers[dist].make_batched_env(tasks, episodes_per_task)
 
     def close(self) -> None:
-        pass
+        for worker in list(self._workers.values()):
+            close = getattr(worker, "close", None)
+            if close is not None:
+                close()
+        self._workers.clear()
 
 
 def make_backend(

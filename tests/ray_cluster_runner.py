@@ -29,7 +29,7 @@ def main(out: Path) -> None:
         cluster.wait_for_nodes(timeout=120)
         connect(cluster.address)
         backend = make_backend("ray", cluster.address, num_workers=2)
-        dist = make_task_distribution("halfcheetah-vel", horizon=10, num_workers=0)
+        dist = make_task_distribution("halfcheetah-vel", horizon=10)
         policy = make_policy(dist.observation_spec, dist.action_spec, (8,), "tanh", -0.5)
         tasks = dist.sample_tasks(3, seed=0)
         params = policy.get_parameters()

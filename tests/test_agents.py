@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from numerics import assert_close, assert_exact, assert_not_close, assert_within
 from tf_agents.drivers import dynamic_episode_driver
 from tf_agents.environments import batched_py_environment, tf_py_environment
 from tf_agents.policies import greedy_policy
@@ -127,11 +128,13 @@ def test_policy_specs_and_distribution_are_the_bundle_policy(nav, bandit):
         encoded = tf.reshape(tf.cast(action, tf.float32), [6, ours.act_dim])  # float-encoded
         expected = ours.log_prob(ours.forward(params, tf.constant(obs, tf.float32)), encoded)
         got = policy.distribution(step).action.log_prob(action)
-        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+        assert_close(got.numpy(), expected.numpy(), ulps=32)
         greedy = greedy_policy.GreedyPolicy(policy).action(step).action.numpy()  # clips
         mean = ours.numpy_act(params, obs.astype(np.float32), None, deterministic=True)
         low, high = dist.action_spec.minimum, dist.action_spec.maximum
-        np.testing.assert_allclose(greedy.reshape(mean.shape), np.clip(mean, low, high), atol=1e-6)
+        assert_close(
+            greedy.reshape(mean.shape), np.clip(mean, low, high), ulps=128
+        )  # TF-Agents' forward
 
 
 def test_driver_returns_match_our_evaluation(nav):
@@ -146,7 +149,7 @@ def test_driver_returns_match_our_evaluation(nav):
     traj, recorded = collect(nav, greedy, task, parallel=2, episodes=2, seed=0)
     ours = Sampler(dist, nav.policy, 1).sample(params, [task], seed=0, deterministic=True)
     for _, _, rewards in episodes_from_trajectories(traj):
-        np.testing.assert_allclose(rewards.sum(), ours.episode_returns[0, 0], rtol=1e-5)
+        assert_close(rewards.sum(), ours.episode_returns[0, 0], ulps=8)
     traj, recorded = collect(nav, policy, task, parallel=8, episodes=48, seed=1)
     driver_returns = np.array([r.sum() for _, _, r in episodes_from_trajectories(traj)])
     sampler_returns = (
@@ -157,7 +160,7 @@ def test_driver_returns_match_our_evaluation(nav):
     se = np.sqrt(
         driver_returns.var(ddof=1) / len(driver_returns) + sampler_returns.var(ddof=1) / 48
     )
-    assert abs(diff) < 4 * se, (driver_returns.mean(), sampler_returns.mean(), se)
+    assert_within(diff, 0.0, atol=4 * se, why="4 standard errors of a difference of means")
 
 
 @pytest.mark.parametrize("name", ["nav", "bandit"])
@@ -174,22 +177,19 @@ def test_adapting_on_driver_data_equals_adapting_on_our_episodes(name, request):
     ends = int(np.sum(traj.next_step_type.numpy() == ts.StepType.LAST))
     assert len(episodes) == len(recorded) == ends >= 7
     for (o, a, r), (ro, ra, rr) in zip(episodes, recorded, strict=True):
-        np.testing.assert_array_equal(o, ro)
-        np.testing.assert_array_equal(a, ra)  # raw samples (the env clips), float-encoded indices
-        np.testing.assert_array_equal(r, rr)
+        assert_exact(o, ro)
+        assert_exact(a, ra)  # raw samples (the env clips), float-encoded indices
+        assert_exact(r, rr)
     if name == "nav":
         assert np.any(np.abs(np.concatenate([a for _, a, _ in episodes])) > 0.1)
     adapted = bundle.adapt(episodes)
     reference = pad_episodes(recorded, length=dist.horizon)  # the sampler's layout
     params, losses, _ = bundle.adapter(bundle.policy.get_parameters(), reference, 1)
     assert adapted.num_episodes == len(recorded)
-    np.testing.assert_allclose(adapted.inner_losses, losses.numpy()[:, 0], rtol=1e-5, atol=1e-7)
+    assert_close(adapted.inner_losses, losses.numpy()[:, 0], ulps=8)
     for got, expected in zip(adapted.parameters, params, strict=True):
-        np.testing.assert_allclose(got, expected.numpy()[0], rtol=1e-5, atol=1e-7)
-    assert any(
-        not np.allclose(p, q)
-        for p, q in zip(adapted.parameters, bundle.policy.get_parameters(), strict=True)
-    )
+        assert_close(got, expected.numpy()[0], ulps=8)
+    assert_not_close(adapted.parameters, bundle.policy.get_parameters())  # it did adapt
 
 
 def _trajectory(step_types, actions, batch=True):
@@ -218,9 +218,9 @@ def test_episodes_from_trajectories_respects_boundaries():
     assert len(episodes) == len(spans)
     for (o, a, r), (row, start, end) in zip(episodes, spans, strict=True):
         t = np.arange(start, end, dtype=np.float32)
-        np.testing.assert_array_equal(o, np.stack([t, 10 * t], -1))
-        np.testing.assert_array_equal(a, (row * 10 + t)[:, None])  # float-encoded indices
-        np.testing.assert_array_equal(r, 100 + t)
+        assert_exact(o, np.stack([t, 10 * t], -1))
+        assert_exact(a, (row * 10 + t)[:, None])  # float-encoded indices
+        assert_exact(r, 100 + t)
         assert o.dtype == a.dtype == r.dtype == np.float32
     kept = episodes_from_trajectories(_trajectory(types, actions), keep_incomplete=True)
     assert [len(r) for _, _, r in kept] == [3, 1, 2, 3, 2, 3]
@@ -243,12 +243,12 @@ def test_tf_agents_environment_steps_the_task_distribution(nav):
     step = env.reset()
     batched = dist.make_batched_env([task], 2)
     obs = batched.reset()
-    np.testing.assert_array_equal(step.observation.numpy(), obs)
+    assert_exact(step.observation.numpy(), obs)
     for t in range(dist.horizon):
         action = np.full((2, 2), 0.5 * (-1) ** t, np.float32)  # out of bounds: the env clips
         step, expected = env.step(tf.constant(action)), batched.step(action)
-        np.testing.assert_array_equal(step.observation.numpy(), expected.observation)
-        np.testing.assert_array_equal(step.reward.numpy(), expected.reward)
+        assert_exact(step.observation.numpy(), expected.observation)
+        assert_exact(step.reward.numpy(), expected.reward)
     assert np.all(step.step_type.numpy() == ts.StepType.LAST)
     assert np.all(step.discount.numpy() == 1.0)  # the horizon truncates
 
@@ -270,7 +270,7 @@ def test_shipped_bundle_in_a_driver_matches_our_evaluation():
     se = np.sqrt(
         driver_returns.var(ddof=1) / len(driver_returns) + sampler_returns.var(ddof=1) / 24
     )
-    assert abs(diff) < 4 * se, (driver_returns.mean(), sampler_returns.mean(), se)
+    assert_within(diff, 0.0, atol=4 * se, why="4 standard errors of a difference of means")
 
 
 @pytest.mark.slow

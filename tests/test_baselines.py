@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from numerics import assert_close, assert_exact, assert_within
 
 from metarl_tf.baselines import (
     RANDOM_INIT_SALT,
@@ -38,18 +39,27 @@ def test_seed_aggregate_equals_a_hand_computation():
         values = [*seed_a[k], *seed_b[k]]
         mean = sum(values) / 6
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 5)
-        assert got["mean_return"][k] == pytest.approx(mean)
-        assert got["ci95"][k] == pytest.approx(1.96 * sd / math.sqrt(6))
+        assert_close(got["mean_return"][k], mean, ulps=8, dtype=np.float32)
+        assert_close(got["ci95"][k], 1.96 * sd / math.sqrt(6), ulps=8, dtype=np.float32)
         m_a, m_b = sum(seed_a[k]) / 3, sum(seed_b[k]) / 3
         sd_means = math.sqrt(((m_a - (m_a + m_b) / 2) ** 2 + (m_b - (m_a + m_b) / 2) ** 2) / 1)
-        assert got["ci95_across_seeds"][k] == pytest.approx(12.706 * sd_means / math.sqrt(2))
+        assert_close(
+            got["ci95_across_seeds"][k], 12.706 * sd_means / math.sqrt(2), ulps=8, dtype=np.float32
+        )
     assert "ci95_across_seeds" not in aggregate_seeds([seed_a])
 
 
 def test_t_interval_uses_student_t_for_few_values():
-    assert t_confidence_interval95(np.array([1.0, 2.0, 3.0])) == pytest.approx(4.303 / math.sqrt(3))
+    assert_close(
+        t_confidence_interval95(np.array([1.0, 2.0, 3.0])),
+        4.303 / math.sqrt(3),
+        ulps=8,
+        dtype=np.float32,
+    )
     many = np.arange(100.0)
-    assert t_confidence_interval95(many) == pytest.approx(1.96 * np.std(many, ddof=1) / 10)
+    assert_close(
+        t_confidence_interval95(many), 1.96 * np.std(many, ddof=1) / 10, ulps=8, dtype=np.float32
+    )
     assert math.isnan(t_confidence_interval95(np.array([1.0])))
 
 
@@ -58,7 +68,7 @@ def test_random_parameters_are_seeded_glorot_uniform(make_policy):
     a, b = random_parameters(policy, 3), random_parameters(policy, 3)
     c = random_parameters(policy, 4)
     for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x, y)
+        assert_exact(x, y)
     assert not np.array_equal(a[0], c[0])
     for value, name, shape in zip(a, policy.parameter_names, policy.parameter_shapes, strict=True):
         assert value.shape == shape and value.dtype == np.float32
@@ -66,11 +76,12 @@ def test_random_parameters_are_seeded_glorot_uniform(make_policy):
             limit = math.sqrt(6 / (shape[0] + shape[1]))
             assert np.abs(value).max() <= limit
             assert np.abs(value).max() > 0.8 * limit  # spread over the whole range
-            assert abs(np.var(value) - limit**2 / 3) < 0.35 * limit**2 / 3  # U(-l, l) variance
+            why = "the variance of U(-l, l) from a few dozen draws"
+            assert_within(np.var(value), limit**2 / 3, atol=0.35 * limit**2 / 3, why=why)
         elif name == "log_std":
-            np.testing.assert_allclose(value, -1.2)
+            assert_close(value, -1.2, ulps=1)
         else:
-            np.testing.assert_array_equal(value, 0.0)
+            assert_exact(value, 0.0)
 
 
 def test_parse_baselines():
@@ -139,19 +150,19 @@ def test_evaluate_with_baselines_and_seeds_writes_the_documented_json(tiny_bundl
         # the aggregate is the hand computation over the per-seed, per-task returns
         pooled = np.concatenate([result["per_seed"][s][name]["per_task"] for s in "01"], axis=1)
         assert pooled.shape == (steps + 1, 2 * tasks)
-        np.testing.assert_allclose(m["mean_return"], pooled.mean(axis=1), rtol=1e-6)
-        np.testing.assert_allclose(
-            m["ci95"], 1.96 * pooled.std(axis=1, ddof=1) / math.sqrt(2 * tasks), rtol=1e-6
+        assert_close(m["mean_return"], pooled.mean(axis=1), ulps=8, dtype=np.float32)
+        assert_close(
+            m["ci95"],
+            1.96 * pooled.std(axis=1, ddof=1) / math.sqrt(2 * tasks),
+            ulps=8,
+            dtype=np.float32,
         )
         if name != "maml":
             sel = m["step_size_selection"]
             assert sel["grid"] == list(STEP_SIZE_GRID)
             assert m["step_size"] == sel["grid"][int(np.argmax(sel["validation_return"]))]
             maml = np.concatenate([result["per_seed"][s]["maml"]["per_task"] for s in "01"], 1)
-            np.testing.assert_allclose(
-                result["paired_differences"][f"maml - {name}"]["mean"],
-                (maml - pooled).mean(axis=1), rtol=1e-5, atol=1e-6,
-            )  # fmt: skip
+            assert_close(result["paired_differences"][f"maml - {name}"]["mean"], (maml - pooled).mean(axis=1), ulps=64, dtype=np.float32)  # fmt: skip
     assert result["methods"]["pretrained"]["source"] == str(tiny_bundles / "nav2d-pretrained")
     assert result["methods"]["oracle"]["source"] == str(tiny_bundles / "nav2d-oracle")
     assert (tmp_path / "p_curve.png").stat().st_size > 0
@@ -168,15 +179,19 @@ def test_evaluate_with_baselines_and_seeds_writes_the_documented_json(tiny_bundl
             bundle.task_distribution, bundle.policy, bundle.policy.parameters,
             bundle.make_adapter(), test_tasks, episodes, steps, s,
         )  # fmt: skip
-        np.testing.assert_allclose(result["per_seed"][str(s)]["maml"]["per_task"], maml["per_task"])
+        # the same seeded evaluation replayed
+        assert_exact(result["per_seed"][str(s)]["maml"]["per_task"], maml["per_task"])
         alpha = result["methods"]["random"]["step_size"]
         rand = method_curve(
             bundle.task_distribution, bundle.policy,
             random_parameters(bundle.policy, RANDOM_INIT_SALT + s),
             make_adapter(bundle.policy, bundle, alpha), test_tasks, episodes, steps, s,
         )  # fmt: skip
-        np.testing.assert_allclose(
-            result["per_seed"][str(s)]["random"]["per_task"], rand["per_task"], rtol=1e-5
+        assert_close(
+            result["per_seed"][str(s)]["random"]["per_task"],
+            rand["per_task"],
+            ulps=64,
+            dtype=np.float32,
         )
 
 

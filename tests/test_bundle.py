@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from numerics import assert_close, assert_exact
 
 from metarl_tf.bundle import BundleError, load_bundle, save_bundle
 from metarl_tf.envs import Navigation2D
@@ -47,16 +48,16 @@ def test_round_trip_gives_identical_actions_and_step_sizes(saved, kind):
     assert isinstance(bundle.policy, GaussianMLPPolicy)
     assert bundle.name == kind
     for a, b in zip(bundle.policy.get_parameters(), policy.get_parameters(), strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_exact(a, b)
     obs = np.random.default_rng(1).normal(size=(9, 2)).astype(np.float32)
-    np.testing.assert_array_equal(bundle.policy(obs)[0].numpy(), policy(obs)[0].numpy())
+    assert_exact(bundle.policy(obs)[0].numpy(), policy(obs)[0].numpy())
     # deterministic rollouts on the bundle's own task distribution are identical
     dist = bundle.task_distribution
     assert dist.horizon == 7
     tasks = dist.sample_tasks(2, seed=0)
     a = Sampler(dist, bundle.policy, 2).sample(bundle.policy.parameters, tasks, 0, True)
     b = Sampler(dist, policy, 2).sample(policy.parameters, tasks, 0, True)
-    np.testing.assert_array_equal(a.actions, b.actions)
+    assert_exact(a.actions, b.actions)
     if kind == "scalar":
         assert bundle.step_sizes == 0.25 and isinstance(bundle.step_sizes, float)
         assert not bundle.learned_step_sizes
@@ -64,7 +65,7 @@ def test_round_trip_gives_identical_actions_and_step_sizes(saved, kind):
         assert bundle.learned_step_sizes
         for got, expected in zip(bundle.step_sizes, sizes, strict=True):
             assert got.dtype == np.float32
-            np.testing.assert_array_equal(got, expected)
+            assert_exact(got, expected)
     assert bundle.adaptation["steps"] == 2 and bundle.adaptation["gamma"] == 0.95
 
 
@@ -79,7 +80,7 @@ def test_bundle_adapter_equals_an_adapter_with_the_original_settings(
     ref = Adapter(policy, ref_sizes, 0.95, 0.9, "linear")(policy.parameters, episodes, 2)
     got = bundle.make_adapter()(bundle.policy.parameters, episodes, 2)
     for a, b in zip(got[0], ref[0], strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+        assert_close(a.numpy(), b.numpy(), ulps=8)
 
 
 def test_policy_keras_loads_in_safe_mode(saved):
@@ -87,7 +88,7 @@ def test_policy_keras_loads_in_safe_mode(saved):
     model = keras.saving.load_model(path / "policy.keras", safe_mode=True)
     assert isinstance(model, GaussianMLPPolicy)
     obs = np.ones((3, 2), np.float32)
-    np.testing.assert_array_equal(model(obs)[0].numpy(), policy(obs)[0].numpy())
+    assert_exact(model(obs)[0].numpy(), policy(obs)[0].numpy())
 
 
 def test_meta_json_describes_the_bundle_and_checksums_every_file(saved):
@@ -99,7 +100,7 @@ def test_meta_json_describes_the_bundle_and_checksums_every_file(saved):
         "config": {"horizon": 7, "include_goal": False},
     }
     assert meta["observation_spec"]["shape"] == [2]
-    assert meta["action_spec"]["minimum"] == pytest.approx([-0.1, -0.1])
+    assert_close(meta["action_spec"]["minimum"], [-0.1, -0.1], ulps=8, dtype=np.float32)
     assert meta["policy"]["parameter_names"] == policy.parameter_names
     assert meta["policy"]["config"]["hidden_sizes"] == [8]
     assert meta["adaptation"]["step_sizes"] == {"file": "step_sizes.npz"}
@@ -119,7 +120,7 @@ def test_saving_over_an_existing_bundle_replaces_it(saved, make_policy):
     bundle = load_bundle(path)
     assert bundle.step_sizes == 0.5
     assert not (path / "step_sizes.npz").exists()
-    np.testing.assert_array_equal(bundle.policy.get_parameters()[0], policy.get_parameters()[0])
+    assert_exact(bundle.policy.get_parameters()[0], policy.get_parameters()[0])
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
 
 

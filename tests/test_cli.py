@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from numerics import assert_close, assert_exact
 
 from metarl_tf.bundle import load_bundle
 from metarl_tf.cli import main
@@ -94,7 +95,7 @@ def test_export_writes_the_checkpoint_as_a_bundle(cli_run, tmp_path):
     assert main(["export", str(cli_run["run"]), "--out", str(out)]) == 0
     exported, trained = load_bundle(out), load_bundle(cli_run["out"])
     for a, b in zip(exported.policy.get_parameters(), trained.policy.get_parameters(), strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_exact(a, b)
     assert main(["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "x")]) == 2
 
 
@@ -179,7 +180,7 @@ def test_moving_average_matches_a_loop():
     values = np.random.default_rng(0).normal(size=23)
     for window in (1, 4, 30):
         expected = [values[max(0, i + 1 - window) : i + 1].mean() for i in range(len(values))]
-        np.testing.assert_allclose(moving_average(values, window), expected, rtol=1e-12)
+        assert_close(moving_average(values, window), expected, ulps=16)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import json
 import gymnasium
 import numpy as np
 import pytest
+from numerics import assert_close, assert_exact, assert_within
 
 import metarl_tf.envs  # noqa: F401  (registers the gymnasium ids)
 from metarl_tf.envs import (
@@ -25,7 +26,7 @@ def test_bandit_rewards_follow_the_arm_means():
     tasks = [{"means": [0.1, 0.5, 0.9]}, {"means": [0.7, 0.0, 1.0]}]
     env = dist.make_batched_env(tasks, 2)
     assert env.num_envs == 4
-    np.testing.assert_array_equal(env.reset(), np.ones((4, 1), np.float32))
+    assert_exact(env.reset(), np.ones((4, 1), np.float32))
     for arm in range(3):
         env.seed(arm)
         env.reset()
@@ -33,7 +34,7 @@ def test_bandit_rewards_follow_the_arm_means():
         assert set(np.unique(rewards)) <= {0.0, 1.0}
         freq = rewards.mean(axis=0)
         expected = np.repeat([t["means"][arm] for t in tasks], 2)
-        np.testing.assert_allclose(freq, expected, atol=5 * np.sqrt(0.25 / 2000))
+        assert_within(freq, expected, atol=5 * np.sqrt(0.25 / 2000), why="5σ of a frequency")
 
 
 def test_bandit_is_seeded_ends_at_horizon_and_checks_actions():
@@ -48,7 +49,7 @@ def test_bandit_is_seeded_ends_at_horizon_and_checks_actions():
         assert [bool(s.done.all()) for s in steps] == [False, False, True]
         return np.array([s.reward for s in steps])
 
-    np.testing.assert_array_equal(run(1), run(1))
+    assert_exact(run(1), run(1))
     assert not np.array_equal(run(1), run(2))
     env = dist.make_batched_env(tasks, 1)
     with pytest.raises(ValueError, match=r"must be in \[0, 3\]"):
@@ -64,12 +65,18 @@ def test_bandit_tasks_are_uniform_means():
     tasks = BernoulliBandit(k=5).sample_tasks(2000, seed=3)
     means = np.array([t["means"] for t in tasks])
     assert means.shape == (2000, 5) and means.min() >= 0 and means.max() <= 1
-    np.testing.assert_allclose(means.mean(), 0.5, atol=5 * np.sqrt(1 / 12 / 10_000))
-    np.testing.assert_allclose(means.var(), 1 / 12, rtol=0.05)
+    assert_within(
+        means.mean(), 0.5, atol=5 * np.sqrt(1 / 12 / 10_000), why="5σ of the mean of U(0, 1)"
+    )
+    assert_within(means.var(), 1 / 12, atol=0.05 / 12, why="about 5σ of a variance of 10,000 draws")
     # E[max of 5 uniforms] = 5/6: the oracle's expected return per pull
-    np.testing.assert_allclose(means.max(1).mean(), 5 / 6, atol=0.01)
-    assert BernoulliBandit.oracle_return({"means": [0.2, 0.7]}, 10) == pytest.approx(7.0)
-    assert BernoulliBandit.random_return({"means": [0.2, 0.7]}, 10) == pytest.approx(4.5)
+    assert_within(means.max(1).mean(), 5 / 6, atol=0.01, why="about 5σ of a mean of 2000")
+    assert_close(
+        BernoulliBandit.oracle_return({"means": [0.2, 0.7]}, 10), 7.0, ulps=8, dtype=np.float32
+    )
+    assert_close(
+        BernoulliBandit.random_return({"means": [0.2, 0.7]}, 10), 4.5, ulps=8, dtype=np.float32
+    )
 
 
 # -- cartpole ------------------------------------------------------------------------------------
@@ -97,8 +104,8 @@ def test_cartpole_matches_gymnasium_step_for_step(seed):
         gym_obs, gym_reward, terminated, truncated, _ = gym_env.step(action)
         ts = batch.step(np.array([action]))
         steps += 1
-        np.testing.assert_allclose(batch.state[0], gym_env.state, rtol=1e-12, atol=1e-12)
-        np.testing.assert_array_equal(ts.observation[0], gym_obs)
+        assert_close(batch.state[0], gym_env.state, ulps=8)
+        assert_exact(ts.observation[0], gym_obs)
         assert ts.reward[0] == gym_reward
         assert bool(ts.done[0]) == terminated == bool(batch.terminated[0])
         if terminated:
@@ -109,7 +116,7 @@ def test_cartpole_matches_gymnasium_step_for_step(seed):
     frozen = batch.state.copy()
     ts = batch.step(np.array([0]))
     assert ts.reward[0] == 0.0 and ts.done[0]
-    np.testing.assert_array_equal(batch.state, frozen)
+    assert_exact(batch.state, frozen)
     gym_env.close()
 
 
@@ -135,14 +142,14 @@ def test_cartpole_start_states_are_seeded_uniform():
     env.seed(5)
     a = env.reset()
     env.seed(5)
-    np.testing.assert_array_equal(env.reset(), a)
+    assert_exact(env.reset(), a)
     assert np.abs(a).max() <= 0.05 and a.dtype == np.float32
     assert np.abs(a).max() > 0.045
     tasks = CartPoleVaried().sample_tasks(1000, seed=0)
     for key, default in (("length", 0.5), ("masspole", 0.1), ("masscart", 1.0)):
         values = np.array([t[key] for t in tasks]) / default
         assert 0.5 <= values.min() < 0.52 and 1.98 < values.max() <= 2.0
-        np.testing.assert_allclose(values.mean(), 1.25, atol=0.05)
+        assert_within(values.mean(), 1.25, atol=0.05, why="about 4σ of a mean of 1000")
 
 
 # -- registries and protocol -----------------------------------------------------------------------
@@ -187,7 +194,7 @@ def test_check_task_distribution_rejects_a_discrete_spec_not_starting_at_zero():
 def test_gymnasium_bandit():
     env = gymnasium.make("metarl_tf/BernoulliBandit-v0", task={"means": [0.0, 1.0, 0.0]})
     obs, info = env.reset(seed=0)
-    np.testing.assert_array_equal(obs, [1.0])
+    assert_exact(obs, [1.0])
     assert env.action_space.n == 3 and info["task"]["means"] == [0.0, 1.0, 0.0]
     results = [env.step(1) for _ in range(10)]
     assert [r[1] for r in results] == [1.0] * 10

@@ -6,6 +6,7 @@ import json
 import gymnasium
 import numpy as np
 import pytest
+from numerics import assert_close, assert_exact, assert_within
 
 import metarl_tf.envs  # noqa: F401  (registers metarl_tf/Navigation2D-v0)
 from metarl_tf.envs import (
@@ -26,7 +27,7 @@ def test_starts_at_origin():
     assert env.num_envs == 4
     obs = env.reset()
     assert obs.shape == (4, 2) and obs.dtype == np.float32
-    np.testing.assert_array_equal(obs, 0.0)
+    assert_exact(obs, 0.0)
 
 
 def test_actions_are_clipped_per_axis_and_reward_is_minus_distance_after_the_move():
@@ -36,16 +37,14 @@ def test_actions_are_clipped_per_axis_and_reward_is_minus_distance_after_the_mov
     actions = np.array([[5.0, -0.03], [-0.2, 0.07], [0.0, -100.0]], np.float32)
     ts = env.step(actions)
     expected_pos = np.array([[0.1, -0.03], [-0.1, 0.07], [0.0, -0.1]])
-    np.testing.assert_allclose(ts.observation, expected_pos, atol=1e-7)
+    assert_close(ts.observation, expected_pos, ulps=1)
     expected_reward = -np.sqrt(((expected_pos - goals) ** 2).sum(axis=1))
-    np.testing.assert_allclose(ts.reward, expected_reward, rtol=1e-6)
+    assert_close(ts.reward, expected_reward, ulps=8)
     assert not ts.done.any()
     # a second step accumulates from the new position
     ts = env.step(actions)
-    np.testing.assert_allclose(ts.observation, 2 * expected_pos, atol=1e-6)
-    np.testing.assert_allclose(
-        ts.reward, -np.sqrt(((2 * expected_pos - goals) ** 2).sum(axis=1)), rtol=1e-6
-    )
+    assert_close(ts.observation, 2 * expected_pos, ulps=8)
+    assert_close(ts.reward, -np.sqrt(((2 * expected_pos - goals) ** 2).sum(axis=1)), ulps=8)
 
 
 def test_terminates_within_goal_radius_and_freezes_after():
@@ -56,12 +55,12 @@ def test_terminates_within_goal_radius_and_freezes_after():
     ts = env.step(a)
     assert not ts.done.any()
     ts = env.step(np.array([[0.1, 0.0], [0.091, 0.0], [0.089, 0.0]], np.float32))
-    np.testing.assert_array_equal(ts.done, [True, True, False])
-    np.testing.assert_allclose(ts.reward, [0.0, -0.009, -0.011], atol=1e-6)
+    assert_exact(ts.done, [True, True, False])
+    assert_close(ts.reward, [0.0, -0.009, -0.011], ulps=64)  # 0.2 - 0.191: cancellation
     # ended sub-envs keep their position and report reward 0
     ts = env.step(np.array([[0.1, 0.1]] * 3, np.float32))
-    np.testing.assert_allclose(ts.observation[:2], [[0.2, 0.0], [0.191, 0.0]], atol=1e-6)
-    np.testing.assert_array_equal(ts.reward[:2], 0.0)
+    assert_close(ts.observation[:2], [[0.2, 0.0], [0.191, 0.0]], ulps=8)
+    assert_exact(ts.reward[:2], 0.0)
     assert ts.done[:2].all()
 
 
@@ -83,10 +82,10 @@ def test_reset_restarts_every_episode():
     env.reset()
     env.step(np.array([[0.1, 0.0]], np.float32))
     env.step(np.array([[0.1, 0.0]], np.float32))
-    np.testing.assert_array_equal(env.reset(), 0.0)
+    assert_exact(env.reset(), 0.0)
     ts = env.step(np.array([[0.1, 0.0]], np.float32))
     assert not ts.done[0]
-    np.testing.assert_allclose(ts.reward, [-0.1], rtol=1e-6)
+    assert_close(ts.reward, [-0.1], ulps=8)
 
 
 def test_goals_are_uniform_in_the_square():
@@ -95,12 +94,12 @@ def test_goals_are_uniform_in_the_square():
     assert goals.shape == (4000, 2)
     assert goals.min() >= -0.5 and goals.max() <= 0.5
     # Uniform on [-0.5, 0.5]: mean 0, variance 1/12, a quarter in each quadrant (±5 sigma).
-    np.testing.assert_allclose(goals.mean(axis=0), 0.0, atol=5 * np.sqrt(1 / 12 / 4000))
-    np.testing.assert_allclose(goals.var(axis=0), 1 / 12, rtol=0.1)
+    assert_within(goals.mean(axis=0), 0.0, atol=5 * np.sqrt(1 / 12 / 4000), why="5σ of the mean")
+    assert_within(goals.var(axis=0), 1 / 12, atol=0.1 / 12, why="about 5σ of a variance")
     for sx in (-1, 1):
         for sy in (-1, 1):
             frac = np.mean((np.sign(goals[:, 0]) == sx) & (np.sign(goals[:, 1]) == sy))
-            assert abs(frac - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 4000)
+            assert_within(frac, 0.25, atol=5 * np.sqrt(0.25 * 0.75 / 4000), why="5σ of a fraction")
     # the corners are reached, not just the middle
     assert goals.min() < -0.49 and goals.max() > 0.49
 
@@ -120,15 +119,15 @@ def test_make_batched_env_is_task_major():
     env = dist.make_batched_env(tasks, 3)
     env.reset()
     ts = env.step(np.zeros((6, 2), np.float32))
-    np.testing.assert_allclose(ts.reward[:3], -0.1, rtol=1e-6)
-    np.testing.assert_allclose(ts.reward[3:], -np.sqrt(0.18), rtol=1e-6)
+    assert_close(ts.reward[:3], -0.1, ulps=8)
+    assert_close(ts.reward[3:], -np.sqrt(0.18), ulps=8)
 
 
 def test_oracle_variant_appends_the_goal():
     dist = Navigation2D(horizon=5, include_goal=True)
     assert dist.observation_spec.shape == (4,)
     env = dist.make_batched_env([{"goal": [0.3, -0.2]}], 1)
-    np.testing.assert_allclose(env.reset(), [[0.0, 0.0, 0.3, -0.2]], atol=1e-7)
+    assert_close(env.reset(), [[0.0, 0.0, 0.3, -0.2]], ulps=1)
     check_task_distribution(dist)
 
 
@@ -137,8 +136,8 @@ def test_specs_and_registry():
     assert isinstance(dist, Navigation2D) and dist.horizon == 9
     assert dist.observation_spec.shape == (2,)
     assert dist.action_spec.shape == (2,)
-    np.testing.assert_allclose(dist.action_spec.minimum, -0.1)
-    np.testing.assert_allclose(dist.action_spec.maximum, 0.1)
+    assert_close(dist.action_spec.minimum, -0.1, ulps=1)
+    assert_close(dist.action_spec.maximum, 0.1, ulps=1)
     assert Navigation2D(**dist.config()).config() == dist.config()
     with pytest.raises(ValueError, match="unknown task distribution 'nope'.*nav2d"):
         make_task_distribution("nope")
@@ -147,20 +146,20 @@ def test_specs_and_registry():
 def test_action_scale_maps_normalized_actions_to_velocities():
     # rllab's normalize wrapper of the paper's reference code: velocity = clip(0.1 * a, ±0.1)
     dist = make_task_distribution("nav2d", action_scale=0.1)
-    np.testing.assert_allclose(dist.action_spec.minimum, -1.0)
-    np.testing.assert_allclose(dist.action_spec.maximum, 1.0)
+    assert_close(dist.action_spec.minimum, -1.0, ulps=1)
+    assert_close(dist.action_spec.maximum, 1.0, ulps=1)
     assert dist.config()["action_scale"] == 0.1
     assert Navigation2D(**dist.config()).config() == dist.config()
     assert "action_scale" not in Navigation2D().config()  # older bundles' configs unchanged
     env = dist.make_batched_env([{"goal": [0.4, 0.4]}], 2)
     env.reset()
     ts = env.step(np.array([[0.5, -3.0], [-1.0, 0.2]], np.float32))
-    np.testing.assert_allclose(ts.observation, [[0.05, -0.1], [-0.1, 0.02]], atol=1e-7)
+    assert_close(ts.observation, [[0.05, -0.1], [-0.1, 0.02]], ulps=1)
     check_task_distribution(dist)
     env = gymnasium.make("metarl_tf/Navigation2D-v0", task={"goal": [0.3, 0.0]}, action_scale=0.1)
     env.reset(seed=0)
     obs, *_ = env.step(np.array([0.5, 2.0], np.float32))
-    np.testing.assert_allclose(obs, [0.05, 0.1], atol=1e-7)
+    assert_close(obs, [0.05, 0.1], ulps=1)
     assert env.action_space.high.tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="action_scale must be a positive number"):
         Navigation2D(action_scale=0.0)
@@ -231,18 +230,18 @@ def test_task_distribution_is_abstract():
 def test_gymnasium_make_single_task():
     env = gymnasium.make("metarl_tf/Navigation2D-v0", task={"goal": [0.3, -0.2]})
     obs, info = env.reset(seed=0)
-    np.testing.assert_array_equal(obs, [0.0, 0.0])
+    assert_exact(obs, [0.0, 0.0])
     assert info["task"] == {"goal": [0.3, -0.2]}
     assert env.observation_space.contains(obs)
     obs, reward, terminated, truncated, _ = env.step(np.array([0.1, -0.1], np.float32))
-    np.testing.assert_allclose(obs, [0.1, -0.1], atol=1e-7)
-    assert reward == pytest.approx(-np.hypot(0.2, 0.1), rel=1e-6)
+    assert_close(obs, [0.1, -0.1], ulps=1)
+    assert_close(reward, -np.hypot(0.2, 0.1), ulps=8, dtype=np.float32)
     assert not terminated and not truncated
     env.step(np.array([0.1, -0.1], np.float32))
     obs, reward, terminated, truncated, _ = env.step(np.array([0.5, 0.0], np.float32))  # clipped
-    np.testing.assert_allclose(obs, [0.3, -0.2], atol=1e-6)
+    assert_close(obs, [0.3, -0.2], ulps=8)
     assert terminated and not truncated
-    assert reward == pytest.approx(0.0, abs=1e-6)
+    assert_close(reward, 0.0, ulps=8, scale=0.3, dtype=np.float32)  # at the goal, |pos| 0.3
     env.close()
 
 

@@ -3,10 +3,10 @@ models run in a fresh process with plain TensorFlow (no metarl_tf imported) and 
 service's ``/act`` (continuous bundle, over HTTP) and the sampler's action rule (discrete bundle,
 in-process: the service serves continuous-action bundles only).
 
-Tolerance of the action comparisons: 1e-6 absolute. The SavedModel runs the policy's TensorFlow
-forward pass, ``/act`` and the sampler its numpy twin: both float32, with the matmul sums in
-different orders, so they agree to the float32 rounding accumulated through the layers (a few
-ulp of outputs of scale <= 1, i.e. a few 1e-7), not bit for bit.
+Tolerance of the action comparisons: ``ULPS`` ulps of the largest action compared. The
+SavedModel runs the policy's TensorFlow forward pass, ``/act`` and the sampler its numpy twin:
+both float32, with the matmul sums in different orders, so they agree to the float32 rounding
+accumulated through the layers, not bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numerics import assert_close, assert_exact, assert_not_close
 
 from metarl_tf.bundle import load_bundle
 from metarl_tf.rollout import Sampler, load_episodes, save_episodes
@@ -33,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NAV_BUNDLE = REPO_ROOT / "saved_models" / "nav2d-maml"
 BANDIT_BUNDLE = REPO_ROOT / "saved_models" / "bandit-k5-maml"
 RUNNER = Path(__file__).with_name("saved_model_runner.py")
-ATOL = 1e-6  # float32 rounding of outputs of scale <= 1 (module docstring)
+ULPS = 16  # float32 rounding through the layers, summed in other orders (module docstring)
 LIMITS = {
     "METARL_MAX_EPISODES": "8",
     "METARL_MAX_OBSERVATIONS": "512",
@@ -112,7 +113,7 @@ def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, t
     local = nav.adapt(episodes, steps=1)  # the same adaptation in-process
     for name, value in adapted.weights.items():
         i = nav.policy.parameter_names.index(name)
-        np.testing.assert_allclose(value, local.parameters[i], rtol=1e-5, atol=1e-6)
+        assert_close(value, local.parameters[i], ulps=64)
     paths = {
         "meta": client.export("meta", tmp_path / "meta"),
         "adapted": client.export(adapted, tmp_path / "adapted"),
@@ -130,34 +131,31 @@ def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, t
     for name, policy in (("meta", "meta"), ("adapted", adapted.policy_id)):
         det = client.act_full(policy, obs, deterministic=True)
         mean, mean_raw = arrays[f"{name}/mean/actions"], arrays[f"{name}/mean/raw_actions"]
-        np.testing.assert_allclose(mean, det.actions, rtol=0, atol=ATOL)
-        np.testing.assert_allclose(mean_raw, det.raw_actions, rtol=0, atol=ATOL)
+        assert_close(mean, det.actions, ulps=ULPS)
+        assert_close(mean_raw, det.raw_actions, ulps=ULPS)
         assert np.any(np.abs(det.raw_actions) < 0.1)  # some actions inside the bounds too
-        np.testing.assert_array_equal(arrays[f"{name}/serving_default/actions"], mean)
+        assert_exact(arrays[f"{name}/serving_default/actions"], mean)
         sampled = client.act_full(policy, obs, seed=seed)
-        np.testing.assert_allclose(
-            arrays[f"{name}/from_noise/raw_actions"], sampled.raw_actions, rtol=0, atol=ATOL
-        )
-        np.testing.assert_allclose(
-            arrays[f"{name}/from_noise/actions"], sampled.actions, rtol=0, atol=ATOL
-        )
+        assert_close(arrays[f"{name}/from_noise/raw_actions"], sampled.raw_actions, ulps=ULPS)
+        assert_close(arrays[f"{name}/from_noise/actions"], sampled.actions, ulps=ULPS)
         # action_seeded: mean + σ z with the documented Philox z, reproducible, clipped
         raw = arrays[f"{name}/seeded/raw_actions"]
         z = arrays[f"{name}/documented_noise"]
-        np.testing.assert_allclose(raw, mean_raw + np.exp(log_std[name]) * z, rtol=0, atol=ATOL)
-        np.testing.assert_array_equal(arrays[f"{name}/seeded_again/raw_actions"], raw)
-        np.testing.assert_array_equal(arrays[f"{name}/seeded_signature/raw_actions"], raw)
-        np.testing.assert_array_equal(arrays[f"{name}/seeded/actions"], np.clip(raw, -0.1, 0.1))
-        assert not np.allclose(raw, sampled.raw_actions)  # another generator (docs/serving.md)
+        assert_close(raw, mean_raw + np.exp(log_std[name]) * z, ulps=ULPS)
+        assert_exact(arrays[f"{name}/seeded_again/raw_actions"], raw)
+        assert_exact(arrays[f"{name}/seeded_signature/raw_actions"], raw)
+        assert_exact(arrays[f"{name}/seeded/actions"], np.clip(raw, -0.1, 0.1))
+        assert_not_close(raw, sampled.raw_actions)  # another generator (docs/serving.md)
         fresh, fresh_again = arrays[f"{name}/fresh/raw_actions"], arrays[f"{name}/fresh_again/raw_actions"]  # fmt: skip
-        assert fresh.shape == raw.shape and not np.allclose(fresh, fresh_again)
+        assert fresh.shape == raw.shape
+        assert_not_close(fresh, fresh_again)
     # the model's own record of what it is
     checksum = nav.checksum
     for name in ("meta", "adapted"):
         f = facts[name]
         assert f["bundle_name"] == "nav2d-maml" and f["bundle_sha256"] == checksum
-        assert f["action_spec"]["minimum"] == pytest.approx([-0.1, -0.1])
-        assert f["action_spec"]["maximum"] == pytest.approx([0.1, 0.1])
+        assert_close(f["action_spec"]["minimum"], [-0.1, -0.1], ulps=1, dtype=np.float32)
+        assert_close(f["action_spec"]["maximum"], [0.1, 0.1], ulps=1, dtype=np.float32)
         assert f["action_spec"]["shape"] == [2] and f["observation_spec_shape"] == [2]
         assert f["metadata"] == f["asset"]
         assert f["metadata"]["observation_spec"] == nav.meta["observation_spec"]
@@ -174,7 +172,7 @@ def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, t
         "depth": 1, "num_episodes": 4, "num_transitions": adapted.num_transitions,
     }  # fmt: skip
     inner = facts["adapted"]["metadata"]["provenance"]["inner_losses"]
-    assert inner == pytest.approx(adapted.inner_losses)
+    assert_close(inner, adapted.inner_losses, ulps=8, dtype=np.float32)
 
 
 @pytest.mark.slow
@@ -188,7 +186,7 @@ def test_adapt_chain_in_process_equals_the_service_and_exports(client, nav, tmp_
     assert (local.parent, local.steps, local.depth) == ("in-process", 2, 3)
     for name, value in a2.weights.items():
         i = nav.policy.parameter_names.index(name)
-        np.testing.assert_allclose(value, local.parameters[i], rtol=1e-5, atol=1e-6)
+        assert_close(value, local.parameters[i], ulps=64)
     with pytest.raises(ValueError, match="steps=1"):  # the log σ shift: one step per batch
         nav.adapt(first, steps=2)
     path = client.export(a2.policy_id, tmp_path / "chain")
@@ -256,8 +254,8 @@ def test_exported_discrete_policy_acts_as_the_sampler_in_plain_tensorflow(tmp_pa
         expected = bundle.policy.numpy_act(params, obs, None, deterministic=True)[:, 0]
         mean = arrays[f"{name}/mean/actions"]
         assert mean.dtype == np.int32 and mean.shape == (512,) and clear.mean() > 0.9
-        np.testing.assert_array_equal(mean[clear], expected[clear])
-        np.testing.assert_array_equal(arrays[f"{name}/mean/raw_actions"][:, 0], mean)
+        assert_exact(mean[clear], expected[clear])
+        assert_exact(arrays[f"{name}/mean/raw_actions"][:, 0], mean)
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         cdf = np.cumsum(p / p.sum(axis=1, keepdims=True), axis=1)
 
@@ -266,12 +264,12 @@ def test_exported_discrete_policy_acts_as_the_sampler_in_plain_tensorflow(tmp_pa
 
         keep = away_from_cdf(u)
         expected = numpy_categorical_sample(logits, u)
-        np.testing.assert_array_equal(arrays[f"{name}/from_noise/actions"][keep], expected[keep])
+        assert_exact(arrays[f"{name}/from_noise/actions"][keep], expected[keep])
         z = arrays[f"{name}/documented_noise"]  # action_seeded's Philox uniforms
         keep = away_from_cdf(z)
         seeded = arrays[f"{name}/seeded/actions"]
-        np.testing.assert_array_equal(seeded[keep], numpy_categorical_sample(logits, z)[keep])
-        np.testing.assert_array_equal(arrays[f"{name}/seeded_again/actions"], seeded)
+        assert_exact(seeded[keep], numpy_categorical_sample(logits, z)[keep])
+        assert_exact(arrays[f"{name}/seeded_again/actions"], seeded)
         if name == "meta":  # (its probabilities are spread; the adapted one may be greedy)
             assert len(np.unique(seeded)) > 1 and not np.array_equal(seeded, mean)
         assert facts[name]["action_spec"] == {
@@ -280,7 +278,7 @@ def test_exported_discrete_policy_acts_as_the_sampler_in_plain_tensorflow(tmp_pa
     assert facts["adapted"]["provenance"]["num_episodes"] == 6
     n_params = int(arrays["adapted/parameters"])
     for i in range(n_params):
-        np.testing.assert_array_equal(arrays[f"adapted/parameter_{i}"], adapted.parameters[i])
+        assert_exact(arrays[f"adapted/parameter_{i}"], adapted.parameters[i])
 
 
 # -- CLI and the episodes file -------------------------------------------------------------------
@@ -294,7 +292,7 @@ def test_episodes_file_round_trip(tmp_path, nav):
     assert [len(r) for _, _, r in loaded] == [len(r) for _, _, r in episodes]
     for got, expected in zip(loaded, episodes, strict=True):
         for g, e in zip(got, expected, strict=True):
-            np.testing.assert_array_equal(g, e)
+            assert_exact(g, e)
     o, a, r = np.zeros((2, 4, 2)), np.zeros((2, 4, 2)), np.zeros((2, 4))
     np.savez(tmp_path / "full.npz", observations=o, actions=a, rewards=r)  # no lengths: all T
     assert [len(x) for _, _, x in load_episodes(tmp_path / "full.npz")] == [4, 4]
@@ -320,7 +318,7 @@ def test_cli_export_savedmodel_meta_and_adapted(tmp_path, nav, capsys):
     m = tf.saved_model.load(str(out))
     expected = nav.adapt(episodes, steps=1).parameters
     for got, want in zip(m.parameters, expected, strict=True):
-        np.testing.assert_array_equal(got.numpy(), want)
+        assert_exact(got.numpy(), want)
     assert m.provenance.kind.numpy() == b"adapted" and int(m.provenance.num_episodes) == 3
     assert main(args) == 2  # exists
     assert "not an empty directory" in capsys.readouterr().err

@@ -1,11 +1,9 @@
-"""MuJoCo task families: protocol, rewards against gymnasium's own env, seeding, parallel
-stepping and worker life cycle. Horizons of a few steps keep this to seconds."""
+"""MuJoCo task families: protocol, rewards against gymnasium's own env, seeding, envs reused
+across batches. Horizons of a few steps keep this to seconds."""
 
 import metarl_tf  # noqa: F401
 
 # isort: split
-import time
-
 import gymnasium
 import keras
 import numpy as np
@@ -15,6 +13,7 @@ pytest.importorskip("mujoco")
 
 from gymnasium.envs.mujoco.ant_v5 import AntEnv  # noqa: E402
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv  # noqa: E402
+from numerics import assert_close, assert_exact
 
 from metarl_tf.envs import (  # noqa: E402
     AntDir,
@@ -26,20 +25,20 @@ from metarl_tf.envs import (  # noqa: E402
 from metarl_tf.envs.gym_adapter import _sub_env_seeds  # noqa: E402
 from metarl_tf.envs.workers import WorkerError  # noqa: E402
 from metarl_tf.policy import GaussianMLPPolicy  # noqa: E402
-from metarl_tf.rollout import Sampler  # noqa: E402
+from metarl_tf.rollout import LocalBackend, Sampler  # noqa: E402
 
 FAMILIES = ["halfcheetah-vel", "halfcheetah-dir", "ant-dir"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_check_task_distribution(name):
-    dist = make_task_distribution(name, horizon=5, num_workers=0)
+    dist = make_task_distribution(name, horizon=5)
     check_task_distribution(dist)
-    assert dist.config() == {"horizon": 5, "num_workers": 0}
+    assert dist.config() == {"horizon": 5}
     assert dist.horizon == 5
     low, high = dist.action_spec.minimum, dist.action_spec.maximum
-    np.testing.assert_array_equal(low, -1.0)
-    np.testing.assert_array_equal(high, 1.0)
+    assert_exact(low, -1.0)
+    assert_exact(high, 1.0)
     assert dist.observation_spec.shape == ((105,) if name == "ant-dir" else (17,))
 
 
@@ -98,28 +97,28 @@ def test_rewards_match_gymnasium(family, task):
     env = gymnasium.make(f"metarl_tf/{env_id.get(family, 'AntDir')}-v0", task=task, horizon=6)
     obs, info = env.reset(seed=11)
     assert info["task"] == task
-    np.testing.assert_array_equal(obs, ref_obs[0])
+    assert_exact(obs, ref_obs[0])
     for t, a in enumerate(actions):
         obs, r, terminated, truncated, _ = env.step(a.astype(np.float32))
-        np.testing.assert_allclose(obs, ref_obs[t + 1], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(r, ref_rew[t], rtol=1e-6, atol=1e-6)
+        assert_close(obs, ref_obs[t + 1], ulps=8)
+        assert_close(r, ref_rew[t], ulps=64, dtype=np.float32)  # a velocity: Δx / dt
         assert not terminated
         assert truncated == (t == len(actions) - 1)
 
     # ... and sub-env 0 of the batched env, whose reset seed derives from (seed, 0).
-    dist = make_task_distribution(family, horizon=6, num_workers=0)
+    dist = make_task_distribution(family, horizon=6)
     seed = 5
     sub_seed = _sub_env_seeds(seed, 2)[0]
     ref_obs, ref_rew = _reference_rewards(family, task, sub_seed, actions)
     batch = dist.make_batched_env([task, task], 1)
     batch.seed(seed)
     obs = batch.reset()
-    np.testing.assert_array_equal(obs[0], ref_obs[0])
+    assert_exact(obs[0], ref_obs[0])
     assert not np.array_equal(obs[0], obs[1])  # sub-envs get different initial states
     for t, a in enumerate(actions):
         ts = batch.step(np.stack([a, a]).astype(np.float32))
-        np.testing.assert_allclose(ts.observation[0], ref_obs[t + 1], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(ts.reward[0], ref_rew[t], rtol=1e-5, atol=1e-5)
+        assert_close(ts.observation[0], ref_obs[t + 1], ulps=8)
+        assert_close(ts.reward[0], ref_rew[t], ulps=8, dtype=np.float32)
 
 
 def _sample(dist, seed, tasks=2, episodes=2):
@@ -132,57 +131,64 @@ def _sample(dist, seed, tasks=2, episodes=2):
 
 
 def test_horizon_ends_episodes_and_seeding():
-    dist = HalfCheetahDir(horizon=5, num_workers=0)
+    dist = HalfCheetahDir(horizon=5)
     a = _sample(dist, seed=1)
     assert a.observations.shape == (2, 2, 5, 17)
-    np.testing.assert_array_equal(a.mask, 1.0)  # never terminates early, exactly 5 steps
+    assert_exact(a.mask, 1.0)  # never terminates early, exactly 5 steps
     env = dist.make_batched_env(dist.sample_tasks(2, 0), 1)
     env.reset()
     dones = [env.step(np.zeros((2, 6), np.float32)).done.copy() for _ in range(5)]
-    np.testing.assert_array_equal(np.array(dones)[:, 0], [False] * 4 + [True])
+    assert_exact(np.array(dones)[:, 0], [False] * 4 + [True])
 
     b = _sample(dist, seed=1)
     for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x, y)
+        assert_exact(x, y)
     c = _sample(dist, seed=2)
     assert not np.array_equal(a.observations[:, :, 0], c.observations[:, :, 0])  # initial states
 
 
-def test_parallel_matches_serial_and_shuts_down():
-    serial = _sample(HalfCheetahVel(horizon=4, num_workers=0), seed=3, tasks=3)
-    with HalfCheetahVel(horizon=4, num_workers=2) as dist:
-        parallel = _sample(dist, seed=3, tasks=3)
-        again = _sample(dist, seed=3, tasks=3)  # reuses the workers and their envs
-        procs = list(dist._pool._procs)
-        assert all(p.is_alive() for p in procs)
-    for x, y, z in zip(serial, parallel, again, strict=True):
-        np.testing.assert_array_equal(x, y)
-        np.testing.assert_array_equal(x, z)
-    assert not any(p.is_alive() for p in procs)  # the context manager stopped them
+def _fresh_sample(dist, seed, tasks):
+    """Samples with a new backend (new envs), as a first batch."""
+    keras.utils.set_random_seed(0)
+    policy = GaussianMLPPolicy(17, 6, (8,), "tanh")
+    sampler = Sampler(dist, policy, 2, LocalBackend())
+    return sampler, policy, sampler.sample(policy.parameters, dist.sample_tasks(tasks, 0), seed)
 
 
-@pytest.mark.parametrize("wait_for_death", [False, True], ids=["racing", "dead"])
-def test_worker_crash_raises_instead_of_hanging(wait_for_death):
-    dist = HalfCheetahDir(horizon=5, num_workers=2)
-    env = dist.make_batched_env(dist.sample_tasks(2, 0), 1)
-    env.reset()
-    dist._pool._procs[1].kill()
-    if wait_for_death:  # its pipe may be closed before the step is sent: still named
-        dist._pool._procs[1].join()
-    start = time.perf_counter()
-    with pytest.raises(WorkerError, match="worker 1 died"):
-        env.step(np.zeros((2, 6), np.float32))
-    assert time.perf_counter() - start < 30.0  # the parent noticed; no hang
-    # A new batched env starts fresh workers.
-    env = dist.make_batched_env(dist.sample_tasks(2, 0), 1)
+def test_reused_envs_sample_as_new_ones():
+    dist = HalfCheetahVel(horizon=4)
+    sampler, policy, _ = _fresh_sample(dist, seed=1, tasks=3)
+    envs = list(sampler.backend._workers[dist]._group.envs)
+    # a later batch of other tasks (and fewer) on the same, reconfigured envs ...
+    tasks = dist.sample_tasks(2, seed=5)
+    reused = sampler.sample(policy.parameters, tasks, seed=3)
+    assert sampler.backend._workers[dist]._group.envs[:4] == envs[:4]  # not rebuilt
+    # ... equals the batch of envs built for it
+    fresh = Sampler(dist, policy, 2, LocalBackend()).sample(policy.parameters, tasks, seed=3)
+    for x, y in zip(reused, fresh, strict=True):
+        assert_exact(x, y)
+    sampler.backend.close()
+
+
+def test_an_older_batched_env_may_not_step_reused_envs():
+    worker = HalfCheetahDir(horizon=5).in_process()
+    env = worker.make_batched_env(worker.sample_tasks(2, 0), 1)
     env.reset()
     assert env.step(np.zeros((2, 6), np.float32)).observation.shape == (2, 17)
-    # An older batched env of the same distribution may not step the reassigned workers.
-    newer = dist.make_batched_env(dist.sample_tasks(2, 0), 1)
+    newer = worker.make_batched_env(worker.sample_tasks(2, 1), 1)
     with pytest.raises(WorkerError, match="newer make_batched_env"):
         env.step(np.zeros((2, 6), np.float32))
-    del newer
-    dist.close()
+    newer.reset()
+    worker.close()
+
+
+def test_bundles_that_chose_worker_processes_still_load():
+    from metarl_tf.config import TrainConfig
+
+    dist = make_task_distribution("halfcheetah-vel", horizon=200, num_workers=2)  # a bundle's
+    assert dist.config() == {"horizon": 200}
+    saved = TrainConfig(task_distribution="halfcheetah-vel", task_kwargs={"num_workers": 2})
+    assert TrainConfig.from_dict(saved.to_dict()).task_kwargs == {}
 
 
 def test_bad_task_is_reported():
@@ -208,7 +214,7 @@ def test_presets_build_their_distribution(name):
     )
     assert TrainConfig.from_dict(c.to_dict()) == c
     dist = make_task_distribution(c.task_distribution, horizon=c.horizon, **c.task_kwargs)
-    assert dist.name == name and dist.horizon == 200 and dist.num_workers == 2
+    assert dist.name == name and dist.horizon == 200
     args = build_parser().parse_args(
         ["train", "--preset", name, "--meta-batch-size", "3", "--episodes-per-task", "2"]
     )

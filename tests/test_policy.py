@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from numerics import assert_close, assert_exact, assert_within
 
 from metarl_tf.policy import (
     GaussianMLPPolicy,
@@ -45,11 +46,11 @@ def test_forward_with_unbatched_params_equals_keras_call(make_policy, activation
         policy.parameters, tf.constant(obs)
     )
     ref_mean, ref_log_std = policy(obs)
-    np.testing.assert_allclose(mean.numpy(), ref_mean.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(log_std.numpy(), ref_log_std.numpy(), rtol=1e-6)
+    assert_close(mean.numpy(), ref_mean.numpy(), ulps=8)
+    assert_close(log_std.numpy(), ref_log_std.numpy(), ulps=8)
     np_mean, np_log_std = numpy_forward(policy.get_parameters(), obs, activation)
-    np.testing.assert_allclose(mean.numpy(), np_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(log_std.numpy(), np_log_std, rtol=1e-6)
+    assert_close(mean.numpy(), np_mean, ulps=8)
+    assert_close(log_std.numpy(), np_log_std, ulps=8)
 
 
 def test_forward_with_given_params_equals_stateless_call(make_policy):
@@ -65,14 +66,12 @@ def test_forward_with_given_params_equals_stateless_call(make_policy):
 
     (ref_mean, ref_log_std), _ = policy.stateless_call(trainable, non_trainable, obs)
     mean, log_std = gaussian_mlp_forward(new_params, obs)
-    np.testing.assert_allclose(mean.numpy(), np.asarray(ref_mean), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(log_std.numpy(), np.asarray(ref_log_std), rtol=1e-6)
-    np.testing.assert_allclose(
-        mean.numpy(), numpy_forward(new_params, obs)[0], rtol=1e-5, atol=1e-6
-    )
+    assert_close(mean.numpy(), np.asarray(ref_mean), ulps=8)
+    assert_close(log_std.numpy(), np.asarray(ref_log_std), ulps=8)
+    assert_close(mean.numpy(), numpy_forward(new_params, obs)[0], ulps=32)
     # the functional call did not touch the model's variables
     for b, a in zip(before, policy.get_parameters(), strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_exact(a, b)
 
 
 @pytest.mark.parametrize("obs_shape", [(6,), (2, 5)], ids=["tasks-N", "tasks-E-T"])
@@ -86,11 +85,9 @@ def test_batched_params_equal_per_task_calls(make_policy, obs_shape, run_mode):
     assert mean.shape == (tasks, *obs_shape, 3) and log_std.shape == mean.shape
     for i in range(tasks):
         ref_mean, ref_log_std = gaussian_mlp_forward(per_task[i], obs[i])
-        np.testing.assert_allclose(mean[i].numpy(), ref_mean.numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(log_std[i].numpy(), ref_log_std.numpy(), rtol=1e-6)
-        np.testing.assert_allclose(
-            mean[i].numpy(), numpy_forward(per_task[i], obs[i])[0], rtol=1e-5, atol=1e-6
-        )
+        assert_close(mean[i].numpy(), ref_mean.numpy(), ulps=16)
+        assert_close(log_std[i].numpy(), ref_log_std.numpy(), ulps=8)
+        assert_close(mean[i].numpy(), numpy_forward(per_task[i], obs[i])[0], ulps=8)
 
 
 def test_tile_parameters_gives_every_task_the_same_policy(make_policy):
@@ -100,7 +97,7 @@ def test_tile_parameters_gives_every_task_the_same_policy(make_policy):
     obs = np.random.default_rng(4).normal(size=(3, 4, 2)).astype(np.float32)
     mean, _ = gaussian_mlp_forward(tiled, obs)
     for i in range(3):
-        np.testing.assert_allclose(mean[i].numpy(), policy(obs[i])[0].numpy(), rtol=1e-5, atol=1e-6)
+        assert_close(mean[i].numpy(), policy(obs[i])[0].numpy(), ulps=8)
 
 
 def test_forward_works_in_float64(make_policy):
@@ -109,7 +106,7 @@ def test_forward_works_in_float64(make_policy):
     obs = np.random.default_rng(5).normal(size=(4, 2))
     mean, log_std = gaussian_mlp_forward(params64, tf.constant(obs))
     assert mean.dtype == tf.float64 and log_std.dtype == tf.float64
-    np.testing.assert_allclose(mean.numpy(), numpy_forward(policy.get_parameters(), obs)[0], 1e-6)
+    assert_close(mean.numpy(), numpy_forward(policy.get_parameters(), obs)[0], ulps=8)
 
 
 def numpy_mvn_log_density(mean, std, x):
@@ -133,7 +130,7 @@ def test_gaussian_log_prob_matches_density_formula(run_mode):
             for i in range(4)
         ]
     )
-    np.testing.assert_allclose(got, ref, rtol=1e-10)
+    assert_close(got, ref, ulps=32)
 
 
 def numpy_kl(mean_p, std_p, mean_q, std_q):
@@ -156,7 +153,7 @@ def test_gaussian_kl_matches_closed_form_and_monte_carlo(run_mode):
     lp, lq = rng.normal(0, 0.4, size=(6, 2)), rng.normal(0, 0.4, size=(6, 2))
     got = run_mode(gaussian_kl)(*(tf.constant(v) for v in (mp, lp, mq, lq))).numpy()
     ref = [numpy_kl(mp[i], np.exp(lp[i]), mq[i], np.exp(lq[i])) for i in range(6)]
-    np.testing.assert_allclose(got, ref, rtol=1e-10)
+    assert_close(got, ref, ulps=16)
     assert np.all(got >= 0)
     # Monte Carlo: E_p[log p(x) - log q(x)] with samples of p, log densities from numpy.
     n = 200_000
@@ -166,12 +163,13 @@ def test_gaussian_kl_matches_closed_form_and_monte_carlo(run_mode):
         return np.sum(-0.5 * ((x - m) / np.exp(ls)) ** 2 - ls - 0.5 * np.log(2 * np.pi), axis=1)
 
     samples = log_density(mp[0], lp[0]) - log_density(mq[0], lq[0])
-    assert abs(samples.mean() - got[0]) < 5 * samples.std() / np.sqrt(n)
+    atol = 5 * samples.std() / np.sqrt(n)
+    assert_within(samples.mean(), got[0], atol=atol, why="5 standard errors of a Monte Carlo mean")
 
 
 def test_gaussian_kl_is_zero_for_identical_distributions():
     m, ls = tf.constant([[0.3, -1.0]]), tf.constant([[-0.5, 0.2]])
-    np.testing.assert_allclose(gaussian_kl(m, ls, m, ls).numpy(), 0.0, atol=1e-7)
+    assert_close(gaussian_kl(m, ls, m, ls).numpy(), 0.0, ulps=8, scale=1.0)  # O(1) terms
 
 
 def test_gaussian_entropy_matches_closed_form_and_monte_carlo():
@@ -179,12 +177,15 @@ def test_gaussian_entropy_matches_closed_form_and_monte_carlo():
     log_std = rng.normal(0, 0.5, size=(3, 2))
     got = gaussian_entropy(tf.constant(log_std)).numpy()
     ref = [0.5 * np.linalg.slogdet(2 * np.pi * np.e * np.diag(np.exp(2 * ls)))[1] for ls in log_std]
-    np.testing.assert_allclose(got, ref, rtol=1e-10)
+    assert_close(got, ref, ulps=8)
     n = 200_000
     x = np.exp(log_std[0]) * rng.standard_normal((n, 2))
     neg_log_p = -gaussian_log_prob(tf.zeros((n, 2), tf.float64), tf.constant(log_std[0]), x)
     neg_log_p = neg_log_p.numpy()
-    assert abs(neg_log_p.mean() - got[0]) < 5 * neg_log_p.std() / math.sqrt(n)
+    atol = 5 * neg_log_p.std() / math.sqrt(n)
+    assert_within(
+        neg_log_p.mean(), got[0], atol=atol, why="5 standard errors of a Monte Carlo mean"
+    )
 
 
 def test_parameter_order_names_and_shapes(make_policy):
@@ -213,7 +214,7 @@ def test_set_parameters_checks_shapes(make_policy):
 
 def test_init_log_std_and_bad_activation():
     policy = GaussianMLPPolicy(2, 3, (4,), init_log_std=-1.25)
-    np.testing.assert_array_equal(policy.log_std.numpy(), [-1.25] * 3)
+    assert_exact(policy.log_std.numpy(), [-1.25] * 3)
     with pytest.raises(ValueError, match="activation must be one of"):
         GaussianMLPPolicy(2, 2, (4,), activation="sigmoid")
 
@@ -225,7 +226,7 @@ def test_config_round_trip(make_policy):
     assert clone.activation == "relu"
     clone.set_parameters(policy.get_parameters())
     obs = np.ones((2, 2), np.float32)
-    np.testing.assert_allclose(clone(obs)[0].numpy(), policy(obs)[0].numpy(), rtol=1e-6)
+    assert_close(clone(obs)[0].numpy(), policy(obs)[0].numpy(), ulps=8)
     assert isinstance(clone, keras.Model)
 
 
@@ -238,8 +239,8 @@ def test_library_numpy_forward_equals_the_tensorflow_forward(make_policy, activa
     params = policy.get_parameters()
     mean, log_std = library_numpy_forward(params, obs, activation)
     ref_mean, ref_log_std = gaussian_mlp_forward(params, obs, activation)
-    np.testing.assert_allclose(mean, ref_mean.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(log_std, ref_log_std.numpy())
+    assert_close(mean, ref_mean.numpy(), ulps=16)
+    assert_exact(log_std, ref_log_std.numpy())
     # per-task parameters [tasks, *shape] with observations [tasks, N, obs_dim]
     per_task = [random_params(policy, seed=20 + i) for i in range(3)]
     batched = [np.stack(ps) for ps in zip(*per_task, strict=True)]
@@ -247,7 +248,5 @@ def test_library_numpy_forward_equals_the_tensorflow_forward(make_policy, activa
     mean, log_std = library_numpy_forward(batched, obs3, activation)
     assert mean.shape == log_std.shape == (3, 4, 2)
     for i in range(3):
-        np.testing.assert_allclose(
-            mean[i], numpy_forward(per_task[i], obs3[i], activation)[0], rtol=1e-5, atol=1e-6
-        )
-        np.testing.assert_allclose(log_std[i], np.broadcast_to(per_task[i][-1], (4, 2)))
+        assert_close(mean[i], numpy_forward(per_task[i], obs3[i], activation)[0], ulps=16)
+        assert_close(log_std[i], np.broadcast_to(per_task[i][-1], (4, 2)), ulps=1)

@@ -8,11 +8,11 @@ import signal
 
 import numpy as np
 import pytest
+from numerics import assert_exact
 
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.policy import make_policy
 from metarl_tf.rollout import Sampler, make_backend
-from tests.numerics import assert_exact
 
 ray = pytest.importorskip("ray", reason='the ray extra: pip install -e ".[ray]"')
 pytestmark = pytest.mark.slow  # Ray starts in seconds; the module takes about a minute
@@ -45,7 +45,7 @@ def _assert_same_batch(a, b):
     "name, kwargs, tasks, episodes",
     [
         ("nav2d", {"horizon": 30}, 3, 3),  # 9 sub-envs: slices of 5 and 4, cut inside a task
-        ("halfcheetah-vel", {"horizon": 12, "num_workers": 0}, 3, 2),
+        ("halfcheetah-vel", {"horizon": 12}, 3, 2),
         ("bandit", {"horizon": 6}, 3, 3),  # seeded rewards: the same draws on any slice
         ("cartpole", {"horizon": 20}, 2, 3),  # seeded initial states
     ],
@@ -90,7 +90,7 @@ class _KillingPolicy:
 
 
 def test_killed_actor_is_restarted_and_the_batch_sampled_again(backend):
-    dist = make_task_distribution("halfcheetah-vel", horizon=10, num_workers=0)
+    dist = make_task_distribution("halfcheetah-vel", horizon=10)
     policy = _policy(dist, seed=1)
     tasks = dist.sample_tasks(2, seed=0)
     expected = Sampler(dist, policy, 2).sample(policy.parameters, tasks, seed=5)

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.numerics import assert_exact
+from numerics import assert_exact
 
 pytest.importorskip("ray", reason='the ray extra: pip install -e ".[ray]"')
 pytestmark = pytest.mark.slow
@@ -37,7 +36,7 @@ def test_actors_spread_over_two_nodes_and_the_batch_equals_local(tmp_path):
     assert len(placement) == 2
     assert len({p["node"] for p in placement}) == 2  # one actor per node (SPREAD)
 
-    dist = make_task_distribution("halfcheetah-vel", horizon=10, num_workers=0)
+    dist = make_task_distribution("halfcheetah-vel", horizon=10)
     policy = make_policy(dist.observation_spec, dist.action_spec, (8,), "tanh", -0.5)
     tasks = dist.sample_tasks(3, seed=0)
     with np.load(tmp_path / "params.npz") as saved:

@@ -4,13 +4,13 @@ sampler sample the batch again, up to ``max_retries`` times."""
 
 import numpy as np
 import pytest
+from numerics import assert_exact
 
 from metarl_tf.envs import make_task_distribution
 from metarl_tf.envs.base import RecoverableSamplingError
 from metarl_tf.envs.ray_backend import EnvWorker
 from metarl_tf.policy import make_policy
 from metarl_tf.rollout import LocalBackend, Sampler, make_backend
-from tests.numerics import assert_exact
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,7 @@ from tests.numerics import assert_exact
         ("nav2d-oracle", {"horizon": 8}),
         ("bandit", {"horizon": 8}),
         ("cartpole", {"horizon": 8}),
-        ("halfcheetah-vel", {"horizon": 8, "num_workers": 0}),
+        ("halfcheetah-vel", {"horizon": 8}),
     ],
 )
 def test_slices_seeded_as_parts_of_the_batch_step_as_the_whole_batch(name, kwargs):
@@ -63,6 +63,7 @@ class _FlakyBackend(LocalBackend):
     name = "flaky"
 
     def __init__(self, failures):
+        super().__init__()
         self.failures = failures
 
     def make_batched_env(self, dist, tasks, episodes_per_task):

@@ -4,6 +4,7 @@ episode-return bookkeeping, and a tiny end-to-end run."""
 import gymnasium
 import numpy as np
 import pytest
+from numerics import assert_close, assert_exact
 
 import metarl_tf  # noqa: F401  (TF_USE_LEGACY_KERAS before TF-Agents loads)
 from metarl_tf.scratch import (
@@ -26,29 +27,29 @@ def test_adapter_maps_termination_truncation_and_auto_reset():
     env = nav_env([0.05, 0.0])
     first = env.reset()
     assert first.step_type == ts.StepType.FIRST
-    np.testing.assert_array_equal(first.observation, [0.0, 0.0])
+    assert_exact(first.observation, [0.0, 0.0])
     done = env.step(np.array([0.05, 0.0], np.float32))  # onto the goal: terminated
     assert done.step_type == ts.StepType.LAST and done.discount == 0.0
-    assert done.reward == pytest.approx(0.0, abs=1e-6)
+    assert_close(done.reward, 0.0, ulps=8, scale=1.0, dtype=np.float32)  # at the goal
     again = env.step(np.array([0.0, 0.0], np.float32))  # auto-reset
     assert again.step_type == ts.StepType.FIRST
-    np.testing.assert_array_equal(again.observation, [0.0, 0.0])
+    assert_exact(again.observation, [0.0, 0.0])
 
     env = nav_env([0.4, 0.4], horizon=2)
     env.reset()
     mid = env.step(np.array([0.1, 0.0], np.float32))
     assert mid.step_type == ts.StepType.MID and mid.discount == 1.0
-    np.testing.assert_allclose(mid.reward, -np.hypot(0.3, 0.4), rtol=1e-6)
+    assert_close(mid.reward, -np.hypot(0.3, 0.4), ulps=8)
     cut = env.step(np.array([0.1, 0.0], np.float32))  # horizon reached: truncated
     assert cut.step_type == ts.StepType.LAST and cut.discount == 1.0
-    assert env.action_spec().maximum == pytest.approx(0.1)
+    assert_close(env.action_spec().maximum, 0.1, ulps=8, dtype=np.float32)
 
 
 def test_episode_returns_skips_boundaries_and_unfinished_episodes():
     reward = np.array([[1.0, 2.0, 9.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
     boundary = np.array([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], bool)
     last = np.array([[0, 1, 0, 0, 1], [0, 0, 0, 0, 0]], bool)
-    np.testing.assert_array_equal(episode_returns(reward, boundary, last), [3.0, 7.0])
+    assert_exact(episode_returns(reward, boundary, last), [3.0, 7.0])
 
 
 def test_steps_to_reach_uses_a_trailing_mean():

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from numerics import assert_close, assert_exact
 
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, policy_from_weights
 from serving.client import AdaptationClient, ServiceError, ServiceUnavailable, pack_array
@@ -189,7 +190,7 @@ def test_metadata_reports_bundle_specs_and_limits(http, local, tiny_bundle):
     assert meta["name"] == tiny_bundle.name and meta["version"]
     assert meta["task_distribution"]["name"] == "nav2d"
     assert meta["observation_spec"]["shape"] == [2]
-    assert meta["action_spec"]["maximum"] == pytest.approx([0.1, 0.1])
+    assert_close(meta["action_spec"]["maximum"], [0.1, 0.1], ulps=8, dtype=np.float32)
     assert meta["policy"]["parameter_names"] == local.policy.parameter_names
     assert meta["adaptation"]["learned_step_sizes"] is True
     assert meta["adaptation"]["default_steps"] == 1
@@ -215,8 +216,8 @@ def test_act_meta_equals_keras_forward_and_is_clipped(http, local):
     assert r.status_code == 200, r.text
     body = r.json()
     mean, _ = local.policy(obs)
-    np.testing.assert_allclose(body["raw_actions"], mean.numpy(), atol=1e-6)
-    np.testing.assert_allclose(body["actions"], np.clip(mean.numpy(), -0.1, 0.1), atol=1e-6)
+    assert_close(body["raw_actions"], mean.numpy(), ulps=16, dtype=np.float32)
+    assert_close(body["actions"], np.clip(mean.numpy(), -0.1, 0.1), ulps=32, dtype=np.float32)
 
 
 def test_act_samples_are_seeded_gaussian_and_within_bounds(http, local):
@@ -227,10 +228,10 @@ def test_act_samples_are_seeded_gaussian_and_within_bounds(http, local):
     assert a == b and a["raw_actions"] != c["raw_actions"]
     mean, log_std = (x.numpy() for x in local.policy(obs))
     noise = local.policy.sample_noise(np.random.default_rng(123), (5,))  # the trainer's sampler
-    np.testing.assert_allclose(a["raw_actions"], mean + np.exp(log_std) * noise, atol=1e-6)
+    assert_close(a["raw_actions"], mean + np.exp(log_std) * noise, ulps=8)
     actions = np.array(a["actions"])
     assert np.all(actions >= -0.1 - 1e-7) and np.all(actions <= 0.1 + 1e-7)
-    np.testing.assert_allclose(actions, np.clip(a["raw_actions"], -0.1, 0.1), atol=1e-7)
+    assert_close(actions, np.clip(a["raw_actions"], -0.1, 0.1), ulps=1, dtype=np.float32)
 
 
 def test_act_with_inline_weights_equals_numpy_and_keras(http, local):
@@ -246,7 +247,7 @@ def test_act_with_inline_weights_equals_numpy_and_keras(http, local):
     assert r.status_code == 200, r.text
     assert r.json()["policy_id"] is None
     mean, _ = gaussian_mlp_forward(params, obs)
-    np.testing.assert_allclose(r.json()["raw_actions"], mean.numpy(), atol=1e-5)
+    assert_close(r.json()["raw_actions"], mean.numpy(), ulps=32, dtype=np.float32)
 
 
 # -- /adapt --------------------------------------------------------------------------------------
@@ -261,8 +262,8 @@ def test_adapt_over_http_equals_in_process_adapt(http, local):
     assert body["num_transitions"] == sum(len(e["rewards"]) for e in episodes)
     expected, losses = local_adapt(local, local.policy.parameters, episodes, 1)
     got = weights_list(local, body["weights"])
-    assert max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected, strict=True)) < 1e-5
-    np.testing.assert_allclose(body["inner_losses"], losses, atol=1e-5)
+    assert_close(got, expected, ulps=8, dtype=np.float32)
+    assert_close(body["inner_losses"], losses, ulps=16, dtype=np.float32)
     # The step actually moved the weights (so the comparison above is not vacuous).
     assert (
         max(
@@ -287,8 +288,8 @@ def test_adapt_from_parent_with_several_steps_equals_in_process(http, local):
     w1, _ = local_adapt(local, local.policy.parameters, first, 1)
     w2, losses = local_adapt(local, w1, second, 3)
     got = weights_list(local, p2["weights"])
-    assert max(float(np.max(np.abs(g - e))) for g, e in zip(got, w2, strict=True)) < 1e-5
-    np.testing.assert_allclose(p2["inner_losses"], losses, atol=1e-5)
+    assert_close(got, w2, ulps=8, dtype=np.float32)
+    assert_close(p2["inner_losses"], losses, ulps=64, dtype=np.float32)
 
 
 def test_adapt_then_act_by_id_by_weights_and_query(http):
@@ -305,8 +306,8 @@ def test_adapt_then_act_by_id_by_weights_and_query(http):
     by_weights = post(
         http, "/act", {"weights": body["weights"], "observations": query, "deterministic": True}
     ).json()
-    np.testing.assert_allclose(by_id["actions"], body["query_actions"], atol=1e-7)
-    np.testing.assert_allclose(by_weights["actions"], by_id["actions"], atol=1e-6)
+    assert_close(by_id["actions"], body["query_actions"], ulps=1, dtype=np.float32)
+    assert_close(by_weights["actions"], by_id["actions"], ulps=8, dtype=np.float32)
     meta = post(http, "/act", {"observations": query, "deterministic": True}).json()
     assert meta["policy_id"] == "meta" and meta["actions"] != by_id["actions"]
 
@@ -668,7 +669,7 @@ def test_packed_episodes_adapt_exactly_like_json_lists(http, local):
     assert got["lists"]["inner_losses"] == got["packed"]["inner_losses"]
     expected, _ = local_adapt(local, local.policy.parameters, episodes, 1)
     w = weights_list(local, got["packed"]["weights"])
-    assert max(float(np.max(np.abs(g - e))) for g, e in zip(w, expected, strict=True)) < 1e-5
+    assert_close(w, expected, ulps=8, dtype=np.float32)
 
 
 def test_weights_nan_is_refused(http):
@@ -789,12 +790,8 @@ def test_client_round_trip_and_errors(client, local):
     ]
     result = client.adapt(episodes, return_weights=True, query_observations=obs)
     assert set(result.weights) == set(meta["policy"]["parameter_names"])
-    np.testing.assert_allclose(
-        client.act(result, obs, deterministic=True), result.query_actions, atol=1e-7
-    )
-    np.testing.assert_allclose(
-        client.act(result.weights, obs, deterministic=True), result.query_actions, atol=1e-6
-    )
+    assert_close(client.act(result, obs, deterministic=True), result.query_actions, ulps=1)
+    assert_close(client.act(result.weights, obs, deterministic=True), result.query_actions, ulps=8)
     with pytest.raises(ServiceError) as err:
         client.act("pol-unknown", obs)
     assert err.value.status_code == 404 and err.value.field == "policy_id"
@@ -819,7 +816,7 @@ def test_client_packed_and_json_encodings_give_the_same_adaptation(client, servi
     b = client.adapt(episodes, return_weights=True)
     assert a.inner_losses == b.inner_losses
     for name in a.weights:
-        np.testing.assert_array_equal(a.weights[name], b.weights[name])
+        assert_exact(a.weights[name], b.weights[name])
 
 
 def test_client_raises_service_unavailable_without_a_server():
@@ -856,7 +853,7 @@ def test_policy_from_weights_reproduces_the_service(client, local):
     obs = np.random.default_rng(3).uniform(-0.5, 0.5, size=(6, 2)).astype(np.float32)
     mean, _ = policy(obs)
     served = client.act_full(result.policy_id, obs, deterministic=True).raw_actions
-    np.testing.assert_allclose(mean.numpy(), served, atol=1e-5)
+    assert_close(mean.numpy(), served, ulps=16, dtype=np.float32)
 
 
 def test_parameters_from_weights_names_the_problem():

@@ -3,6 +3,7 @@ bundle it exports. Uses the session-scoped ``tiny_run`` (the ``tiny`` preset, 4 
 
 import numpy as np
 import pytest
+from numerics import assert_close, assert_exact, assert_not_close
 
 from metarl_tf.bundle import load_bundle
 from metarl_tf.config import PRESETS, TrainConfig, get_preset
@@ -47,12 +48,12 @@ def test_checkpoint_restore_and_continue_equals_uninterrupted_run(tiny_run):
     assert resumed.restore_checkpoint(tiny_run["checkpoint"])
     assert resumed.iteration == 2
     for got, expected in zip(resumed.policy.get_parameters(), tiny_run["params_2"], strict=True):
-        np.testing.assert_array_equal(got, expected)
+        assert_exact(got, expected)
     continued = [resumed.train_iteration() for _ in range(2)]
     for got, expected in zip(continued, tiny_run["metrics_3_4"], strict=True):
         assert comparable(got) == comparable(expected)
     for got, expected in zip(resumed.policy.get_parameters(), tiny_run["params_4"], strict=True):
-        np.testing.assert_array_equal(got, expected)
+        assert_exact(got, expected)
 
 
 @pytest.mark.slow
@@ -65,7 +66,7 @@ def test_init_from_bundle_continues_like_the_uninterrupted_run(tiny_run):
     assert continued.iteration == 2 and rows == []  # this bundle was exported without metrics
     assert continued.elapsed > 0
     for got, expected in zip(continued.policy.get_parameters(), tiny_run["params_2"], strict=True):
-        np.testing.assert_array_equal(got, expected)
+        assert_exact(got, expected)
     for expected in tiny_run["metrics_3_4"]:
         assert comparable(continued.train_iteration()) == comparable(expected)
 
@@ -149,10 +150,12 @@ def test_meta_sgd_adam_checkpoint_restores_step_sizes_and_optimizer_state(tmp_pa
     assert resumed.restore_checkpoint(tmp_path)
     assert comparable(resumed.train_iteration()) == expected
     for a, b in zip(resumed.step_size_values(), first.step_size_values(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert not np.allclose(np.concatenate([s.ravel() for s in first.step_size_values()]), 0.1)
+        assert_exact(a, b)
+    assert_not_close(
+        first.step_size_values(), [np.full(s.shape, 0.1) for s in first.step_size_values()]
+    )
     for a, b in zip(resumed.policy.get_parameters(), first.policy.get_parameters(), strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_exact(a, b)
 
 
 @pytest.mark.slow
@@ -161,7 +164,7 @@ def test_export_bundle_holds_the_trained_parameters(tiny_run, tmp_path):
     path = trainer.export_bundle(tmp_path / "tiny-bundle")
     bundle = load_bundle(path)
     for a, b in zip(bundle.policy.get_parameters(), tiny_run["params_4"], strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_exact(a, b)
     assert bundle.step_sizes == trainer.config.inner_step_size
     assert bundle.meta["training"]["iterations"] == 4
     assert TrainConfig.from_dict(bundle.meta["training"]["config"]) == trainer.config
@@ -201,14 +204,14 @@ def test_log_std_shift_is_checkpointed_exported_and_applied_by_the_bundle(tmp_pa
     expected = comparable(first.train_iteration())
     shift = first.log_std_shift.numpy()
     assert np.any(shift != 0.0), "the shift was not learned"
-    np.testing.assert_array_equal(first.policy.get_parameters()[-1], config.init_log_std)
+    assert_exact(first.policy.get_parameters()[-1], config.init_log_std)
     resumed = MetaTrainer(config)
     assert resumed.restore_checkpoint(tmp_path / "ckpt")
     assert comparable(resumed.train_iteration()) == expected
-    np.testing.assert_array_equal(resumed.log_std_shift.numpy(), shift)
+    assert_exact(resumed.log_std_shift.numpy(), shift)
 
     bundle = load_bundle(first.export_bundle(tmp_path / "bundle"))
-    np.testing.assert_array_equal(bundle.log_std_shift, shift)
+    assert_exact(bundle.log_std_shift, shift)
     assert bundle.meta["format_version"] == 2  # a version-1 reader would ignore the shift
     batch = first.sampler.sample(
         bundle.policy.parameters, bundle.task_distribution.sample_tasks(2, 0), 1
@@ -217,11 +220,9 @@ def test_log_std_shift_is_checkpointed_exported_and_applied_by_the_bundle(tmp_pa
     a = bundle.adaptation
     plain = Adapter(bundle.policy, bundle.step_sizes, a["gamma"], a["gae_lambda"], a["baseline"])
     without = plain(bundle.policy.parameters, batch)[0]
-    np.testing.assert_allclose(
-        (with_shift[-1] - without[-1]).numpy(), np.stack([shift] * 2), rtol=1e-6
-    )
+    assert_close((with_shift[-1] - without[-1]).numpy(), np.stack([shift] * 2), ulps=8)
     for p, q in zip(with_shift[:-1], without[:-1], strict=True):
-        np.testing.assert_array_equal(p.numpy(), q.numpy())
+        assert_exact(p.numpy(), q.numpy())
 
     meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
     for bad in ([0.0, 0.0, 0.0], [0.0, "x"], [0.0, float("nan")]):
@@ -250,7 +251,7 @@ def test_per_step_step_sizes_start_from_shared_ones_and_round_trip_through_a_bun
         for got, expected in zip(
             values[b * n : (b + 1) * n], shared.step_size_values(), strict=True
         ):
-            np.testing.assert_array_equal(got, expected)
+            assert_exact(got, expected)
     trainer.train_iteration()
     values = trainer.step_size_values()
     assert any(not np.array_equal(a, b) for a, b in zip(values[:n], values[n:], strict=True))
@@ -259,7 +260,7 @@ def test_per_step_step_sizes_start_from_shared_ones_and_round_trip_through_a_bun
     assert bundle.meta["format_version"] == 2
     assert load_bundle(tmp_path / "shared").meta["format_version"] == 1
     for got, expected in zip(bundle.step_sizes, values, strict=True):
-        np.testing.assert_array_equal(got, expected)
+        assert_exact(got, expected)
     with pytest.raises(ValueError, match="meta_sgd_per_step needs meta_sgd"):
         get_preset("tiny").replace(meta_sgd_per_step=True)
 
@@ -280,9 +281,9 @@ def test_per_step_blocks_from_a_shifted_bundle_start_later_network_steps_smaller
     n = len(trainer.policy.parameters)
     values, shared = trainer.step_size_values(), first.step_size_values()
     for i in range(n):
-        np.testing.assert_array_equal(values[i], shared[i])
+        assert_exact(values[i], shared[i])
         factor = np.exp(-0.75) if i < n - 1 else 1.0
-        np.testing.assert_allclose(values[n + i], shared[i] * factor, rtol=1e-6)
+        assert_close(values[n + i], shared[i] * factor, ulps=8)
 
 
 def test_per_step_blocks_continue_as_learned_and_are_not_dropped(tmp_path):
@@ -300,7 +301,7 @@ def test_per_step_blocks_continue_as_learned_and_are_not_dropped(tmp_path):
     values = three.step_size_values()
     for b, expected in ((0, 0.1), (1, 0.2), (2, 0.2)):  # learned blocks kept, the last reused
         for v in values[b * n : (b + 1) * n]:
-            np.testing.assert_allclose(v, expected)
+            assert_close(v, expected, ulps=1)
     with pytest.raises(ValueError, match="has 2 per-step blocks of step sizes; continue it with"):
         MetaTrainer(config.replace(meta_sgd_per_step=False)).init_from_bundle(tmp_path / "two")
     # the pretrained baseline has no step sizes to learn, per step or not

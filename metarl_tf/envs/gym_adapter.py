@@ -2,8 +2,9 @@
 
 Give :class:`GymTaskDistribution` a factory ``make_env(task) -> gymnasium.Env`` and a task
 sampler ``sample_tasks(n, rng) -> list[dict]``; it builds one gymnasium env per sub-environment
-and steps them in a loop (``num_workers=0``) or split across worker processes
-(``num_workers >= 1``, see :mod:`metarl_tf.envs.workers`). ``docs/custom_env.md`` is the recipe.
+and steps them in a loop in this process (:mod:`metarl_tf.envs.workers`); sampling on Ray
+actors splits a batch's sub-environments across processes and machines
+(:mod:`metarl_tf.envs.ray_backend`). ``docs/environments.md`` has the recipe.
 
 Episodes end when the env terminates or truncates, or after ``horizon`` steps. Actions are clipped
 to the action space's bounds before they reach the env. Observations are flattened to float32.
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep, slice_of_batch
-from metarl_tf.envs.workers import EnvGroup, MakeEnv, WorkerError, WorkerPool
+from metarl_tf.envs.workers import EnvGroup, MakeEnv, WorkerError
 
 SampleTasks = Callable[[int, np.random.Generator], list[Task]]
 
@@ -38,9 +39,8 @@ class GymBatchedEnv(BatchedEnv):
         tasks: one task per sub-env.
         horizon: maximum episode length.
         low, high: action bounds; actions are clipped to them.
-        pool: worker processes to step the sub-envs in, or ``None`` (this process).
-        group: with ``pool=None``, an :class:`EnvGroup` to reuse (its envs are reconfigured for
-            ``tasks``; the group then serves this batched env only); ``None``: a new one.
+        group: an :class:`EnvGroup` to reuse (its envs are reconfigured for ``tasks``; the group
+            then serves this batched env only), or ``None``: a new one.
     """
 
     def __init__(
@@ -50,7 +50,6 @@ class GymBatchedEnv(BatchedEnv):
         horizon: int,
         low: np.ndarray,
         high: np.ndarray,
-        pool: WorkerPool | None = None,
         group: EnvGroup | None = None,
     ):
         self.num_envs = len(tasks)
@@ -58,17 +57,9 @@ class GymBatchedEnv(BatchedEnv):
         self.low, self.high = np.asarray(low, np.float32), np.asarray(high, np.float32)
         self._seed: int | None = None
         self._total, self._rows = slice_of_batch(0, None, self.num_envs)
-        self._pool = pool
-        self._owner: WorkerPool | EnvGroup | None = pool or group  # shared with later envs
-        if pool is None:
-            self._group = group if group is not None else EnvGroup()
-            self.obs_dim = self._group.configure(make_env, tasks)
-        else:
-            self._slices = pool.split(self.num_envs)
-            dims = pool.call("configure", [(make_env, tasks[s]) for s in self._slices])
-            self.obs_dim = max(dims)
-        if self._owner is not None:
-            self._owner.owner = self
+        self._group = group if group is not None else EnvGroup()
+        self.obs_dim = self._group.configure(make_env, tasks)
+        self._group.owner = self
         self._active = np.zeros(self.num_envs, bool)
         self.t = 0
 
@@ -79,15 +70,11 @@ class GymBatchedEnv(BatchedEnv):
         self._total, self._rows = slice_of_batch(offset, total, self.num_envs)
 
     def _check_owner(self) -> None:
-        if self._owner is not None and self._owner.owner is not self:
-            what = "worker processes" if self._pool is not None else "envs"
+        if self._group.owner is not self:
             raise WorkerError(
-                f"this batched env's {what} now serve a newer make_batched_env(); "
+                "this batched env's envs now serve a newer make_batched_env(); "
                 "step one batched env of a distribution at a time"
             )
-
-    def _gather(self, parts: list) -> np.ndarray:
-        return np.concatenate([np.reshape(p, (-1, self.obs_dim)) for p in parts])
 
     def reset(self) -> np.ndarray:
         seeds = _sub_env_seeds(self._seed, self._total)[self._rows]
@@ -95,30 +82,19 @@ class GymBatchedEnv(BatchedEnv):
         self._active[:] = True
         self.t = 0
         self._check_owner()
-        if self._pool is None:
-            return self._group.reset(seeds)
-        return self._gather(self._pool.call("reset", [(seeds[s],) for s in self._slices]))
+        return self._group.reset(seeds)
 
     def get_attr(self, name: str) -> list:
         """``getattr(env, name)`` of every sub-env's gymnasium env, in sub-env order."""
         self._check_owner()
-        if self._pool is None:
-            return self._group.get_attr(name)
-        parts = self._pool.call("get_attr", [(name,) for _ in self._slices])
-        return [x for part in parts for x in part]
+        return self._group.get_attr(name)
 
     def step(self, actions: np.ndarray) -> TimeStep:
         actions = np.clip(np.asarray(actions, np.float32), self.low, self.high)
         if actions.shape[0] != self.num_envs:
             raise ValueError(f"expected actions for {self.num_envs} sub-envs, got {actions.shape}")
         self._check_owner()
-        if self._pool is None:
-            obs, reward, done = self._group.step(actions, self._active)
-        else:
-            parts = self._pool.call("step", [(actions[s], self._active[s]) for s in self._slices])
-            obs = self._gather([p[0] for p in parts])
-            reward = np.concatenate([p[1] for p in parts])
-            done = np.concatenate([p[2] for p in parts])
+        obs, reward, done = self._group.step(actions, self._active)
         self.t += 1
         done = done | (self.t >= self.horizon)
         self._active &= ~done
@@ -129,14 +105,15 @@ class GymTaskDistribution(TaskDistribution):
     """A task distribution over gymnasium envs built by ``make_env(task)``.
 
     Args:
-        make_env: builds the env of one task. With ``num_workers >= 1`` it must be picklable (a
-            module-level function or class, or a ``functools.partial`` of one). If the env has
-            a ``set_task(task)`` method, envs are reused across batches instead of rebuilt.
+        make_env: builds the env of one task. For ``--backend ray`` it must be picklable by
+            Ray (a module-level function or class, a ``functools.partial`` of one, or a closure
+            cloudpickle can ship). If the env has a ``set_task(task)`` method, a sampler's envs
+            are reused across batches instead of rebuilt.
         sample_tasks: ``sample_tasks(n, rng)`` returns ``n`` JSON-serializable task dicts drawn
             with the ``numpy.random.Generator`` ``rng``.
         horizon: maximum episode length.
-        num_workers: 0 steps the sub-envs in this process; ``k >= 1`` splits them across ``k``
-            worker processes (started on first use, reused, stopped by :meth:`close`).
+        num_workers: ignored; accepted so that bundles written when it chose worker
+            processes still load (parallel stepping is the sampler's backend: ``--backend ray``).
         name: registry id (subclasses set the class attribute instead).
 
     The observation and action specs come from the spaces of ``make_env(<a sampled task>)``; the
@@ -158,29 +135,22 @@ class GymTaskDistribution(TaskDistribution):
             raise TypeError("make_env and sample_tasks must be callables")
         if int(horizon) < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.make_env = make_env
         self._sample_tasks = sample_tasks
         self.horizon = int(horizon)
-        self.num_workers = int(num_workers)
         if name is not None:
             self.name = name
         self._spaces: tuple[Any, Any] | None = None
-        self._pool: WorkerPool | None = None
-        self._group: EnvGroup | None = None  # reused envs (in_process)
+        self._group: EnvGroup | None = None  # envs reused by every batched env (in_process)
 
     def config(self) -> dict[str, Any]:
-        return {"horizon": self.horizon, "num_workers": self.num_workers}
+        return {"horizon": self.horizon}
 
     def in_process(self) -> GymTaskDistribution:
-        """A copy without worker processes that reuses its envs across batched envs."""
+        """A copy that reuses its envs across batched envs (one in use at a time)."""
         worker = copy.copy(self)
-        worker.num_workers, worker._pool, worker._group = 0, None, EnvGroup()
+        worker._group = EnvGroup()
         return worker
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pool": None}  # worker processes stay with their parent
 
     # -- specs --------------------------------------------------------------------------------
     def _probe_spaces(self):
@@ -236,20 +206,12 @@ class GymTaskDistribution(TaskDistribution):
     def make_batched_env(self, tasks: list[Task], episodes_per_task: int) -> GymBatchedEnv:
         _, act_space = self._probe_spaces()
         per_env = [task for task in tasks for _ in range(episodes_per_task)]
-        pool = None
-        if self.num_workers > 0:
-            if self._pool is None or self._pool.closed:
-                self._pool = WorkerPool(self.num_workers)
-            pool = self._pool
         return GymBatchedEnv(
-            self.make_env, per_env, self.horizon, act_space.low, act_space.high, pool, self._group
+            self.make_env, per_env, self.horizon, act_space.low, act_space.high, self._group
         )
 
     def close(self) -> None:
-        """Stops the worker processes, if any (they restart on the next batched env)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        """Closes the envs kept for reuse (an :meth:`in_process` copy's; rebuilt when needed)."""
         if self._group is not None:
             self._group.close()
 

@@ -104,7 +104,7 @@ class MetaWorldML1(GymTaskDistribution):
         split: ``"train"`` (meta-training) or ``"test"`` (the held-out tasks).
         horizon: episode length (<= 500).
         benchmark_seed: seed of ``metaworld.ML1`` (which 50 + 50 goals).
-        num_workers: worker processes stepping the sub-envs (0 = this process).
+        num_workers: ignored (bundles written when it chose worker processes still load).
     """
 
     name = "metaworld-ml1"
@@ -115,7 +115,7 @@ class MetaWorldML1(GymTaskDistribution):
         split: str = "train",
         horizon: int = 200,
         benchmark_seed: int = 0,
-        num_workers: int = 2,
+        num_workers: int = 0,
     ):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -139,9 +139,7 @@ class MetaWorldML1(GymTaskDistribution):
 
     def with_split(self, split: str) -> MetaWorldML1:
         """The same distribution over the other split (e.g. ``"test"`` for meta-testing)."""
-        return MetaWorldML1(
-            self.env_name, split, self.horizon, self.benchmark_seed, self.num_workers
-        )
+        return MetaWorldML1(self.env_name, split, self.horizon, self.benchmark_seed)
 
 
 def _sample_indices(split: str, n: int, rng: np.random.Generator) -> list[Task]:

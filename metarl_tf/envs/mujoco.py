@@ -169,12 +169,13 @@ FAMILIES = {
 
 
 class _MuJoCoDistribution(GymTaskDistribution):
-    """A MuJoCo task family. Args: ``horizon`` (default 200, the paper's), ``num_workers``
-    (worker processes stepping the sub-envs; 0 = this process)."""
+    """A MuJoCo task family. Args: ``horizon`` (default 200, the paper's); ``num_workers`` is
+    ignored (bundles written when it chose worker processes still load; sub-envs step in parallel
+    on Ray actors with ``--backend ray``)."""
 
     family = ""
 
-    def __init__(self, horizon: int = 200, num_workers: int = 2):
+    def __init__(self, horizon: int = 200, num_workers: int = 0):
         super().__init__(
             make_env=functools.partial(MuJoCoTaskEnv, self.family, horizon=int(horizon)),
             sample_tasks=FAMILIES[self.family],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 import weakref
 from typing import Any
@@ -178,13 +179,13 @@ class RayBackend:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.num_workers = int(num_workers) or cpus
         self.timeout_s = float(timeout_s)
-        actor = ray.remote(EnvWorker).options(
+        self._actor_class = ray.remote(EnvWorker).options(
             num_cpus=min(1.0, cpus / self.num_workers),
             max_restarts=int(max_restarts),
             max_task_retries=0,  # a lost step is not replayed: the sampler re-samples the batch
             scheduling_strategy="SPREAD",
         )
-        self.actors = [actor.remote() for _ in range(self.num_workers)]
+        self.actors = [self._actor_class.remote() for _ in range(self.num_workers)]
         ready, _ = ray.wait(
             [a.placement.remote() for a in self.actors],
             num_returns=self.num_workers,
@@ -243,15 +244,42 @@ class RayBackend:
             for actor, ref in zip(actors, refs, strict=True):
                 if ref not in ready:
                     ray.kill(actor, no_restart=False)
+            self._wait_for_actors()
             raise RecoverableSamplingError(
                 f"a Ray actor did not finish {method!r} within {timeout_s or self.timeout_s:g} s "
                 "(killed; Ray restarts it)"
             ) from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            self._wait_for_actors()
             raise RecoverableSamplingError(
                 f"a Ray actor was lost during {method!r}: {first}"
             ) from None
+
+    def _wait_for_actors(self) -> None:
+        """Returns once every actor answers again: restarting ones are waited for, dead ones
+        (restarts used up) replaced by new actors. ``ConnectionError`` after ``START_TIMEOUT_S``."""
+        ray = self._ray
+        deadline = time.monotonic() + START_TIMEOUT_S
+        pending = list(range(len(self.actors)))
+        while pending:
+            still = []
+            for i in pending:
+                try:
+                    ray.get(self.actors[i].placement.remote(), timeout=START_TIMEOUT_S)
+                except ray.exceptions.ActorUnavailableError:  # restarting
+                    still.append(i)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    ray.kill(self.actors[i], no_restart=True)
+                    self.actors[i] = self._actor_class.remote()
+                    still.append(i)
+            pending = still
+            if pending and time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"{len(pending)} Ray actor(s) did not come back within {START_TIMEOUT_S:g} s"
+                )
+            if pending:
+                time.sleep(0.5)
 
     def placement(self) -> list[tuple[str, int]]:
         """``(node id, pid)`` of every actor."""
