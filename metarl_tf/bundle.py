@@ -8,7 +8,11 @@ Files:
                      other file.
     step_sizes.npz   Meta-SGD step sizes, when learned (``allow_pickle=False``).
 
-No pickle anywhere; a bundle whose files do not match their checksums is refused.
+No pickle anywhere. :func:`load_bundle` validates a bundle with
+:func:`metarl_tf.bundle_schema.validate_bundle` (schema, ranges, files confined to the bundle,
+checksums) and refuses one that fails. :func:`save_bundle` writes beside the destination and swaps
+the new bundle in atomically (:mod:`metarl_tf.atomic_files`); it replaces only a bundle, never
+other files (:func:`check_bundle_target`).
 """
 
 from __future__ import annotations
@@ -294,7 +298,10 @@ def save_bundle(
     training: dict[str, Any] | None = None,
     extra_files: dict[str, str | os.PathLike] | None = None,
 ) -> Path:
-    """Writes a bundle atomically (into a temporary directory, then renamed).
+    """Writes a bundle into a temporary directory beside ``path``, then puts it in place of the
+    old one in one atomic step: ``path`` always holds the old bundle or the new one. Raises
+    :class:`BundleError` if ``path`` holds anything but a bundle (:func:`check_bundle_target`),
+    ``OSError`` if a write fails (nothing at ``path`` changed then).
 
     Args:
         adaptation: ``steps``, ``gamma``, ``gae_lambda``, ``baseline`` (and anything else worth

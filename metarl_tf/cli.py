@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -340,7 +341,10 @@ def cmd_train_recipe(args) -> int:
         recipe = dataclasses.replace(recipe, legs=legs)
     out = Path(args.out) if args.out else default_recipe_out(recipe)
     run_dir = Path(args.run_dir or f"runs/{recipe.name}-recipe")
-    result = run_recipe(recipe, run_dir, out, resume=args.resume, progress=not args.no_progress)
+    result = run_recipe(
+        recipe, run_dir, out, resume=args.resume, progress=not args.no_progress,
+        log=functools.partial(print, flush=True),
+    )  # fmt: skip
     if result.stopped_by:
         print(f"{result.stopped_by}: stopped; every leg's checkpoint is saved. Resume with: "
               f"python -m metarl_tf train --recipe {recipe.name} --out {out} --run-dir {run_dir} "
@@ -367,8 +371,8 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir or f"runs/{out.name}")
     result = fit(
         config, run_dir, out, resume=args.resume, init_from=args.init_from,
-        select=args.select or "last",
-        progress=not args.no_progress,
+        select=args.select or "last", progress=not args.no_progress,
+        log=functools.partial(print, flush=True),
     )  # fmt: skip
     last = result.last_metrics
     if last:

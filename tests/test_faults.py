@@ -177,6 +177,23 @@ def test_sigint_exits_130_and_a_second_signal_stops_at_once_without_writing(
     assert_same_run(run2, out2, reference)
 
 
+@pytest.mark.slow
+def test_a_signal_before_the_first_iteration_stops_without_writing(tmp_path, monkeypatch, capsys):
+    make = run_module.make_trainer
+
+    def make_then_signal(config, run_dir=None):
+        trainer = make(config, run_dir)
+        os.kill(os.getpid(), signal.SIGTERM)  # while the run is being set up
+        return trainer
+
+    monkeypatch.setattr(run_module, "make_trainer", make_then_signal)
+    run, out = tmp_path / "run", tmp_path / "b"
+    assert train(run, out) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: SIGTERM before the first iteration: stopped before training")
+    assert not (run / "checkpoint" / "checkpoint.npz").exists() and not out.exists()
+
+
 def _killed_run(tmp_path, moment, iteration, *extra, iterations=ITERATIONS):
     run, out = tmp_path / "run", tmp_path / "b"
     if moment == "bundle_swap":

@@ -262,36 +262,44 @@ def fit(
             "choose a writable --run-dir / --out"
         ) from None
 
-    trainer = make_trainer(config, run_dir)
-    config = trainer.config  # pretrain switches Meta-SGD off
-    trainer.recipe = recipe
-    resumed_from = None
-    try:
-        if resume:
-            resumed_from = _restore(trainer, run_dir, say)
-        elif init_from:
-            try:
-                rows = trainer.init_from_bundle(init_from)
-            except ValueError as err:  # BundleError included
-                raise RunError(f"--init-from: {err}") from None
-            trainer.history = rows
-            write_metrics_rows(metrics_path, rows)
-            say(f"continuing {init_from} from iteration {trainer.iteration}")
-        else:
-            write_metrics_rows(metrics_path, [])
-        write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
-    except OSError as err:
-        raise _io_error(err, str(run_dir)) from None
-
-    what = "meta-training" if config.algo == "maml" else "pretraining"
-    say(
-        f"{what} {config.task_distribution}: {config.iterations} iterations, "
-        f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x "
-        f"{config.horizon} steps, outer={config.outer}{' meta-sgd' if config.meta_sgd else ''}"
-        f"{' first-order' if config.first_order else ''} -> {out}"
-    )
+    # From here on SIGTERM/SIGINT only set a flag: checked before training and between iterations.
     stop = _StopFlag()
     with stop.installed(handle_signals):
+        trainer = make_trainer(config, run_dir)
+        config = trainer.config  # pretrain switches Meta-SGD off
+        trainer.recipe = recipe
+        resumed_from = None
+        try:
+            if resume:
+                resumed_from = _restore(trainer, run_dir, say)
+            elif init_from:
+                try:
+                    rows = trainer.init_from_bundle(init_from)
+                except ValueError as err:  # BundleError included
+                    raise RunError(f"--init-from: {err}") from None
+                trainer.history = rows
+                write_metrics_rows(metrics_path, rows)
+                say(f"continuing {init_from} from iteration {trainer.iteration}")
+            else:
+                write_metrics_rows(metrics_path, [])
+            write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+        except OSError as err:
+            raise _io_error(err, str(run_dir)) from None
+
+        what = "meta-training" if config.algo == "maml" else "pretraining"
+        say(
+            f"{what} {config.task_distribution}: {config.iterations} iterations, "
+            f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x "
+            f"{config.horizon} steps, outer={config.outer}{' meta-sgd' if config.meta_sgd else ''}"
+            f"{' first-order' if config.first_order else ''} -> {out}"
+        )
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            raise RunError(
+                f"{name} before the first iteration: stopped before training ({ckpt_dir} "
+                "unchanged, no bundle written)",
+                exit_code=_SIGNAL_EXIT[stop.signum],
+            )
         try:
             _train(trainer, run_dir, progress, say, tensorboard, stop)
         except KeyboardInterrupt:
