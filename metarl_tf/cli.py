@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-import metarl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import metarl_tf  # noqa: F401  (TensorFlow's environment, before TensorFlow loads)
 
 
 def _list_of(kind, example: str):
@@ -228,7 +228,7 @@ def _add_export_savedmodel(sub) -> None:
         "--adapt-on", metavar="EPISODES_NPZ",
         help="adapt to the episodes in this .npz first: observations [E, T, obs_dim], actions "
         "[E, T, act_dim] (raw samples; categorical: the index), rewards [E, T] float32 and "
-        "optionally lengths [E] (metarl_tf.rollout.save_episodes writes one)",
+        "optionally lengths [E] (metarl_tf.episodes.save_episodes writes one)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, help="inner steps with --adapt-on (default: the bundle's)")
     p.add_argument(
@@ -356,8 +356,8 @@ def cmd_train_recipe(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from metarl_tf.pretrain import default_bundle_path
     from metarl_tf.training import fit
+    from metarl_tf.training.pretrain import default_bundle_path
 
     if args.recipe:
         return cmd_train_recipe(args)
@@ -390,16 +390,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from metarl_tf.baselines import parse_baselines
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.evaluation import (
-        evaluate,
-        format_paired,
-        format_table,
-        plot_curve,
-        plot_method_trajectories,
-        plot_trajectories,
-    )  # fmt: skip
+    from metarl_tf.evaluation.baselines import parse_baselines
+    from metarl_tf.evaluation.plots import plot_curve, plot_method_trajectories, plot_trajectories
+    from metarl_tf.evaluation.report import evaluate, format_paired, format_table
     from metarl_tf.rollout import make_backend
 
     if args.tasks < 2 or args.episodes < 1 or args.steps < 0:
@@ -470,8 +464,8 @@ def cmd_export(args) -> int:
 
 def cmd_export_savedmodel(args) -> int:
     from metarl_tf.bundle import load_bundle
+    from metarl_tf.episodes import load_episodes
     from metarl_tf.export import export_saved_model
-    from metarl_tf.rollout import load_episodes
 
     if args.steps is not None and not args.adapt_on:
         print("error: --steps needs --adapt-on", file=sys.stderr)
@@ -495,7 +489,7 @@ def cmd_export_savedmodel(args) -> int:
 
 
 def cmd_plot_training(args) -> int:
-    from metarl_tf.evaluation import plot_training, read_metrics
+    from metarl_tf.evaluation.plots import plot_training, read_metrics
 
     if args.window < 1:
         print("error: --window must be >= 1", file=sys.stderr)
@@ -515,10 +509,13 @@ def cmd_plot_training(args) -> int:
 
 
 def cmd_scratch_ppo(args) -> int:
+    # first: it sets TF_USE_LEGACY_KERAS for tf-agents before Keras 3 loads (metarl_tf.scratch)
+    from metarl_tf.scratch import PPOConfig, compare_with_bundle, plot_comparison
+
+    # isort: split
     from tqdm import tqdm
 
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.scratch import PPOConfig, compare_with_bundle, plot_comparison
 
     if args.tasks < 1 or args.episodes < 1 or args.steps < 1 or args.env_steps < 1:
         print("error: need --tasks, --episodes, --steps and --env-steps >= 1", file=sys.stderr)

@@ -63,7 +63,7 @@ class TrainConfig:
         checkpoint_every: write a checkpoint every N iterations.
         algo: ``maml`` (meta-training) or ``pretrain`` (one policy trained jointly on all tasks
             with the outer update and no inner step: the *pretrained* / *oracle* baselines of
-            ``metarl_tf.pretrain``).
+            ``metarl_tf.training.pretrain``).
         backend: where the sub-environments step: ``local`` (this process) or ``ray`` (Ray
             actors, :mod:`metarl_tf.envs.ray_backend`); the batches are the same.
         ray_address: with ``backend="ray"``: ``None`` starts Ray on this machine, ``auto`` or

@@ -26,7 +26,8 @@ import pytest
 from numerics import assert_close, assert_exact, assert_not_close
 
 from metarl_tf.bundle import load_bundle
-from metarl_tf.rollout import Sampler, load_episodes, save_episodes
+from metarl_tf.episodes import load_episodes, save_episodes
+from metarl_tf.rollout import Sampler
 from serving.client import AdaptationClient, ServiceError, extract_saved_model
 from serving.launch import ServiceProcess
 

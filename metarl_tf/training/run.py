@@ -39,11 +39,11 @@ from metarl_tf.atomic_files import check_writable, write_text_atomic
 from metarl_tf.bundle import BundleError, check_bundle_destination
 from metarl_tf.checkpoint import CheckpointError, checkpoint_exists, read_checkpoint
 from metarl_tf.config import TrainConfig
-from metarl_tf.trainer import (
+from metarl_tf.training.pretrain import PretrainTrainer
+from metarl_tf.training.trainer import (
     BEST_WINDOW,
     BestSnapshot,
     MetaTrainer,
-    make_trainer,
     read_metrics_rows,
     write_metrics_rows,
 )
@@ -53,6 +53,14 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 LEGACY_BEST_DIR = "best"  # the best snapshot of the older two-file checkpoint format
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def make_trainer(config: TrainConfig, run_dir: str | Path | None = None) -> MetaTrainer:
+    """The trainer of ``config.algo``: :class:`~metarl_tf.training.trainer.MetaTrainer`
+    (``maml``) or :class:`~metarl_tf.training.pretrain.PretrainTrainer` (``pretrain``)."""
+    if config.algo == "pretrain":
+        return PretrainTrainer(config, run_dir)
+    return MetaTrainer(config, run_dir)
 
 
 class RunError(Exception):
