@@ -208,6 +208,7 @@ def fit(
     log: Callable[[str], None] | None = print,
     handle_signals: bool = True,
     tensorboard: bool = True,
+    recipe: dict[str, Any] | None = None,
 ) -> FitResult:
     """Trains ``config`` in ``run_dir`` and writes the bundle to ``out``.
 
@@ -228,6 +229,8 @@ def fit(
         handle_signals: catch SIGTERM/SIGINT to stop after the current iteration (main thread
             only).
         tensorboard: write TensorBoard events.
+        recipe: the recipe this run is a leg of (:mod:`metarl_tf.training.recipes`), recorded
+            in the bundle's ``meta.json`` → ``training.recipe``.
 
     Returns:
         a :class:`FitResult`; its ``exit_code`` is non-zero when a signal stopped the run.
@@ -272,6 +275,7 @@ def fit(
     with stop.installed(handle_signals):
         trainer = make_trainer(config, run_dir)
         config = trainer.config  # pretrain switches Meta-SGD off
+        trainer.recipe = recipe
         resumed_from = None
         try:
             if resume:

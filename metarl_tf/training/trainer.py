@@ -182,6 +182,7 @@ class MetaTrainer:
         self.selection: dict[str, Any] = {"select": "last"}
         self.best: BestSnapshot | None = None  # updated by track_best
         self.lineage: list[dict[str, Any]] = []  # bundles this run continued (init_from_bundle)
+        self.recipe: dict[str, Any] | None = None  # the recipe and leg this run is (fit's recipe)
 
     @property
     def _meta_variables(self) -> list:
@@ -492,6 +493,7 @@ class MetaTrainer:
             "iterations": self.iteration,
             "selection": self.selection,
             **({"continued_from": self.lineage} if self.lineage else {}),
+            **({"recipe": self.recipe} if self.recipe else {}),
             "wall_clock_seconds": round(self.elapsed, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
