@@ -9,9 +9,9 @@ import pytest
 from metarl_tf.bundle import load_bundle
 from metarl_tf.cli import main
 from metarl_tf.config import RECIPES, Leg, Recipe, get_preset, get_recipe
-from metarl_tf.trainer import MetaTrainer
 from metarl_tf.training import RunError, run_recipe
 from metarl_tf.training.recipes import leg_dir
+from metarl_tf.training.trainer import MetaTrainer
 from tests.numerics import assert_exact
 
 
