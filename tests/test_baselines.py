@@ -158,7 +158,7 @@ def test_evaluate_with_baselines_and_seeds_writes_the_documented_json(tiny_bundl
             assert sel["grid"] == list(STEP_SIZE_GRID)
             assert m["step_size"] == sel["grid"][int(np.argmax(sel["validation_return"]))]
             maml = np.concatenate([result["per_seed"][s]["maml"]["per_task"] for s in "01"], 1)
-            assert_close(result["paired_differences"][f"maml - {name}"]["mean"], (maml - pooled).mean(axis=1), ulps=64, dtype=np.float32)  # fmt: skip
+            assert_close(result["paired_differences"][f"maml - {name}"]["mean"], (maml - pooled).mean(axis=1), ulps=16, dtype=np.float32)  # fmt: skip
     assert result["methods"]["pretrained"]["source"] == str(tiny_bundles / "nav2d-pretrained")
     assert result["methods"]["oracle"]["source"] == str(tiny_bundles / "nav2d-oracle")
     assert (tmp_path / "p_curve.png").stat().st_size > 0
@@ -186,7 +186,7 @@ def test_evaluate_with_baselines_and_seeds_writes_the_documented_json(tiny_bundl
         assert_close(
             result["per_seed"][str(s)]["random"]["per_task"],
             rand["per_task"],
-            ulps=64,
+            ulps=16,
             dtype=np.float32,
         )
 
