@@ -3,10 +3,11 @@
 
 Each client (a thread with its own keep-alive connection) loops: with probability ``--adapt``
 it posts ``/adapt`` (``--episodes`` random episodes of the bundle's horizon, from ``"meta"`` or,
-half the time, from an id some client got earlier); otherwise it asks ``/act`` for one
-observation of an id some client got earlier (``"meta"`` until there is one). Ids are shared
-between clients, so with several workers and no shared store some land on a worker that does not
-know them: those 404s are counted as unknown-id answers.
+half the time, one more step from a recent id adapted from ``"meta"``); otherwise it asks ``/act``
+for one observation of a recent id some client got (``"meta"`` until there is one). Ids are
+drawn from the last ``--recent`` issued (fewer than a worker's store keeps, so none is evicted).
+They are shared between clients, so with several workers and no shared store some land on a
+worker that does not know them: those 404s are counted as unknown-id answers.
 
     python bench/load.py --url http://127.0.0.1:3000 --clients 16 --seconds 60
         [--token T] [--json bench/results/load.json]
@@ -106,7 +107,8 @@ class Load:
         self.args = args
         self.bodies = adapt_bodies(meta, args.episodes, 8, args.seed)
         self.obs_dim = meta["observation_spec"]["shape"][0]
-        self.ids: list[str] = []
+        self.ids: list[str] = []  # recent ids, any depth: used by /act
+        self.first: list[str] = []  # recent ids adapted from "meta": used as parents
         self.lock = threading.Lock()
         self.latency: dict[str, list[float]] = {"/act": [], "/adapt": []}
         self.counts = {"requests": 0, "errors": 0, "unknown_id": 0, "backoff_503": 0}
@@ -118,11 +120,12 @@ class Load:
             while time.monotonic() < deadline:
                 with self.lock:
                     known = rng.choice(self.ids) if self.ids else None
+                    parent = rng.choice(self.first) if self.first else None
                 if rng.random() < self.args.adapt:
                     path = "/adapt"
                     body = dict(rng.choice(self.bodies))
-                    if known and rng.random() < 0.5:
-                        body["parent"] = known
+                    if parent and rng.random() < 0.5:
+                        body["parent"] = parent
                 else:
                     path = "/act"
                     obs = [[rng.uniform(-0.5, 0.5) for _ in range(self.obs_dim)]]
@@ -144,9 +147,12 @@ class Load:
             if status == 200:
                 self.latency[path].append(elapsed)
                 if path == "/adapt":
-                    self.ids.append(reply.json()["policy_id"])
-                    if len(self.ids) > 5000:
-                        del self.ids[:1000]
+                    answer = reply.json()
+                    self.ids.append(answer["policy_id"])
+                    if answer["parent"] == "meta":
+                        self.first.append(answer["policy_id"])
+                    for ids in (self.ids, self.first):
+                        del ids[: max(0, len(ids) - self.args.recent)]
                 return
             if status == 404 and "policy" in reply.text:
                 self.counts["unknown_id"] += 1
@@ -178,6 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--adapt", type=float, default=0.2, help="share of /adapt calls")
     p.add_argument("--episodes", type=int, default=10, help="episodes per /adapt")
+    p.add_argument("--recent", type=int, default=256, help="ids drawn from the last N issued")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here, e.g. bench/results/load.json")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """SavedModel export (metarl_tf/export.py, ``POST /export``, ``export-savedmodel``): the exported
 models run in a fresh process with plain TensorFlow (no metarl_tf imported) and act as the
 service's ``/act`` (continuous bundle, over HTTP) and the sampler's action rule (discrete bundle,
-in-process: the service serves continuous-action bundles only).
+in-process; tests/test_serving_discrete.py serves discrete bundles over HTTP).
 
 Tolerance of the action comparisons: ``ULPS`` ulps of the largest action compared. The
 SavedModel runs the policy's TensorFlow forward pass, ``/act`` and the sampler its numpy twin:

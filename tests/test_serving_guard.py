@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -257,3 +259,57 @@ def test_guard_bounds_pending_adaptations_deterministically():
         assert (await call())[0] == 200
 
     asyncio.run(scenario())
+
+
+# -- the deployment checks (bench/load.py, bench/limits.py, make fuzz) against this service --------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO_ROOT / script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def test_load_check_counts_requests_errors_and_latency(service, tmp_path):
+    out = tmp_path / "load.json"
+    proc = _run(
+        "bench/load.py", "--url", service.url, "--token", TOKEN, "--clients", "4",
+        "--seconds", "3", "--episodes", "2", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["requests"] > 0 and result["errors"] == 0 and result["unknown_id"] == 0
+    assert result["routes"]["/act"]["n"] > 0 and "p99_ms" in result["routes"]["/act"]
+    assert result["server_rss_mb"]["before"] > 0  # the server's process tree, found by its port
+
+
+def test_load_check_fails_without_the_token(service):
+    proc = _run("bench/load.py", "--url", service.url, "--seconds", "1", "--token", "")
+    assert proc.returncode == 2 and "401" in proc.stderr
+
+
+def test_limits_check_sees_413_and_408(service, tmp_path):
+    out = tmp_path / "limits.json"
+    proc = _run(
+        "bench/limits.py", "--url", service.url, "--token", TOKEN, "--size-mb", "2",
+        "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["chunked_body"]["status"] == 413
+    assert result["chunked_body"]["rss_growth_mb"] < 100
+    assert result["stalled_body_chunked"]["status"] == 408
+    assert result["stalled_body_content_length"]["status"] == 408
+
+
+@pytest.mark.slow
+def test_fuzz_check_passes_on_this_service(service, tmp_path):
+    out = tmp_path / "fuzz.json"
+    proc = _run(
+        "scripts/fuzz.py", "--url", service.url, "--token", TOKEN, "--max-time", "20",
+        "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["generated"] > 0 and result["generated"] == result.get("passed"), result
