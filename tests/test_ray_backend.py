@@ -123,7 +123,7 @@ def test_train_on_ray_writes_the_same_bundle_as_local(backend, tmp_path):
 
 
 def test_evaluate_on_ray_equals_local(backend):
-    from metarl_tf.evaluation import method_curve
+    from metarl_tf.evaluation.protocol import method_curve
 
     dist = make_task_distribution("nav2d", horizon=15)
     policy = _policy(dist, seed=2)
