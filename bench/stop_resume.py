@@ -35,7 +35,7 @@ def _train(run: Path, out: Path, iterations: int, *extra: str) -> subprocess.Pop
         [sys.executable, "-m", "metarl_tf", "train", *TRAIN, "--iterations", str(iterations),
          "--run-dir", str(run), "--out", str(out), *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
 
 

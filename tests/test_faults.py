@@ -177,6 +177,23 @@ def test_sigint_exits_130_and_a_second_signal_stops_at_once_without_writing(
     assert_same_run(run2, out2, reference)
 
 
+@pytest.mark.slow
+def test_a_signal_before_the_first_iteration_stops_without_writing(tmp_path, monkeypatch, capsys):
+    make = run_module.make_trainer
+
+    def make_then_signal(config, run_dir=None):
+        trainer = make(config, run_dir)
+        os.kill(os.getpid(), signal.SIGTERM)  # while the run is being set up
+        return trainer
+
+    monkeypatch.setattr(run_module, "make_trainer", make_then_signal)
+    run, out = tmp_path / "run", tmp_path / "b"
+    assert train(run, out) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: SIGTERM before the first iteration: stopped before training")
+    assert not (run / "checkpoint" / "checkpoint.npz").exists() and not out.exists()
+
+
 def _killed_run(tmp_path, moment, iteration, *extra, iterations=ITERATIONS):
     run, out = tmp_path / "run", tmp_path / "b"
     if moment == "bundle_swap":
@@ -591,6 +608,12 @@ HOSTILE = {
 }
 
 
+# Only the task distribution knows these: refused when the bundle builds it
+# (Bundle.make_task_distribution: evaluate, train --init-from), not by load_bundle, which reads
+# the specs from meta.json so that loading a bundle (the service) imports no environment.
+CHECKED_AGAINST_THE_DISTRIBUTION = {"action-bound-100"}
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_damaged_and_hostile_bundles_are_refused_with_one_line(case, reference, tmp_path, capsys):
     path = tmp_path / "bundle"
@@ -598,7 +621,10 @@ def test_damaged_and_hostile_bundles_are_refused_with_one_line(case, reference, 
     damage, message = HOSTILE[case]
     damage(path)
     with pytest.raises(BundleError, match=message):
-        load_bundle(path)
+        if case in CHECKED_AGAINST_THE_DISTRIBUTION:  # load_bundle builds no distribution
+            load_bundle(path).make_task_distribution()
+        else:
+            load_bundle(path)
     assert main(["evaluate", str(path), "--tasks", "2", "--episodes", "1", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -631,9 +657,7 @@ SERVICE_CASES = {
     "files-as-a-list": HOSTILE["files-as-a-list"],
     "dot-dot-path": HOSTILE["dot-dot-path"],
     "meta-2mb": HOSTILE["meta-2mb"],
-    # only the task distribution knows its bounds: refused by the worker, which stops the server
-    "action-bound-100": HOSTILE["action-bound-100"],
-}
+}  # not CHECKED_AGAINST_THE_DISTRIBUTION: the service builds no task distribution
 
 
 @pytest.mark.slow

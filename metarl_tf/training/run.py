@@ -39,11 +39,11 @@ from metarl_tf.atomic_files import check_writable, write_text_atomic
 from metarl_tf.bundle import BundleError, check_bundle_destination
 from metarl_tf.checkpoint import CheckpointError, checkpoint_exists, read_checkpoint
 from metarl_tf.config import TrainConfig
-from metarl_tf.trainer import (
+from metarl_tf.training.pretrain import PretrainTrainer
+from metarl_tf.training.trainer import (
     BEST_WINDOW,
     BestSnapshot,
     MetaTrainer,
-    make_trainer,
     read_metrics_rows,
     write_metrics_rows,
 )
@@ -53,6 +53,14 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 LEGACY_BEST_DIR = "best"  # the best snapshot of the older two-file checkpoint format
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def make_trainer(config: TrainConfig, run_dir: str | Path | None = None) -> MetaTrainer:
+    """The trainer of ``config.algo``: :class:`~metarl_tf.training.trainer.MetaTrainer`
+    (``maml``) or :class:`~metarl_tf.training.pretrain.PretrainTrainer` (``pretrain``)."""
+    if config.algo == "pretrain":
+        return PretrainTrainer(config, run_dir)
+    return MetaTrainer(config, run_dir)
 
 
 class RunError(Exception):
@@ -200,6 +208,7 @@ def fit(
     log: Callable[[str], None] | None = print,
     handle_signals: bool = True,
     tensorboard: bool = True,
+    recipe: dict[str, Any] | None = None,
 ) -> FitResult:
     """Trains ``config`` in ``run_dir`` and writes the bundle to ``out``.
 
@@ -220,6 +229,8 @@ def fit(
         handle_signals: catch SIGTERM/SIGINT to stop after the current iteration (main thread
             only).
         tensorboard: write TensorBoard events.
+        recipe: the recipe this run is a leg of (:mod:`metarl_tf.training.recipes`), recorded
+            in the bundle's ``meta.json`` → ``training.recipe``.
 
     Returns:
         a :class:`FitResult`; its ``exit_code`` is non-zero when a signal stopped the run.
@@ -259,35 +270,44 @@ def fit(
             "choose a writable --run-dir / --out"
         ) from None
 
-    trainer = make_trainer(config, run_dir)
-    config = trainer.config  # pretrain switches Meta-SGD off
-    resumed_from = None
-    try:
-        if resume:
-            resumed_from = _restore(trainer, run_dir, say)
-        elif init_from:
-            try:
-                rows = trainer.init_from_bundle(init_from)
-            except ValueError as err:  # BundleError included
-                raise RunError(f"--init-from: {err}") from None
-            trainer.history = rows
-            write_metrics_rows(metrics_path, rows)
-            say(f"continuing {init_from} from iteration {trainer.iteration}")
-        else:
-            write_metrics_rows(metrics_path, [])
-        write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
-    except OSError as err:
-        raise _io_error(err, str(run_dir)) from None
-
-    what = "meta-training" if config.algo == "maml" else "pretraining"
-    say(
-        f"{what} {config.task_distribution}: {config.iterations} iterations, "
-        f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x "
-        f"{config.horizon} steps, outer={config.outer}{' meta-sgd' if config.meta_sgd else ''}"
-        f"{' first-order' if config.first_order else ''} -> {out}"
-    )
+    # From here on SIGTERM/SIGINT only set a flag: checked before training and between iterations.
     stop = _StopFlag()
     with stop.installed(handle_signals):
+        trainer = make_trainer(config, run_dir)
+        config = trainer.config  # pretrain switches Meta-SGD off
+        trainer.recipe = recipe
+        resumed_from = None
+        try:
+            if resume:
+                resumed_from = _restore(trainer, run_dir, say)
+            elif init_from:
+                try:
+                    rows = trainer.init_from_bundle(init_from)
+                except ValueError as err:  # BundleError included
+                    raise RunError(f"--init-from: {err}") from None
+                trainer.history = rows
+                write_metrics_rows(metrics_path, rows)
+                say(f"continuing {init_from} from iteration {trainer.iteration}")
+            else:
+                write_metrics_rows(metrics_path, [])
+            write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+        except OSError as err:
+            raise _io_error(err, str(run_dir)) from None
+
+        what = "meta-training" if config.algo == "maml" else "pretraining"
+        say(
+            f"{what} {config.task_distribution}: {config.iterations} iterations, "
+            f"{config.meta_batch_size} tasks x {config.episodes_per_task} episodes x "
+            f"{config.horizon} steps, outer={config.outer}{' meta-sgd' if config.meta_sgd else ''}"
+            f"{' first-order' if config.first_order else ''} -> {out}"
+        )
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            raise RunError(
+                f"{name} before the first iteration: stopped before training ({ckpt_dir} "
+                "unchanged, no bundle written)",
+                exit_code=_SIGNAL_EXIT[stop.signum],
+            )
         try:
             _train(trainer, run_dir, progress, say, tensorboard, stop)
         except KeyboardInterrupt:
