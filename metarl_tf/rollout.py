@@ -97,14 +97,48 @@ def make_backend(
             the cluster this machine belongs to, ``ray://host:port`` a remote one.
         num_workers: with ``ray``: actors stepping sub-environments (0 = one per CPU of the Ray
             cluster).
+
+    With ``ray``, Ray starts (or is joined) and the actors start at the first batch; backends
+    with the same cluster and ``num_workers`` share their actors within a process.
     """
     if backend == "local":
         return LocalBackend()
     if backend == "ray":
-        from metarl_tf.envs.ray_backend import RayBackend
+        from metarl_tf.envs.ray_backend import RayBackend, import_ray
 
-        return RayBackend.shared(address=address, num_workers=num_workers)
+        import_ray()  # ImportError saying how to install Ray, now rather than at the first batch
+        return _OnFirstUse(
+            "ray", lambda: RayBackend.shared(address=address, num_workers=num_workers)
+        )
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+class _OnFirstUse:
+    """A backend built when it is first used: a trainer that only restores and exports a
+    checkpoint never starts Ray. Other attributes are the built backend's."""
+
+    def __init__(self, name: str, build):
+        self.name, self._build, self._backend = name, build, None
+
+    @property
+    def backend(self) -> SamplingBackend:
+        if self._backend is None:
+            self._backend = self._build()
+        return self._backend
+
+    def make_batched_env(
+        self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
+    ) -> BatchedEnv:
+        return self.backend.make_batched_env(dist, tasks, episodes_per_task)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.backend, name)
 
 
 class Sampler:
