@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from metarl_tf import curvature
     from metarl_tf.config import get_preset
     from metarl_tf.maml import tile_parameters
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.training.trainer import MetaTrainer
 
     config = get_preset(args.preset)
     if config.inner_steps != 1:

@@ -29,7 +29,8 @@ def main() -> None:
 
     from metarl_tf.config import get_preset
     from metarl_tf.envs import BernoulliBandit, make_task_distribution
-    from metarl_tf.evaluation import EVAL_SEED_SALT, confidence_interval95
+    from metarl_tf.evaluation.protocol import EVAL_SEED_SALT
+    from metarl_tf.evaluation.statistics import confidence_interval95
     from metarl_tf.policy import make_policy
     from metarl_tf.rollout import Sampler
 

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         p.error(f"--noise-seeds must be distinct, got {args.noise_seeds!r}")
 
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.evaluation import EVAL_SEED_SALT, adaptation_curve
+    from metarl_tf.evaluation.protocol import EVAL_SEED_SALT, adaptation_curve
 
     bundle = load_bundle(args.bundle)
     tasks = bundle.task_distribution.sample_tasks(args.tasks, seed=EVAL_SEED_SALT + args.seed)

@@ -12,7 +12,7 @@ setups take turns for ``--rounds`` rounds, so that a load change on a shared mac
 all alike; the median of the rounds is reported, with every round's figure, the ratios to
 ``local_1`` and the load average. Asserts nothing.
 
-    python bench/sampling_speed.py [--rounds 3] [--json bench/results/sampling_speed.json]
+    python bench/sampling_speed.py [--rounds 5] [--json bench/results/sampling_speed.json]
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=40)
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--horizon", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 

@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from metarl_tf.bundle import load_bundle
     from metarl_tf.config import get_preset
-    from metarl_tf.evaluation import evaluate, format_table
-    from metarl_tf.trainer import make_trainer
+    from metarl_tf.evaluation.report import evaluate, format_table
+    from metarl_tf.training.run import make_trainer
 
     overrides = {} if args.plain_preset else dict(DEFAULT_OVERRIDES)
     config = get_preset(args.preset).replace(

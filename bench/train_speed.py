@@ -33,20 +33,74 @@ PYTORCH_MAML_RL_DEFAULT_S = 14.2
 
 
 def _timed(fn, repeats: int) -> float:
+    """Least seconds of ``repeats`` calls of ``fn`` after one warm-up call (the least disturbed
+    by the shared machine); bench/curvature_products.py uses it too."""
     fn()  # trace / warm up
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times)  # least disturbed by the shared machine
+    return min(times)
+
+
+def _after(t, tensors):
+    """``tensors`` passed through an identity that runs only after the op ``t``: the ops that
+    consume them start after ``t``."""
+    import tensorflow as tf
+
+    with tf.control_dependencies([t]):
+        return tf.nest.map_structure(lambda x: None if x is None else tf.identity(x), tensors)
+
+
+def trpo_pieces(trainer, config, repeats: int = 5) -> dict[str, float]:
+    """Seconds of each piece of the TRPO meta-step (meta-gradient, natural direction by
+    conjugate gradient, line search and update), each timed directly: one compiled function runs
+    the three pieces of the trainer's own step (``trainer.outer_step``, a
+    :class:`metarl_tf.outer.trpo.TRPOStep`) with ``tf.timestamp`` between them, every piece's
+    inputs passed through an identity that waits for the timestamp before it. Median of
+    ``repeats`` calls on one batch, the meta-parameters restored after each call so that every
+    call does the same work (the same number of line-search steps)."""
+    import tensorflow as tf
+
+    step = trainer.outer_step
+    tasks = trainer.dist.sample_tasks(config.meta_batch_size, 123)
+    batch, _ = trainer.sample_meta_batch(tasks, list(range(1, config.inner_steps + 1)), 0)
+
+    @tf.function(jit_compile=trainer._meta_step._jit_compile)
+    def timed(batch):
+        t0 = tf.timestamp()
+        g = step.meta_gradient(_after(t0, batch))
+        with tf.control_dependencies([*g.gradient, g.loss_before]):
+            t1 = tf.timestamp()  # after the gradient; the next piece's inputs wait for it
+        g = g._replace(gradient=_after(t1, g.gradient))
+        full_step = step.natural_direction(g)
+        with tf.control_dependencies(full_step):
+            t2 = tf.timestamp()
+        stats = step.line_search(g, _after(t2, full_step))
+        with tf.control_dependencies(list(stats.values())):
+            t3 = tf.timestamp()
+        return t1 - t0, t2 - t1, t3 - t2
+
+    saved = [v.numpy() for v in trainer._meta_variables]
+    rows = []
+    for _ in range(repeats + 1):  # the first call traces
+        rows.append([float(x) for x in timed(batch)])
+        for v, value in zip(trainer._meta_variables, saved, strict=True):
+            v.assign(value)
+    gradient_s, direction_s, line_search_s = (
+        statistics.median(col) for col in zip(*rows[1:], strict=True)
+    )
+    return {
+        "meta_step/meta_gradient": round(gradient_s, 4),
+        "meta_step/natural_direction": round(direction_s, 4),
+        "meta_step/line_search_and_update": round(line_search_s, 4),
+    }
 
 
 def measure(config, args) -> dict:
     """Trains ``args.warmup + args.iterations`` iterations of ``config`` and returns the figures."""
-    import tensorflow as tf
-
-    from metarl_tf.trainer import MetaTrainer, peak_rss_mb
+    from metarl_tf.training.trainer import MetaTrainer, peak_rss_mb
 
     trainer = MetaTrainer(config)
     t0 = time.perf_counter()
@@ -66,37 +120,7 @@ def measure(config, args) -> dict:
         "meta_step": round(meta_step, 4),
     }
     if config.outer == "trpo":
-        # Split the meta-step: the same step compiled to stop after the meta-gradient, after CG.
-        tasks = trainer.dist.sample_tasks(config.meta_batch_size, 123)
-        batch, _ = trainer.sample_meta_batch(tasks, list(range(1, config.inner_steps + 1)), 0)
-
-        def phase(stop_after):
-            f = tf.function(
-                lambda b: trainer._meta_step_fn(b, stop_after=stop_after),
-                jit_compile=trainer._meta_step._jit_compile,
-            )
-            return lambda: [v.numpy() for v in f(batch).values()]
-
-        gradient_s = _timed(phase("gradient"), 5)
-        direction_s = _timed(phase("direction"), 5)
-        # The whole step, undone after each call so every repeat does the same work (the same
-        # number of line-search steps) as the first.
-        saved = [v.numpy() for v in trainer._meta_variables]
-        full = phase(None)
-
-        def full_and_restore():
-            full()
-            for v, value in zip(trainer._meta_variables, saved, strict=True):
-                v.assign(value)
-
-        full_s = _timed(full_and_restore, 5)
-        breakdown.update(
-            {
-                "meta_step/meta_gradient": round(gradient_s, 4),
-                "meta_step/conjugate_gradient": round(direction_s - gradient_s, 4),
-                "meta_step/line_search_and_update": round(full_s - direction_s, 4),
-            }
-        )
+        breakdown.update(trpo_pieces(trainer, config))
     return {
         "preset": args.preset,
         "outer": config.outer,

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -51,10 +51,13 @@ from metarl_tf.bundle_schema import (
     sha256_of,
     validate_bundle,
 )
-from metarl_tf.envs import TaskDistribution, make_task_distribution
-from metarl_tf.maml import Adapter, step_size_blocks
+from metarl_tf.episodes import pad_episodes
+from metarl_tf.maml import Adapter, StepRule, step_size_blocks
 from metarl_tf.policy import CategoricalMLPPolicy, GaussianMLPPolicy
-from metarl_tf.rollout import pad_episodes
+from metarl_tf.specs import spec_from_json, spec_to_json
+
+if TYPE_CHECKING:  # a bundle builds its task distribution only when asked
+    from metarl_tf.envs import TaskDistribution
 
 __all__ = [
     "FORMAT_VERSION",
@@ -71,14 +74,6 @@ __all__ = [
 ]
 
 
-def _spec_to_json(spec) -> dict[str, Any]:
-    d = {"shape": list(spec.shape), "dtype": spec.dtype.name}
-    if hasattr(spec, "minimum"):
-        d["minimum"] = np.broadcast_to(spec.minimum, spec.shape).tolist()
-        d["maximum"] = np.broadcast_to(spec.maximum, spec.shape).tolist()
-    return d
-
-
 @dataclass
 class Bundle:
     """A loaded bundle.
@@ -89,8 +84,11 @@ class Bundle:
         meta: the parsed ``meta.json``.
         policy: the Keras policy holding the meta-initialization θ.
         step_sizes: scalar α, or Meta-SGD step sizes (one float32 array per parameter, or per-step
-            blocks of them: ``metarl_tf.maml.step_block``).
-        task_distribution: the task distribution it was trained on.
+            blocks of them: :class:`metarl_tf.maml.StepRule`).
+
+    The specs and the horizon come from ``meta.json``; the task distribution it was trained on
+    is built only when asked (:meth:`make_task_distribution`, :attr:`task_distribution`), so
+    loading a bundle to adapt or act (the service) imports no environment.
     """
 
     path: Path
@@ -98,7 +96,46 @@ class Bundle:
     meta: dict[str, Any]
     policy: GaussianMLPPolicy | CategoricalMLPPolicy
     step_sizes: float | list[np.ndarray]
-    task_distribution: TaskDistribution
+
+    @property
+    def observation_spec(self):
+        """The ``tf.TensorSpec`` of one observation (``meta.json``)."""
+        return spec_from_json(self.meta["observation_spec"], "observation")
+
+    @property
+    def action_spec(self):
+        """The ``BoundedTensorSpec`` of one action (``meta.json``)."""
+        return spec_from_json(self.meta["action_spec"], "action")
+
+    @property
+    def horizon(self) -> int:
+        """The maximum episode length of the task distribution (``meta.json``)."""
+        return _horizon(self.meta)
+
+    def make_task_distribution(self) -> TaskDistribution:
+        """A new instance of the task distribution the bundle was trained on
+        (``meta.json``'s ``task_distribution``; this imports the environments), after checking
+        that ``meta.json``'s specs are its own; :class:`BundleError` if not."""
+        from metarl_tf.envs import make_task_distribution
+
+        td = self.meta["task_distribution"]
+        where = str(self.path / META_FILE)
+        try:
+            dist = make_task_distribution(td["name"], **td.get("config", {}))
+        except (TypeError, ValueError) as err:
+            raise BundleError(f"{where}: task_distribution {td!r}: {err}") from None
+        try:
+            specs = spec_to_json(dist.observation_spec), spec_to_json(dist.action_spec)
+        except ImportError:  # an optional extra (Meta-World) builds the specs: checked where it is
+            specs = None
+        if specs is not None:  # meta.json's specs, which the bundle uses, are the distribution's
+            check_against_distribution(self.meta, *specs, where)
+        return dist
+
+    @functools.cached_property
+    def task_distribution(self) -> TaskDistribution:
+        """This bundle's :meth:`make_task_distribution`, built on first use."""
+        return self.make_task_distribution()
 
     @property
     def adaptation(self) -> dict[str, Any]:
@@ -134,10 +171,15 @@ class Bundle:
         return sha256_of(self.path / META_FILE)
 
     @property
+    def step_rule(self) -> StepRule:
+        """The bundle's inner step rule (step sizes, per-step blocks, log σ shift)."""
+        return StepRule(self.step_sizes, len(self.policy.parameter_shapes), self.log_std_shift)
+
+    @property
     def default_steps(self) -> int:
         """Inner steps one :meth:`adapt` takes by default: the bundle's ``adaptation.steps``, or
-        1 for a bundle with a log σ shift (its later steps need episodes of the adapted policy)."""
-        return 1 if self.log_std_shift is not None else int(self.adaptation.get("steps", 1))
+        1 for a bundle with a log σ shift (:meth:`StepRule.default_steps`)."""
+        return self.step_rule.default_steps(self.adaptation.get("steps", 1))
 
     @functools.cached_property
     def adapter(self) -> Adapter:
@@ -175,7 +217,7 @@ class Bundle:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         depth = 0 if parent is None else parent.depth
-        if self.log_std_shift is not None and depth == 0 and steps > 1:
+        if self.step_rule.needs_adapted_episodes(depth, steps):
             raise ValueError(
                 f"bundle {self.name!r} adds a log σ shift in its first inner step, so its later "
                 f"steps need episodes of the adapted policy: adapt with steps=1, collect episodes "
@@ -353,9 +395,13 @@ def _write_bundle_files(
         "format_version": FORMAT_VERSION_STEP_RULES if step_rules else FORMAT_VERSION,
         "name": name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "task_distribution": {"name": task_distribution.name, "config": task_distribution.config()},
-        "observation_spec": _spec_to_json(task_distribution.observation_spec),
-        "action_spec": _spec_to_json(task_distribution.action_spec),
+        "task_distribution": {
+            "name": task_distribution.name,
+            "config": task_distribution.config(),
+            "horizon": int(task_distribution.horizon),
+        },
+        "observation_spec": spec_to_json(task_distribution.observation_spec),
+        "action_spec": spec_to_json(task_distribution.action_spec),
         "policy": {
             "class": type(policy).__name__,
             "config": {
@@ -383,8 +429,9 @@ def _write_bundle_files(
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Loads and verifies a bundle (:func:`metarl_tf.bundle_schema.validate_bundle`, then the
-    policy, the step sizes and the specs against the task distribution's own); raises
-    :class:`BundleError` saying what is wrong."""
+    policy and the step sizes); raises :class:`BundleError` saying what is wrong. The task
+    distribution is not built here (:meth:`Bundle.make_task_distribution` builds it and checks
+    the specs against its own), so loading a bundle imports no environment."""
     path = Path(path)
     old = path.parent / f".{path.name}.old"
     if not path.exists() and old.is_dir():
@@ -422,15 +469,17 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                 )
     else:
         step_sizes = float(sizes)
+    if _horizon(meta) is None:
+        raise BundleError(
+            f"{meta_path}: task_distribution has no horizon (task_distribution.horizon or "
+            "task_distribution.config.horizon); re-export the bundle"
+        )
+    return Bundle(path, path.name, meta, policy, step_sizes)
+
+
+def _horizon(meta: dict[str, Any]) -> int | None:
+    """The task distribution's horizon recorded in ``meta``: ``task_distribution.horizon``, or
+    its ``config.horizon`` (bundles written before the horizon had its own field)."""
     td = meta["task_distribution"]
-    try:
-        dist = make_task_distribution(td["name"], **td.get("config", {}))
-    except (TypeError, ValueError) as err:
-        raise BundleError(f"{meta_path}: task_distribution {td!r}: {err}") from None
-    try:
-        specs = _spec_to_json(dist.observation_spec), _spec_to_json(dist.action_spec)
-    except ImportError:  # an optional extra (Meta-World) builds the specs: checked where it is
-        specs = None
-    if specs is not None:
-        check_against_distribution(meta, *specs, str(meta_path))
-    return Bundle(path, path.name, meta, policy, step_sizes, dist)
+    horizon = td.get("horizon", td.get("config", {}).get("horizon"))
+    return None if horizon is None else int(horizon)

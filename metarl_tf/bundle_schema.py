@@ -356,7 +356,7 @@ def check_against_distribution(
     meta: dict[str, Any], observation_spec: dict[str, Any], action_spec: dict[str, Any], where: str
 ) -> None:
     """Cross-checks a validated ``meta.json`` against the specs of the task distribution it
-    names (as :func:`metarl_tf.bundle.spec_to_json` writes them): equal shapes and dtypes, and
+    names (as :func:`metarl_tf.specs.spec_to_json` writes them): equal shapes and dtypes, and
     action bounds within the distribution's own."""
     for name, spec in (("observation_spec", observation_spec), ("action_spec", action_spec)):
         saved = meta[name]

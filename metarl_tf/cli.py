@@ -4,6 +4,7 @@ plot-training | scratch-ppo."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-import metarl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import metarl_tf  # noqa: F401  (TensorFlow's environment, before TensorFlow loads)
 
 
 def _list_of(kind, example: str):
@@ -43,14 +44,20 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train(sub) -> None:
-    from metarl_tf.config import PRESETS
+    from metarl_tf.config import PRESETS, RECIPES
 
     p = sub.add_parser(
         "train",
         help="meta-train a policy and write a bundle",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default="nav2d", choices=sorted(PRESETS), help="named configuration")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: nav2d)")
+    p.add_argument(
+        "--recipe", choices=sorted(RECIPES),
+        help="train a shipped bundle's legs in one resumable command (docs/training.md#recipes); "
+        "takes only --out, --run-dir, --resume, --no-progress and the backend options "
+        "(default out: saved_models/<recipe>-recipe)",
+    )  # fmt: skip
     p.add_argument(
         "--algo", choices=["maml", "pretrain"],
         help="maml: meta-train (the default of most presets); pretrain: one policy trained jointly "
@@ -144,7 +151,7 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     _add_backend_options(p, default=None)
     p.add_argument(
-        "--select", choices=["last", "best"], default="last",
+        "--select", choices=["last", "best"],
         help="bundle from the last iteration, or from the iteration with the best 10-iteration moving "
         "average of the *training* post-adaptation return (kept in the checkpoint)",
     )  # fmt: skip
@@ -223,7 +230,7 @@ def _add_export_savedmodel(sub) -> None:
         "--adapt-on", metavar="EPISODES_NPZ",
         help="adapt to the episodes in this .npz first: observations [E, T, obs_dim], actions "
         "[E, T, act_dim] (raw samples; categorical: the index), rewards [E, T] float32 and "
-        "optionally lengths [E] (metarl_tf.rollout.save_episodes writes one)",
+        "optionally lengths [E] (metarl_tf.episodes.save_episodes writes one)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, help="inner steps with --adapt-on (default: the bundle's)")
     p.add_argument(
@@ -279,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_config(args):
     from metarl_tf.config import get_preset
 
-    config = get_preset(args.preset)
+    config = get_preset(args.preset or "nav2d")
     overrides = {
         "iterations": args.iterations, "seed": args.seed, "meta_sgd": args.meta_sgd,
         "first_order": args.first_order, "outer": args.outer, "inner_step_size": args.inner_step_size,
@@ -294,10 +301,8 @@ def _train_config(args):
         "log_std_shift": args.log_std_shift,
     }  # fmt: skip
     overrides["meta_batch_size"] = args.meta_batch_size
-    overrides["backend"] = args.backend
-    overrides["ray_address"] = args.ray_address
-    overrides["num_env_workers"] = args.num_env_workers
     overrides["episodes_per_task"] = args.episodes_per_task
+    overrides.update(_backend_overrides(args))
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -305,21 +310,75 @@ def _exit_at_once(signum, frame) -> None:
     os._exit(128 + signum)
 
 
-def cmd_train(args) -> int:
-    from metarl_tf.pretrain import default_bundle_path
-    from metarl_tf.training import fit
+def _backend_overrides(args) -> dict:
+    """The sampling backend flags that were given (they change where environments step, not
+    what a run computes, so a recipe takes them too)."""
+    backend = {"backend": args.backend, "ray_address": args.ray_address,
+               "num_env_workers": args.num_env_workers}  # fmt: skip
+    return {k: v for k, v in backend.items() if v is not None}
 
+
+# train flags a recipe accepts: everything else is fixed by the recipe's legs
+_RECIPE_FLAGS = {"command", "recipe", "out", "run_dir", "resume", "no_progress", "backend",
+                 "ray_address", "num_env_workers"}  # fmt: skip
+
+
+def cmd_train_recipe(args) -> int:
+    from metarl_tf.config import get_recipe
+    from metarl_tf.training import run_recipe
+    from metarl_tf.training.recipes import default_recipe_out
+
+    given = sorted(
+        "--" + k.replace("_", "-")
+        for k, v in vars(args).items()
+        if k not in _RECIPE_FLAGS and v not in (None, False)
+    )
+    if given:
+        print(f"error: --recipe fixes every leg's configuration; drop {', '.join(given)} "
+              "(it takes --out, --run-dir, --resume, --no-progress and the backend options)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    recipe = get_recipe(args.recipe)
+    backend = _backend_overrides(args)
+    if backend:
+        legs = tuple(
+            dataclasses.replace(leg, overrides={**leg.overrides, **backend}) for leg in recipe.legs
+        )
+        recipe = dataclasses.replace(recipe, legs=legs)
+    out = Path(args.out) if args.out else default_recipe_out(recipe)
+    run_dir = Path(args.run_dir or f"runs/{recipe.name}-recipe")
+    result = run_recipe(
+        recipe, run_dir, out, resume=args.resume, progress=not args.no_progress,
+        log=functools.partial(print, flush=True),
+    )  # fmt: skip
+    if result.stopped_by:
+        print(f"{result.stopped_by}: stopped; every leg's checkpoint is saved. Resume with: "
+              f"python -m metarl_tf train --recipe {recipe.name} --out {out} --run-dir {run_dir} "
+              "--resume", file=sys.stderr)  # fmt: skip
+    else:
+        print(f"recipe {recipe.name}: bundle written to {out} (iteration {result.iteration}; "
+              f"{len(recipe.legs)} legs in {run_dir})")  # fmt: skip
+    return result.exit_code
+
+
+def cmd_train(args) -> int:
+    from metarl_tf.training import fit
+    from metarl_tf.training.pretrain import default_bundle_path
+
+    if args.recipe:
+        return cmd_train_recipe(args)
     config = _train_config(args)
     default_out = (
         default_bundle_path(config)
         if config.algo == "pretrain"
-        else f"saved_models/{args.preset}-maml"
+        else f"saved_models/{args.preset or 'nav2d'}-maml"
     )
     out = Path(args.out or default_out)
     run_dir = Path(args.run_dir or f"runs/{out.name}")
     result = fit(
-        config, run_dir, out, resume=args.resume, init_from=args.init_from, select=args.select,
-        progress=not args.no_progress, log=functools.partial(print, flush=True),
+        config, run_dir, out, resume=args.resume, init_from=args.init_from,
+        select=args.select or "last", progress=not args.no_progress,
+        log=functools.partial(print, flush=True),
     )  # fmt: skip
     last = result.last_metrics
     if last:
@@ -332,21 +391,15 @@ def cmd_train(args) -> int:
     if result.stopped_by:
         print(f"{result.stopped_by}: stopped after iteration {result.trained_iterations}; the "
               f"checkpoint and the bundle are saved. Resume with: python -m metarl_tf train "
-              f"--preset {args.preset} --out {out} --run-dir {run_dir} --resume", file=sys.stderr)  # fmt: skip
+              f"--preset {args.preset or 'nav2d'} --out {out} --run-dir {run_dir} --resume", file=sys.stderr)  # fmt: skip
     return result.exit_code
 
 
 def cmd_evaluate(args) -> int:
-    from metarl_tf.baselines import parse_baselines
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.evaluation import (
-        evaluate,
-        format_paired,
-        format_table,
-        plot_curve,
-        plot_method_trajectories,
-        plot_trajectories,
-    )  # fmt: skip
+    from metarl_tf.evaluation.baselines import parse_baselines
+    from metarl_tf.evaluation.plots import plot_curve, plot_method_trajectories, plot_trajectories
+    from metarl_tf.evaluation.report import evaluate, format_paired, format_table
     from metarl_tf.rollout import make_backend
 
     if args.tasks < 2 or args.episodes < 1 or args.steps < 0:
@@ -417,8 +470,8 @@ def cmd_export(args) -> int:
 
 def cmd_export_savedmodel(args) -> int:
     from metarl_tf.bundle import load_bundle
+    from metarl_tf.episodes import load_episodes
     from metarl_tf.export import export_saved_model
-    from metarl_tf.rollout import load_episodes
 
     if args.steps is not None and not args.adapt_on:
         print("error: --steps needs --adapt-on", file=sys.stderr)
@@ -442,7 +495,7 @@ def cmd_export_savedmodel(args) -> int:
 
 
 def cmd_plot_training(args) -> int:
-    from metarl_tf.evaluation import plot_training, read_metrics
+    from metarl_tf.evaluation.plots import plot_training, read_metrics
 
     if args.window < 1:
         print("error: --window must be >= 1", file=sys.stderr)
@@ -462,10 +515,13 @@ def cmd_plot_training(args) -> int:
 
 
 def cmd_scratch_ppo(args) -> int:
+    # first: it sets TF_USE_LEGACY_KERAS for tf-agents before Keras 3 loads (metarl_tf.scratch)
+    from metarl_tf.scratch import PPOConfig, compare_with_bundle, plot_comparison
+
+    # isort: split
     from tqdm import tqdm
 
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.scratch import PPOConfig, compare_with_bundle, plot_comparison
 
     if args.tasks < 1 or args.episodes < 1 or args.steps < 1 or args.env_steps < 1:
         print("error: need --tasks, --episodes, --steps and --env-steps >= 1", file=sys.stderr)

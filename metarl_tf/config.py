@@ -63,7 +63,7 @@ class TrainConfig:
         checkpoint_every: write a checkpoint every N iterations.
         algo: ``maml`` (meta-training) or ``pretrain`` (one policy trained jointly on all tasks
             with the outer update and no inner step: the *pretrained* / *oracle* baselines of
-            ``metarl_tf.pretrain``).
+            ``metarl_tf.training.pretrain``).
         backend: where the sub-environments step: ``local`` (this process) or ``ray`` (Ray
             actors, :mod:`metarl_tf.envs.ray_backend`); the batches are the same.
         ray_address: with ``backend="ray"``: ``None`` starts Ray on this machine, ``auto`` or
@@ -219,7 +219,7 @@ PRESETS: dict[str, TrainConfig] = {
     # Meta-SGD from a narrower initial policy (σ = 0.2) and smaller initial step sizes: the base
     # of saved_models/nav2d-maml-1step (80 iterations) and, with --hidden-sizes 100,100
     # --activation relu --log-std-shift and then --meta-sgd-per-step --inner-steps 2
-    # --every-step-objective, of the shipped saved_models/nav2d-maml (README, "Learning"). With
+    # --every-step-objective, of the shipped saved_models/nav2d-maml (docs/RESULTS.md). With
     # σ = 1 most actions saturate the ±0.1 clip, and after adaptation the policy jitters around
     # the goal.
     "nav2d-metasgd-lowstd": TrainConfig(meta_sgd=True, init_log_std=-1.6, inner_step_size=0.05),
@@ -242,7 +242,7 @@ PRESETS: dict[str, TrainConfig] = {
     "nav2d-fo": TrainConfig(first_order=True),
     # `nav2d` with ProMP's outer step: 5 Adam epochs on the PPO-clipped surrogate (ε 0.2) of the
     # post-adaptation data, through the inner step, instead of TRPO. lr 3e-3: over 40 iterations
-    # its training post-adaptation return beat lr 1e-3's (−17.2 vs −22.5; README, Algorithms).
+    # its training post-adaptation return beat lr 1e-3's (−17.2 vs −22.5; docs/RESULTS.md).
     "nav2d-ppo": TrainConfig(outer="ppo", outer_learning_rate=3e-3, ppo_epochs=5, ppo_clip=0.2),
     # `nav2d` with two inner steps during meta-training, each on freshly collected episodes.
     "nav2d-2step": TrainConfig(inner_steps=2),
@@ -272,7 +272,7 @@ PRESETS["bandit-k5"] = TrainConfig(
     # task to adapt on). Pulls are independent (constant observation, no state), so γ = 0: a
     # pull's return is its own reward, and the other pulls' reward noise stays out of its
     # advantage. α = 0.1 as nav2d: in 60-iteration trial runs it adapted best of 0.1 / 0.5 / 2.0
-    # (training post-adaptation return 8.0 / 7.9 / 7.6, see README).
+    # (training post-adaptation return 8.0 / 7.9 / 7.6).
     task_distribution="bandit",
     task_kwargs={"k": 5},
     horizon=10,
@@ -341,3 +341,140 @@ def get_preset(name: str) -> TrainConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One training command of a recipe: a preset, its overrides, and where the leg stops.
+
+    Attributes:
+        name: short label, used for the leg's folder (``<run dir>/leg<i>-<name>``).
+        preset: the named configuration the leg starts from.
+        overrides: ``TrainConfig`` fields that replace the preset's.
+        iterations: the iteration count at the end of the leg, counted from the recipe's start
+            (a leg that continues the previous bundle at iteration 100 to ``iterations=400``
+            trains 300 iterations), as ``train --init-from ... --iterations`` counts.
+        select: which iteration the leg's bundle holds: ``last`` or ``best`` (best
+            post-adaptation training return, as ``train --select``).
+    """
+
+    name: str
+    preset: str
+    iterations: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+    select: str = "last"
+
+    def __post_init__(self):
+        if self.select not in ("last", "best"):
+            raise ValueError(f"select must be 'last' or 'best', got {self.select!r}")
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+
+    def config(self) -> TrainConfig:
+        """The leg's full configuration: the preset with the overrides and the iteration
+        count applied."""
+        return get_preset(self.preset).replace(**self.overrides, iterations=self.iterations)
+
+    def to_dict(self) -> dict[str, Any]:
+        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in self.overrides.items()}
+        return {
+            "name": self.name,
+            "preset": self.preset,
+            "iterations": self.iterations,
+            "overrides": overrides,
+            "select": self.select,
+        }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Legs that together make one bundle: each leg continues the bundle of the leg before
+    (``train --init-from``); the last leg's bundle is the recipe's.
+
+    Attributes:
+        name: the recipe's name (``train --recipe NAME``).
+        bundle: the shipped bundle the recipe reproduces (``saved_models/...``), or ``None``.
+        legs: the legs in order.
+    """
+
+    name: str
+    bundle: str | None
+    legs: tuple[Leg, ...]
+
+    def __post_init__(self):
+        if not self.legs:
+            raise ValueError(f"recipe {self.name!r} has no legs")
+        counts = [leg.iterations for leg in self.legs]
+        if counts != sorted(set(counts)):
+            raise ValueError(f"recipe {self.name!r}: leg iterations must increase, got {counts}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "bundle": self.bundle,
+            "legs": [leg.to_dict() for leg in self.legs],
+        }
+
+
+# The shipped multi-leg bundles, one command each (`train --recipe NAME`); docs/RESULTS.md shows
+# each bundle's meta-test table.
+_NAV2D_NET = {"hidden_sizes": (100, 100), "activation": "relu", "log_std_shift": True}
+_NAV2D_TWO_STEPS = {
+    **_NAV2D_NET,
+    "meta_sgd_per_step": True,
+    "inner_steps": 2,
+    "every_step_objective": True,
+}
+_MUJOCO_SMALL_BATCH = {"meta_batch_size": 20, "episodes_per_task": 10}
+_TINY_TWO_STEPS = {
+    "meta_sgd": True,
+    "meta_sgd_per_step": True,
+    "inner_steps": 2,
+    "every_step_objective": True,
+}
+RECIPES: dict[str, Recipe] = {
+    # One inner step first (the best of 100 iterations), then two inner steps with per-step
+    # Meta-SGD step sizes and the every-step objective to 400 and on to 600.
+    "nav2d": Recipe(
+        name="nav2d",
+        bundle="saved_models/nav2d-maml",
+        legs=(
+            Leg("one-step", "nav2d-metasgd-lowstd", 100, _NAV2D_NET, select="best"),
+            Leg("two-steps", "nav2d-metasgd-lowstd", 400, _NAV2D_TWO_STEPS),
+            Leg("two-steps-on", "nav2d-metasgd-lowstd", 600, _NAV2D_TWO_STEPS),
+        ),
+    ),
+    # The paper's batch (40 x 20) only after a cheaper start at 20 x 10.
+    "halfcheetah-dir": Recipe(
+        name="halfcheetah-dir",
+        bundle="saved_models/halfcheetah-dir-maml",
+        legs=(
+            Leg("small-batch", "halfcheetah-dir", 500, _MUJOCO_SMALL_BATCH),
+            Leg("paper-batch", "halfcheetah-dir", 650),
+        ),
+    ),
+    "halfcheetah-vel": Recipe(
+        name="halfcheetah-vel",
+        bundle="saved_models/halfcheetah-vel-maml",
+        legs=(
+            Leg("small-batch", "halfcheetah-vel", 150, _MUJOCO_SMALL_BATCH),
+            Leg("paper-batch", "halfcheetah-vel", 249),
+        ),
+    ),
+    # Seconds long, for tests and CI: the nav2d recipe's shape on the tiny preset.
+    "tiny": Recipe(
+        name="tiny",
+        bundle=None,
+        legs=(
+            Leg("one-step", "tiny", 2, {"meta_sgd": True}, select="best"),
+            Leg("two-steps", "tiny", 4, _TINY_TWO_STEPS),
+        ),
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}") from None

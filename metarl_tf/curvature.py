@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from metarl_tf.policy import categorical_log_prob, gaussian_log_prob
+from metarl_tf.policy import categorical_log_prob, gaussian_log_prob, split_parameters
 
 
 def _flatten(x, trailing: int):
@@ -211,7 +211,8 @@ class _Carried:
     and enter another: :meth:`carry` gives them as a nest (sub-objects as nested dicts),
     :meth:`restore` rebuilds the object from that nest without recomputing anything. The trainer
     caches the inner loss's passes while it adapts for sampling and the TRPO meta-step reuses
-    them (``MetaBatch.inner_curvature``).
+    them (``MetaBatch.inner_curvature``); :func:`recording_gradients` and
+    :func:`restoring_gradients` are the two ends, the only code that carries.
     """
 
     _static: tuple[str, ...] = ()  # Python-valued attributes: not carried, given to restore
@@ -241,6 +242,41 @@ class _Carried:
         return obj
 
 
+def recording_gradients(hessian_cls, activation: str, carried: list):
+    """The ``gradients`` hook of :func:`metarl_tf.maml.adapt` that takes every inner step's loss
+    and gradient from an inner-loss Hessian built at its point (``hessian_cls``) and appends the
+    Hessian's :meth:`_Carried.carry` to ``carried``: the sampling adaptation's end of the carry
+    (:meth:`metarl_tf.maml.Adapter.with_curvature`)."""
+
+    def gradients(point, episodes, advantages):
+        hessian = hessian_cls(point, episodes, advantages, activation)
+        carried.append(hessian.carry())
+        return hessian.loss, hessian.gradient
+
+    return gradients
+
+
+def restoring_gradients(hessian_cls, carried: list, activation: str, lvc: bool, hessians: list):
+    """The meta-step's end of the carry: the ``gradients`` hook of :func:`metarl_tf.maml.adapt`
+    that restores inner step ``j``'s Hessian from ``carried[j]`` (``MetaBatch.inner_curvature``)
+    instead of recomputing its passes, appends it to ``hessians`` and returns its loss and
+    gradient. The first one is checked against the point it is used at: a batch sampled before
+    the last update is refused."""
+    carried = list(carried)
+
+    def gradients(point, episodes, advantages):
+        hessians.append(hessian_cls.restore(carried.pop(0), activation=activation, lvc=lvc))
+        if len(hessians) == 1:
+            tf.debugging.assert_equal(
+                hessians[0].net.kernels[0], point[0],
+                message="batch.inner_curvature was computed at other parameters than the "
+                "policy's current ones (sample the batch again after an update)",
+            )  # fmt: skip
+        return hessians[-1].loss, hessians[-1].gradient
+
+    return gradients
+
+
 class _MLP(_Carried):
     """Cached forward pass of the network at per-task ``params`` on ``x [tasks, n, obs]``.
 
@@ -268,11 +304,7 @@ class _MLP(_Carried):
         if activation not in ("tanh", "relu"):
             raise ValueError(f"no analytic curvature for activation {activation!r}")
         self.activation = activation
-        if has_log_std:
-            *layers, self.log_std = params
-        else:
-            layers, self.log_std = list(params), None
-        self.kernels, self.biases = layers[0::2], layers[1::2]
+        self.kernels, self.biases, self.log_std = split_parameters(params, has_log_std)
         self.inputs = [_with_ones(x)]  # [h_l, 1] for every layer input h_0 .. h_{L-1}
         self.hidden = []  # h_1 .. h_{L-1}
         self.dact = []  # act'(z_l) of every hidden layer
@@ -304,8 +336,7 @@ class _MLP(_Carried):
         structure as params). With a :class:`_FirstLayerJacobian` ``first``, ``R(output)`` takes
         the first layer's part from it, and ``R(h_1)`` and what it feeds are not formed (its
         entry of the first list is None)."""
-        layers = tangent[:-1] if self.has_log_std else tangent
-        v_kernels, v_biases = layers[0::2], layers[1::2]
+        v_kernels, v_biases, _ = split_parameters(tangent, self.has_log_std)
         start = 0 if first is None else 1
         r_inputs = [None] * (start + 1)  # R(h_0) = 0: observations do not depend on θ
         r_h = None
@@ -390,7 +421,7 @@ class _MLP(_Carried):
         direction's kernels and biases (flat list), the Hessian-vector product's kernel and bias
         parts (flat list)."""
         deltas, deltas_t, cross_terms, first = cache
-        v_kernels, v_biases = tangent_layers[0::2], tangent_layers[1::2]
+        v_kernels, v_biases, _ = split_parameters(tangent_layers, has_log_std=False)
         v_first = None if first is None else first.direction(v_kernels[0], v_biases[0])
         last = len(self.kernels) - 1
         out = []

@@ -61,7 +61,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-import metarl_tf
 from metarl_tf.atomic_files import (
     fsync_tree,
     recover_directory,
@@ -70,6 +69,7 @@ from metarl_tf.atomic_files import (
 )
 from metarl_tf.bundle import AdaptedPolicy, Bundle, load_bundle
 from metarl_tf.policy import gaussian_mlp_forward, mlp_forward
+from metarl_tf.version import __version__
 
 EXPORT_FORMAT = "metarl-tf-policy"
 EXPORT_FORMAT_VERSION = 1
@@ -117,7 +117,7 @@ def export_metadata(source: Bundle | AdaptedPolicy) -> dict[str, Any]:
     return {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
-        "exported_by": f"metarl-tf {metarl_tf.__version__}",
+        "exported_by": f"metarl-tf {__version__}",
         "bundle": {
             "name": bundle.name,
             "sha256": bundle.checksum,

@@ -29,7 +29,9 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from metarl_tf.policy import tile_parameters
+from metarl_tf.advantages import compute_advantages
+from metarl_tf.curvature import recording_gradients
+from metarl_tf.policy import LOG_STD, tile_parameters
 
 
 def policy_gradient_loss(policy, params, episodes, advantages, lvc: bool = False):
@@ -131,18 +133,85 @@ def step_size_blocks(step_sizes, n_params: int) -> int:
     return blocks
 
 
-def step_block(step_sizes, j: int, n_params: int) -> tuple[Any, int]:
-    """Step ``j``'s step sizes and their block index: block ``b`` for step ``b``, steps past the
-    last block reuse it (:func:`step_size_blocks`)."""
-    blocks = step_size_blocks(step_sizes, n_params)
-    if blocks == 1:
-        return step_sizes, 0
-    b = min(j, blocks - 1)
-    return step_sizes[b * n_params : (b + 1) * n_params], b
+class StepRule:
+    """The inner step rule: how step ``j`` of a chain (``j = 0`` the first step from the
+    meta-initialization) turns ``θ_j`` and its gradient ``g`` into ``θ_{j+1}``.
 
+        θ_{j+1} = θ_j − α_j ⊙ g          (+ s on log σ when j = 0)
 
-def _scale(step_sizes, i):
-    return step_sizes[i] if isinstance(step_sizes, (list, tuple)) else step_sizes
+    ``α_j``: a scalar ``α`` (MAML), one step size per parameter entry (Meta-SGD), or per-step
+    blocks of them (``meta_sgd_per_step``): block ``b`` for step ``b``, steps past the last block
+    reuse it. ``s``: an optional learned shift of the Gaussian's ``log σ`` (the last parameter,
+    :data:`metarl_tf.policy.LOG_STD`) that the first step adds: the adapted policy's noise apart
+    from the pre-adaptation (exploration) noise (``TrainConfig.log_std_shift``).
+
+    The one owner of the rule: :func:`adapt` applies it, :func:`adaptation_jvp` and
+    :func:`adaptation_vjp` differentiate it, and the :class:`Adapter` (hence the trainer, the
+    evaluator and the service) and the bundle ask it how a chain of steps may be split.
+
+    Args:
+        step_sizes: scalar ``α``, or a flat list of per-parameter tensors (``blocks × n``).
+        num_parameters: ``n``, the number of parameter tensors of the policy.
+        log_std_shift: ``[act_dim]`` or ``None``.
+    """
+
+    def __init__(self, step_sizes, num_parameters: int, log_std_shift=None):
+        self.step_sizes = step_sizes
+        self.num_parameters = int(num_parameters)
+        self.log_std_shift = log_std_shift
+        self.blocks = step_size_blocks(step_sizes, self.num_parameters)
+
+    def block(self, step: int) -> int:
+        """The index of step ``step``'s block of step sizes."""
+        return min(step, self.blocks - 1)
+
+    def sizes(self, step: int, values=None):
+        """Step ``step``'s step sizes: the scalar, or its block's ``n`` tensors; ``values``
+        (laid out as ``step_sizes``, e.g. their tangents) instead of the step sizes if given."""
+        values = self.step_sizes if values is None else values
+        if self.blocks == 1:
+            return values
+        n, b = self.num_parameters, self.block(step)
+        return values[b * n : (b + 1) * n]
+
+    @staticmethod
+    def scale(sizes, i: int):
+        """Parameter ``i``'s step size in ``sizes`` (one of :meth:`sizes`)."""
+        return sizes[i] if isinstance(sizes, (list, tuple)) else sizes
+
+    def shifts(self, step: int) -> bool:
+        """Whether step ``step`` adds the log σ shift (the first step, when there is one)."""
+        return self.log_std_shift is not None and step == 0
+
+    def apply(self, params: list, grads: list, step: int, log_std_shift=None) -> list:
+        """``θ_{step+1}`` from ``θ_step`` and its gradient (``log_std_shift``: another value for
+        the shift, e.g. a candidate of the TRPO line search; default the rule's own)."""
+        sizes = self.sizes(step)
+        new = [
+            p - self.scale(sizes, i) * g for i, (p, g) in enumerate(zip(params, grads, strict=True))
+        ]
+        if self.shifts(step):
+            shift = self.log_std_shift if log_std_shift is None else log_std_shift
+            new[LOG_STD] = new[LOG_STD] + shift
+        return new
+
+    @property
+    def last_distinct_step(self) -> int:
+        """From this step index on every step follows the same rule (the last block of step
+        sizes, no shift): a chain continued from a deeper step adapts as from this one."""
+        return max(self.blocks - 1, 1 if self.log_std_shift is not None else 0)
+
+    def default_steps(self, configured: int) -> int:
+        """Inner steps one adaptation takes by default: ``configured`` (the bundle's or the
+        config's), or 1 with a log σ shift (its later steps need episodes of the adapted
+        policy)."""
+        return 1 if self.log_std_shift is not None else int(configured)
+
+    def needs_adapted_episodes(self, depth: int, steps: int) -> bool:
+        """Whether ``steps`` steps from a policy ``depth`` steps deep on ONE batch of episodes
+        would be wrong: after the first step's log σ shift, the policy that collected the batch
+        (the exploring one) is no longer the one being adapted."""
+        return self.log_std_shift is not None and depth == 0 and steps > 1
 
 
 def adapt(
@@ -166,7 +235,7 @@ def adapt(
         policy: provides ``forward(params, observations)``.
         params: weights ``[tasks, *shape]`` or shared ``[*shape]`` (tiled to every task).
         step_sizes: scalar ``α`` or, for Meta-SGD, one tensor per parameter with its shape (or
-            per-step blocks of them, :func:`step_block`).
+            per-step blocks of them, :class:`StepRule`).
         episodes: ``EpisodeBatch`` ``[tasks, episodes, T, ...]`` collected by ``params`` (every
             step uses it), or a sequence of them, one per step (``D^j`` collected by ``θ_{j−1}``).
         advantages: ``[tasks, episodes, T]`` from :func:`metarl_tf.advantages.compute_advantages`,
@@ -186,6 +255,7 @@ def adapt(
     episodes, advantages = per_step_batches(episodes, advantages, steps)
     tasks = episodes[0].mask.shape[0]
     params = list(params)
+    rule = StepRule(step_sizes, len(params), log_std_shift)
     if len(params[0].shape) == len(policy.parameter_shapes[0]):
         params = tile_parameters(params, tasks)
     losses, trace = [], []
@@ -197,14 +267,9 @@ def adapt(
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]
         step = first_step + len(trace)  # this step's index in the whole chain
-        sizes, _ = step_block(step_sizes, step, len(params))
         trace.append((params, grads))
         losses.append(loss)
-        params = [
-            p - _scale(sizes, i) * g for i, (p, g) in enumerate(zip(params, grads, strict=True))
-        ]
-        if log_std_shift is not None and step == 0:
-            params[-1] = params[-1] + log_std_shift
+        params = rule.apply(params, grads, step)
     return AdaptResult(params, tf.stack(losses), trace)
 
 
@@ -237,6 +302,7 @@ def adaptation_jvp(
     """
     episodes, advantages = per_step_batches(episodes, advantages, len(result.trace))
     u = tile_parameters(v_params, episodes[0].mask.shape[0])
+    rule = StepRule(step_sizes, len(u))
     levels = []
     for j, (point, grads) in enumerate(result.trace):
         if first_order:
@@ -244,13 +310,13 @@ def adaptation_jvp(
         else:
             hvp = _hvp_fn(policy, point, episodes[j], advantages[j], hessians and hessians[j])
             hu = hvp(u)
-        sizes, _ = step_block(step_sizes, j, len(u))
-        u = [ui - _scale(sizes, i) * h for i, (ui, h) in enumerate(zip(u, hu, strict=True))]
+        sizes = rule.sizes(j)
+        u = [ui - rule.scale(sizes, i) * h for i, (ui, h) in enumerate(zip(u, hu, strict=True))]
         if v_steps is not None:
-            dv_j, _ = step_block(v_steps, j, len(u))
+            dv_j = rule.sizes(j, v_steps)
             u = [ui - g * dv for ui, g, dv in zip(u, grads, dv_j, strict=True)]
-        if v_shift is not None and j == 0:
-            u = [*u[:-1], u[-1] + v_shift]
+        if v_shift is not None and j == 0:  # the rule's shift (StepRule.apply)
+            u = [*u[:LOG_STD], u[LOG_STD] + v_shift]
         levels.append(u)
     return levels if every_step else u
 
@@ -284,18 +350,19 @@ def adaptation_vjp(
         )
     w = list(w)
     n = len(w)
+    rule = StepRule(step_sizes, n)
     w_steps = [tf.zeros_like(s) for s in step_sizes] if with_steps else None
     w_shift = None
     for j in reversed(range(len(result.trace))):
         point, grads = result.trace[j]
         if j == 0 and with_shift:  # w is the cotangent of θ_1, where the shift is added
-            w_shift = tf.reduce_sum(w[-1], axis=0)
-        sizes, b = step_block(step_sizes, j, n)
+            w_shift = tf.reduce_sum(w[LOG_STD], axis=0)
+        sizes, b = rule.sizes(j), rule.block(j)
         if with_steps:
             for i, (g, wi) in enumerate(zip(grads, w, strict=True)):
                 w_steps[b * n + i] -= tf.reduce_sum(g * wi, axis=0)
         if not first_order:
-            aw = [_scale(sizes, i) * wi for i, wi in enumerate(w)]
+            aw = [rule.scale(sizes, i) * wi for i, wi in enumerate(w)]
             hvp = _hvp_fn(policy, point, episodes[j], advantages[j], hessians and hessians[j])
             haw = hvp(aw)
             w = [wi - h for wi, h in zip(w, haw, strict=True)]
@@ -326,6 +393,7 @@ class Adapter:
         self.policy = policy
         self.step_sizes = step_sizes
         self.log_std_shift = log_std_shift
+        self.rule = StepRule(step_sizes, len(policy.parameter_shapes), log_std_shift)
         self.gamma, self.gae_lambda, self.baseline = gamma, gae_lambda, baseline
         self._compiled = tf.function(self._adapt)
         # Concrete functions by (steps, input shapes): calling one skips tf.function's argument
@@ -333,17 +401,10 @@ class Adapter:
         self._concrete: dict[tuple, Any] = {}
 
     def _adapt(self, params, episodes, steps: int, first_step: int = 0, hessian_cls=None):
-        from metarl_tf.advantages import compute_advantages
-
         advantages = compute_advantages(episodes, self.gamma, self.gae_lambda, self.baseline)
         carried, gradients = [], None
         if hessian_cls is not None:
-
-            def gradients(point, batch, adv):
-                hessian = hessian_cls(point, batch, adv, self.policy.activation)
-                carried.append(hessian.carry())
-                return hessian.loss, hessian.gradient
-
+            gradients = recording_gradients(hessian_cls, self.policy.activation, carried)
         result = adapt(
             self.policy, params, self.step_sizes, episodes, advantages, steps,
             gradients=gradients, log_std_shift=self.log_std_shift, first_step=first_step,
@@ -360,11 +421,9 @@ class Adapter:
 
     @property
     def last_distinct_step(self) -> int:
-        """From this step index on every step follows the same rule (the last block of per-step
-        step sizes, no shift), so ``first_step`` is clamped to it: a service chaining many
-        adaptations compiles at most this many + 1 variants."""
-        blocks = step_size_blocks(self.step_sizes, len(self.policy.parameter_shapes))
-        return max(blocks - 1, 1 if self.log_std_shift is not None else 0)
+        """:attr:`StepRule.last_distinct_step`: ``first_step`` is clamped to it, so a service
+        chaining many adaptations compiles at most this many + 1 variants."""
+        return self.rule.last_distinct_step
 
     def __call__(self, params, episodes, steps: int = 1, first_step: int = 0):
         """Adapts ``params`` (shared ``[*shape]`` or per-task ``[tasks, *shape]``) on ``episodes``.

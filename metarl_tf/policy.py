@@ -5,8 +5,11 @@ pure function :func:`gaussian_mlp_forward`, which takes the weights as a list of
 one set ``[*shape]`` or one set per task ``[tasks, *shape]`` (a batched matmul, so all tasks'
 adapted policies run in one computation instead of a loop of Keras calls).
 
-Parameter order (``GaussianMLPPolicy.parameter_names``): for each hidden layer its kernel and bias,
-then the output kernel and bias, then the state-independent ``log_std``.
+The parameter layout (this module owns it; :func:`split_parameters` reads it): for each hidden
+layer its kernel and bias, then the output kernel and bias, then, for the Gaussian, the
+state-independent ``log_std`` (index :data:`LOG_STD`): ``[k_0, b_0, ..., k_out, b_out, log_std]``.
+The MLP forward pass over that layout is written once in TensorFlow (:func:`mlp_forward`) and once
+in numpy (:func:`numpy_mlp`); everything else calls them.
 
 Discrete action spaces get :class:`CategoricalMLPPolicy` (same MLP, a ``logits`` head, no
 ``log_std``). Both policies expose the same distribution interface (``forward`` → distribution
@@ -28,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from metarl_tf.envs.base import is_discrete_spec
+from metarl_tf.specs import action_spec_problem, is_discrete_spec, num_actions
 
 ACTIVATIONS = {"tanh": tf.tanh, "relu": tf.nn.relu}
 
@@ -38,9 +41,66 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
-class _ParameterAccess:
-    """Shapes, numpy copies and assignment of a policy's ``parameters`` (in ``parameter_names``
-    order), shared by the Gaussian and the categorical policy."""
+LOG_STD = -1  # index of a Gaussian policy's log_std in its parameter list
+
+
+def split_parameters(params, has_log_std: bool = True):
+    """``(kernels, biases, log_std)`` of a parameter list in the layout above (``log_std`` is
+    ``None`` without one); works on any per-parameter list (weights, tangents, gradients)."""
+    params = list(params)
+    layers, log_std = (params[:LOG_STD], params[LOG_STD]) if has_log_std else (params, None)
+    return layers[0::2], layers[1::2], log_std
+
+
+class _MLPBase:
+    """The MLP both policies share: hidden ``Dense`` layers, a linear head, the parameter list
+    in the layout above (``parameters``, ``parameter_names``, ``parameter_shapes``), numpy copies
+    and assignment. Subclasses set ``hidden``, their head layer (:meth:`_head`) and the
+    parameters after the layers (:meth:`_extra_parameters`)."""
+
+    def _make_hidden(self, hidden_sizes, activation: str) -> None:
+        _check_activation(activation)
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.activation = activation
+        self.hidden = [
+            keras.layers.Dense(h, activation=activation, name=f"hidden_{i}")
+            for i, h in enumerate(self.hidden_sizes)
+        ]
+
+    def _head(self):
+        raise NotImplementedError
+
+    def _extra_parameters(self) -> list:
+        return []
+
+    def build(self, input_shape):
+        shape = input_shape
+        for layer in self.hidden:
+            layer.build(shape)
+            shape = (None, layer.units)
+        self._head().build(shape)
+        self.built = True
+
+    def _hidden_features(self, observations):
+        x = observations
+        for layer in self.hidden:
+            x = layer(x)
+        return x
+
+    @property
+    def parameters(self) -> list[keras.Variable]:
+        """The meta-parameters θ in the layout of the module docstring."""
+        params = []
+        for layer in [*self.hidden, self._head()]:
+            params += [layer.kernel, layer.bias]
+        return [*params, *self._extra_parameters()]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        names = []
+        for layer in [*self.hidden, self._head()]:
+            names += [f"{layer.name}/kernel", f"{layer.name}/bias"]
+        return [*names, *(v.name for v in self._extra_parameters())]
 
     @property
     def parameter_shapes(self) -> list[tuple[int, ...]]:
@@ -56,7 +116,7 @@ class _ParameterAccess:
 
 
 @keras.saving.register_keras_serializable(package="metarl_tf")
-class GaussianMLPPolicy(_ParameterAccess, keras.Model):
+class GaussianMLPPolicy(_MLPBase, keras.Model):
     """Diagonal Gaussian policy: ``a ~ N(mlp(s), exp(log_std)^2)`` with a state-independent
     ``log_std`` (as in the MAML paper and rllab).
 
@@ -78,15 +138,9 @@ class GaussianMLPPolicy(_ParameterAccess, keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_activation(activation)
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
-        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        self.activation = activation
         self.init_log_std = float(init_log_std)
-        self.hidden = [
-            keras.layers.Dense(h, activation=activation, name=f"hidden_{i}")
-            for i, h in enumerate(self.hidden_sizes)
-        ]
+        self._make_hidden(hidden_sizes, activation)
         self.mean_head = keras.layers.Dense(self.act_dim, name="mean")
         self.log_std = self.add_weight(
             shape=(self.act_dim,),
@@ -95,19 +149,14 @@ class GaussianMLPPolicy(_ParameterAccess, keras.Model):
         )
         self.build((None, self.obs_dim))
 
-    def build(self, input_shape):
-        shape = input_shape
-        for layer in self.hidden:
-            layer.build(shape)
-            shape = (None, layer.units)
-        self.mean_head.build(shape)
-        self.built = True
+    def _head(self):
+        return self.mean_head
+
+    def _extra_parameters(self) -> list:
+        return [self.log_std]
 
     def call(self, observations):
-        x = observations
-        for layer in self.hidden:
-            x = layer(x)
-        mean = self.mean_head(x)
+        mean = self.mean_head(self._hidden_features(observations))
         return mean, tf.broadcast_to(self.log_std, tf.shape(mean))
 
     def get_config(self):
@@ -119,21 +168,6 @@ class GaussianMLPPolicy(_ParameterAccess, keras.Model):
             "activation": self.activation,
             "init_log_std": self.init_log_std,
         }
-
-    @property
-    def parameters(self) -> list[keras.Variable]:
-        """The meta-parameters θ in the canonical order (see module docstring)."""
-        params = []
-        for layer in [*self.hidden, self.mean_head]:
-            params += [layer.kernel, layer.bias]
-        return [*params, self.log_std]
-
-    @property
-    def parameter_names(self) -> list[str]:
-        names = []
-        for layer in [*self.hidden, self.mean_head]:
-            names += [f"{layer.name}/kernel", f"{layer.name}/bias"]
-        return [*names, "log_std"]
 
     def forward(self, params, observations):
         """``(mean, log_std)`` of the policy with weights ``params`` (see :func:`gaussian_mlp_forward`)."""
@@ -197,11 +231,10 @@ def mlp_forward(layers, observations, activation: str = "tanh"):
         x = tf.reshape(obs, [tf.shape(obs)[0], -1, obs.shape[-1]])
     else:
         x = tf.reshape(obs, [-1, obs.shape[-1]])
-    n_layers = len(layers) // 2
-    for i in range(n_layers):
-        kernel, bias = layers[2 * i], layers[2 * i + 1]
+    kernels, biases, _ = split_parameters(layers, has_log_std=False)
+    for i, (kernel, bias) in enumerate(zip(kernels, biases, strict=True)):
         x = tf.matmul(x, kernel) + (bias[:, None, :] if batched else bias)
-        if i < n_layers - 1:
+        if i < len(kernels) - 1:
             x = act(x)
     return tf.reshape(x, tf.concat([lead, tf.shape(x)[-1:]], 0))
 
@@ -217,7 +250,7 @@ def gaussian_mlp_forward(params, observations, activation: str = "tanh"):
     Returns:
         ``(mean, log_std)``, both ``[..., act_dim]`` (``log_std`` broadcast to ``mean``).
     """
-    *layers, log_std = params
+    layers, log_std = params[:LOG_STD], params[LOG_STD]
     batched = len(layers[0].shape) == 3
     mean = mlp_forward(layers, observations, activation)
     if batched:
@@ -236,12 +269,11 @@ def numpy_mlp(layers, observations, activation: str = "tanh") -> np.ndarray:
     act = NUMPY_ACTIVATIONS[activation]
     batched = np.ndim(layers[0]) == 3
     x = np.asarray(observations, np.float32)
-    n_layers = len(layers) // 2
-    for i in range(n_layers):
-        bias = layers[2 * i + 1]
-        x = np.matmul(x, layers[2 * i])  # a new array: the in-place ops below write to it
+    kernels, biases, _ = split_parameters(layers, has_log_std=False)
+    for i, (kernel, bias) in enumerate(zip(kernels, biases, strict=True)):
+        x = np.matmul(x, kernel)  # a new array: the in-place ops below write to it
         x += bias[:, None, :] if batched else bias
-        if i < n_layers - 1:
+        if i < len(kernels) - 1:
             act(x, out=x)
     return x
 
@@ -257,7 +289,7 @@ def numpy_forward(params, observations, activation: str = "tanh"):
     Returns:
         ``(mean, log_std)`` broadcast to ``[..., act_dim]``, float32.
     """
-    *layers, log_std = params
+    layers, log_std = params[:LOG_STD], params[LOG_STD]
     batched = np.ndim(layers[0]) == 3
     x = numpy_mlp(layers, observations, activation)
     log_std = np.asarray(log_std)[:, None, :] if batched else log_std
@@ -291,7 +323,7 @@ def tile_parameters(params, tasks: int):
 
 
 @keras.saving.register_keras_serializable(package="metarl_tf")
-class CategoricalMLPPolicy(_ParameterAccess, keras.Model):
+class CategoricalMLPPolicy(_MLPBase, keras.Model):
     """Categorical policy over ``num_actions`` discrete actions: ``π(·|s) = softmax(mlp(s))``.
 
     Same MLP and parameter API as :class:`GaussianMLPPolicy` (``parameters``,
@@ -322,28 +354,15 @@ class CategoricalMLPPolicy(_ParameterAccess, keras.Model):
             raise ValueError(f"num_actions must be >= 2, got {num_actions}")
         self.obs_dim, self.num_actions = int(obs_dim), int(num_actions)
         self.act_dim = 1  # the width of the (float-encoded index) action column
-        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        self.activation = activation
-        self.hidden = [
-            keras.layers.Dense(h, activation=activation, name=f"hidden_{i}")
-            for i, h in enumerate(self.hidden_sizes)
-        ]
+        self._make_hidden(hidden_sizes, activation)
         self.logits_head = keras.layers.Dense(self.num_actions, name="logits")
         self.build((None, self.obs_dim))
 
-    def build(self, input_shape):
-        shape = input_shape
-        for layer in self.hidden:
-            layer.build(shape)
-            shape = (None, layer.units)
-        self.logits_head.build(shape)
-        self.built = True
+    def _head(self):
+        return self.logits_head
 
     def call(self, observations):
-        x = observations
-        for layer in self.hidden:
-            x = layer(x)
-        return self.logits_head(x)
+        return self.logits_head(self._hidden_features(observations))
 
     def get_config(self):
         return {
@@ -353,21 +372,6 @@ class CategoricalMLPPolicy(_ParameterAccess, keras.Model):
             "hidden_sizes": list(self.hidden_sizes),
             "activation": self.activation,
         }
-
-    @property
-    def parameters(self) -> list[keras.Variable]:
-        """The meta-parameters θ: kernel and bias of every hidden layer, then of ``logits``."""
-        params = []
-        for layer in [*self.hidden, self.logits_head]:
-            params += [layer.kernel, layer.bias]
-        return params
-
-    @property
-    def parameter_names(self) -> list[str]:
-        names = []
-        for layer in [*self.hidden, self.logits_head]:
-            names += [f"{layer.name}/kernel", f"{layer.name}/bias"]
-        return names
 
     def forward(self, params, observations):
         """``logits [..., num_actions]`` with weights ``params`` (unbatched or per task)."""
@@ -445,16 +449,10 @@ def make_policy(
     if len(observation_spec.shape) != 1:
         raise ValueError(f"observation spec must be rank 1 [obs_dim], got {observation_spec.shape}")
     obs_dim = int(observation_spec.shape[0])
+    if problem := action_spec_problem(action_spec):
+        raise ValueError(problem)
     if is_discrete_spec(action_spec):
-        low, high = np.asarray(action_spec.minimum), np.asarray(action_spec.maximum)
-        if tuple(action_spec.shape) != () or low.size != 1 or int(low) != 0:
-            raise ValueError(
-                "a discrete action spec must be BoundedTensorSpec((), int, minimum=0, "
-                f"maximum=k-1), got shape {tuple(action_spec.shape)}, minimum {low.tolist()}"
-            )
-        return CategoricalMLPPolicy(obs_dim, int(high) + 1, hidden_sizes, activation)
-    if len(action_spec.shape) != 1:
-        raise ValueError(f"a continuous action spec must be rank 1, got {action_spec.shape}")
+        return CategoricalMLPPolicy(obs_dim, num_actions(action_spec), hidden_sizes, activation)
     return GaussianMLPPolicy(
         obs_dim, int(action_spec.shape[0]), hidden_sizes, activation, init_log_std
     )

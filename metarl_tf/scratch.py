@@ -8,12 +8,19 @@ the agent sees exactly what an outside user's agent would.
 
     python -m metarl_tf scratch-ppo saved_models/nav2d-maml --tasks 5 --env-steps 200000
 
-TF-Agents builds its networks with legacy ``tf.keras`` (``TF_USE_LEGACY_KERAS=1``, set by
-``metarl_tf/__init__.py``); nothing here touches our Keras 3 policies.
+TF-Agents builds its networks with legacy ``tf.keras`` (tf-keras): ``TF_USE_LEGACY_KERAS=1`` is
+set below, before TensorFlow and tf-agents load. ``import keras`` (Keras 3) resolves ``tf.keras``
+for the process, so import this module before anything that imports Keras 3 (the CLI does).
+Nothing here touches our Keras 3 policies.
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+# isort: split
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,7 +211,7 @@ def episode_returns(reward, boundary, last) -> np.ndarray:
 def steps_to_reach(curve: dict[str, list[float]], level: float, window: int = 3) -> int | None:
     """First environment-step count at which the trailing ``window``-update mean return reaches
     ``level``; ``None`` if it never does."""
-    from metarl_tf.evaluation import moving_average
+    from metarl_tf.evaluation.statistics import moving_average
 
     reached = np.flatnonzero(moving_average(curve["mean_return"], window) >= level)
     return int(curve["env_steps"][reached[0]]) if len(reached) else None
@@ -243,7 +250,7 @@ def compare_with_bundle(
     """The bundle's adaptation curve and PPO from scratch on the same ``n_tasks`` test tasks (the
     tasks ``evaluate --seed seed`` uses), and the environment steps PPO needs to match MAML after
     1..``steps`` inner steps."""
-    from metarl_tf.evaluation import EVAL_SEED_SALT, adaptation_curve
+    from metarl_tf.evaluation.protocol import EVAL_SEED_SALT, adaptation_curve
 
     dist_name = bundle.meta["task_distribution"]["name"]
     tasks = bundle.task_distribution.sample_tasks(n_tasks, seed=EVAL_SEED_SALT + seed)
@@ -288,7 +295,7 @@ def compare_with_bundle(
 def plot_comparison(result: dict[str, Any], path) -> None:
     """Return vs. environment steps on the new tasks: PPO from scratch (each task faint, mean
     bold) and MAML after 0..k inner steps (points)."""
-    from metarl_tf.evaluation import new_axes, save_axes
+    from metarl_tf.evaluation.plots import new_axes, save_axes
 
     fig, ax = new_axes()
     for c in result["ppo_scratch"]["per_task_curves"]:

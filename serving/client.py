@@ -12,7 +12,8 @@ TensorFlow), so it runs in any application; the file can also be copied on its o
 
 Episodes are ``{"observations": [T, obs_dim], "actions": [T, act_dim], "rewards": [T]}`` mappings
 or ``(observations, actions, rewards)`` tuples of arrays; record the *raw* (unclipped) actions
-(:meth:`AdaptationClient.act_full`), as the trainer does.
+(:meth:`AdaptationClient.act_full`), as the trainer does. For a discrete-action bundle, actions
+are ``[T]`` integers, as ``act`` returns them.
 
 A service started with ``METARL_API_TOKEN`` needs the token: ``AdaptationClient(url, token=...)``
 (:func:`token_from_env` reads it the way the service does).
@@ -110,8 +111,10 @@ class ActResult:
     """Actions (``POST /act``).
 
     Attributes:
-        actions: ``[N, act_dim]`` clipped to the action bounds (send these to the environment).
-        raw_actions: ``[N, act_dim]`` before clipping (record these for ``/adapt``).
+        actions: ``[N, act_dim]`` float32 clipped to the action bounds (send these to the
+            environment); a discrete-action bundle: ``[N]`` int64 actions.
+        raw_actions: ``[N, act_dim]`` before clipping (record these for ``/adapt``); discrete:
+            the same integers.
         policy_id: the policy used (``None`` for inline weights).
         deterministic: mean actions (``True``) or samples.
     """
@@ -125,11 +128,11 @@ class ActResult:
 def token_from_env() -> str | None:
     """The API token from ``METARL_API_TOKEN`` or the file named by ``METARL_API_TOKEN_FILE``
     (stripped), or ``None``."""
-    token = os.environ.get("METARL_API_TOKEN")
+    token = os.environ.get("METARL_API_TOKEN") or None  # empty: unset
     path = os.environ.get("METARL_API_TOKEN_FILE", "").strip()
     if token is None and path:
         token = pathlib.Path(path).read_text()
-    return token.strip() if token is not None else None
+    return token.strip() or None if token is not None else None
 
 
 def _actions(values: list) -> np.ndarray:

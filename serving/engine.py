@@ -3,7 +3,7 @@
 
 Adaptation pads every request to fixed sizes so the compiled function is reused: time to the
 maximum episode length and the episode count to a bucket (:func:`episode_buckets`). Padding adds only masked steps and masked episodes, which change no loss, baseline or
-advantage (``metarl_tf.rollout.pad_episodes``), so the result equals an unpadded ``adapt``.
+advantage (``metarl_tf.episodes.pad_episodes``), so the result equals an unpadded ``adapt``.
 
 Actions come from the policy's own numpy sampler (``sample_noise`` and ``numpy_act``, what the
 trainer's sampler runs): for one observation a numpy forward pass of the small MLP takes
@@ -28,8 +28,8 @@ import tensorflow as tf
 
 from metarl_tf.bundle import AdaptedPolicy, Bundle
 from metarl_tf.client_weights import WeightsError, parameters_from_weights, weights_to_json
+from metarl_tf.episodes import pad_episodes
 from metarl_tf.export import saved_model_archive
-from metarl_tf.rollout import pad_episodes
 from serving.settings import ServiceSettings, SettingsError, unsupported_bundle_reason
 from serving.store import PolicyNotFound, PolicyStore, RedisPolicyStore, StoreUnavailable
 from serving.validation import RequestError
@@ -126,14 +126,12 @@ class AdaptationEngine:
         )
         self.parameter_names = list(bundle.policy.parameter_names)
         self.parameter_shapes = [list(s) for s in bundle.policy.parameter_shapes]
-        horizon = int(bundle.task_distribution.horizon)
+        horizon = bundle.horizon
         self.max_episode_length = min(settings.max_episode_length or horizon, horizon)
         # A bundle with a log σ shift (train --log-std-shift) takes one step per batch: its
         # later steps expect episodes of the adapted policy, not of the exploring one.
-        self.one_step_per_batch = bundle.log_std_shift is not None
-        self.default_steps = (
-            1 if self.one_step_per_batch else int(bundle.adaptation.get("steps", 1))
-        )
+        self.step_rule = bundle.step_rule
+        self.default_steps = bundle.default_steps
         self.buckets = episode_buckets(settings.max_episodes)
         self.meta_parameters = bundle.policy.get_parameters()
         self.adapter = bundle.make_adapter()
@@ -238,7 +236,7 @@ class AdaptationEngine:
         else:
             stored = self.lookup_stored(parent, "parent")
             start_params, depth = stored.parameters, stored.extra.get("depth", 0)
-        if self.one_step_per_batch and depth == 0 and steps > 1:
+        if self.step_rule.needs_adapted_episodes(depth, steps):
             raise RequestError(
                 f"this bundle explores with its own noise before adaptation (a log σ shift is "
                 f"added by the first inner step), so its later steps need episodes collected by "

@@ -62,8 +62,9 @@ def _env_int_list(name: str) -> tuple[int, ...]:
 
 def _env_token() -> str | None:
     """The API token from ``METARL_API_TOKEN`` or the file named by ``METARL_API_TOKEN_FILE``
-    (surrounding whitespace stripped); ``None`` when neither is set (no authentication)."""
-    token = os.environ.get("METARL_API_TOKEN")
+    (surrounding whitespace stripped); ``None`` when neither is set or both are empty (no
+    authentication)."""
+    token = os.environ.get("METARL_API_TOKEN") or None  # empty: unset
     path = os.environ.get("METARL_API_TOKEN_FILE", "").strip()
     if token is not None and path:
         raise SettingsError(

@@ -6,12 +6,15 @@ loops, numpy, TF-Agents, finite differences, autodiff through the public functio
 calling the function being checked.
 """
 
-import metarl_tf  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-
-# isort: split
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads, just below
+# The tests use tf-agents as a reference (specs, value functions, drivers); it needs the legacy
+# tf.keras, which TensorFlow resolves once, when Keras 3 or tf.keras first loads: set it before
+# anything imports them. The package itself sets it only where it imports tf-agents.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+# isort: split
+import metarl_tf  # noqa: F401  (first: TensorFlow's environment before TensorFlow loads)
 
 # isort: split
 import keras
@@ -20,8 +23,8 @@ import pytest
 import tensorflow as tf
 from numerics import assert_close
 
+from metarl_tf.episodes import EpisodeBatch
 from metarl_tf.policy import GaussianMLPPolicy
-from metarl_tf.rollout import EpisodeBatch
 
 
 @pytest.fixture(params=["eager", "function"])
@@ -204,7 +207,7 @@ def tiny_run(tmp_path_factory):
     iterations 3 and 4.
     """
     from metarl_tf.config import get_preset
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.training.trainer import MetaTrainer
 
     def trace_counts(trainer):
         """Trace count of every ``tf.function`` held by the trainer, its sampler and its adapter
@@ -236,3 +239,12 @@ def tiny_run(tmp_path_factory):
         "params_4": _values_of(trainer.policy.parameters),
         "metrics_3_4": later,
     }
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    """An HTTP client of the module's ``service`` fixture (a running service process)."""
+    import httpx
+
+    with httpx.Client(base_url=service.url, timeout=30) as client:
+        yield client

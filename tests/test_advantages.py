@@ -14,7 +14,7 @@ from metarl_tf.advantages import (
     linear_baseline,
     normalize_per_task,
 )
-from metarl_tf.rollout import EpisodeBatch
+from metarl_tf.episodes import EpisodeBatch
 
 GAMMAS = [0.0, 0.5, 0.9, 0.99, 1.0]
 

@@ -30,8 +30,9 @@ from metarl_tf.agents import MetaRLPolicy, as_tf_agents_policy, episodes_from_tr
 from metarl_tf.bundle import load_bundle, save_bundle
 from metarl_tf.envs import BernoulliBandit, Navigation2D
 from metarl_tf.envs.tf_agents_env import TaskPyEnvironment, tf_agents_environment
+from metarl_tf.episodes import pad_episodes
 from metarl_tf.policy import make_policy
-from metarl_tf.rollout import Sampler, pad_episodes
+from metarl_tf.rollout import Sampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADAPTATION = {"steps": 1, "gamma": 0.99, "gae_lambda": 1.0, "baseline": "linear"}

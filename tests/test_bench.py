@@ -45,7 +45,7 @@ def test_eval_noise_first_row_is_evaluates_own_figure(tiny_run, tmp_path):
     import json
 
     from metarl_tf.bundle import load_bundle
-    from metarl_tf.evaluation import evaluate
+    from metarl_tf.evaluation.report import evaluate
 
     module = _load_bench("eval_noise")
     out = tmp_path / "noise.json"

@@ -83,6 +83,22 @@ def test_bundle_adapter_equals_an_adapter_with_the_original_settings(
         assert_close(a.numpy(), b.numpy(), ulps=8)
 
 
+def test_specs_and_horizon_come_from_meta_json_and_the_distribution_only_when_asked(saved):
+    """``load_bundle`` builds no task distribution: the specs and the horizon are read from
+    ``meta.json`` and equal the distribution's; ``make_task_distribution`` builds a new one."""
+    path, _, _ = saved["scalar"]
+    bundle = load_bundle(path)
+    assert "task_distribution" not in vars(bundle)  # the cached property was not computed
+    dist = Navigation2D(horizon=7)
+    assert bundle.horizon == 7
+    assert bundle.observation_spec == dist.observation_spec
+    assert bundle.action_spec == dist.action_spec
+    built = bundle.make_task_distribution()
+    assert isinstance(built, Navigation2D) and built is not bundle.make_task_distribution()
+    assert built.config() == dist.config() and built.horizon == 7
+    assert bundle.task_distribution is bundle.task_distribution  # built once when used
+
+
 def test_policy_keras_loads_in_safe_mode(saved):
     path, policy, _ = saved["scalar"]
     model = keras.saving.load_model(path / "policy.keras", safe_mode=True)
@@ -98,6 +114,7 @@ def test_meta_json_describes_the_bundle_and_checksums_every_file(saved):
     assert meta["task_distribution"] == {
         "name": "nav2d",
         "config": {"horizon": 7, "include_goal": False},
+        "horizon": 7,  # the bundle's horizon without building the distribution
     }
     assert meta["observation_spec"]["shape"] == [2]
     assert_close(meta["action_spec"]["minimum"], [-0.1, -0.1], ulps=8, dtype=np.float32)
@@ -213,7 +230,7 @@ def test_every_shipped_bundle_loads_and_says_how_it_was_trained(name):
 
 def test_halfcheetah_vel_baseline_presets_write_where_evaluate_looks():
     from metarl_tf.config import get_preset
-    from metarl_tf.pretrain import default_bundle_path
+    from metarl_tf.training.pretrain import default_bundle_path
 
     assert str(default_bundle_path(get_preset("halfcheetah-vel-pretrain"))) == (
         "saved_models/halfcheetah-vel-pretrained"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from numerics import assert_close, assert_exact, assert_within
+from references import hessian_vector_product
 
 from metarl_tf import curvature
 from metarl_tf.advantages import compute_advantages
@@ -19,6 +20,7 @@ from metarl_tf.curvature import (
     analytic_curvature_for,
 )
 from metarl_tf.envs import BernoulliBandit, CartPoleVaried, Navigation2D
+from metarl_tf.episodes import EpisodeBatch
 from metarl_tf.maml import Adapter, adapt, inner_gradients, inner_hvp, policy_gradient_loss
 from metarl_tf.outer import MetaBatch, mean_kl, trpo_meta_step
 from metarl_tf.outer.trpo import fisher_vector_product
@@ -32,7 +34,7 @@ from metarl_tf.policy import (
     numpy_categorical_sample,
     tile_parameters,
 )
-from metarl_tf.rollout import EpisodeBatch, Sampler
+from metarl_tf.rollout import Sampler
 
 
 def make_categorical(hidden=(4,), obs_dim=3, k=4, seed=0, activation="tanh"):
@@ -180,17 +182,6 @@ def test_make_policy_picks_the_class_from_the_action_spec():
 
 
 # -- curvature: analytic vs reverse-over-reverse autodiff ----------------------------------------
-
-
-def hessian_vector_product(fn, params, v):
-    with tf.GradientTape() as outer:
-        outer.watch(params)
-        with tf.GradientTape() as inner:
-            inner.watch(params)
-            value = fn(params)
-        grads = inner.gradient(value, params)
-        gv = tf.add_n([tf.reduce_sum(g * x) for g, x in zip(grads, v, strict=True)])
-    return outer.gradient(gv, params)
 
 
 # obs_dim 3 takes the inner-loss Hessian's first-layer shortcut (metarl_tf.curvature), 9 not.
@@ -432,8 +423,8 @@ def test_trainer_checkpoint_bundle_and_evaluation_on_discrete_tasks(
     task, outer, meta_sgd, tmp_path
 ):
     from metarl_tf.config import get_preset
-    from metarl_tf.evaluation import evaluate
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.evaluation.report import evaluate
+    from metarl_tf.training.trainer import MetaTrainer
 
     config = get_preset("tiny").replace(
         task_distribution=task, outer=outer, meta_sgd=meta_sgd, horizon=6, iterations=2

@@ -175,7 +175,7 @@ def test_plot_training_names_a_bad_input(tmp_path, capsys):
 
 
 def test_moving_average_matches_a_loop():
-    from metarl_tf.evaluation import moving_average
+    from metarl_tf.evaluation.statistics import moving_average
 
     values = np.random.default_rng(0).normal(size=23)
     for window in (1, 4, 30):

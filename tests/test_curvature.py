@@ -5,23 +5,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from numerics import assert_close
+from references import hessian_vector_product
 
 from metarl_tf import curvature
 from metarl_tf.curvature import GaussianFisher, InnerLossHessian
 from metarl_tf.maml import inner_gradients, inner_hvp, policy_gradient_loss
 from metarl_tf.outer.trpo import fisher_vector_product
 from metarl_tf.policy import gaussian_kl
-
-
-def hessian_vector_product(fn, params, v):
-    with tf.GradientTape() as outer:
-        outer.watch(params)
-        with tf.GradientTape() as inner:
-            inner.watch(params)
-            value = fn(params)
-        grads = inner.gradient(value, params)
-        gv = tf.add_n([tf.reduce_sum(g * x) for g, x in zip(grads, v, strict=True)])
-    return outer.gradient(gv, params)
 
 
 # obs_dim 2 takes the inner-loss Hessian's first-layer shortcut (a narrow input), 9 the general

@@ -3,10 +3,11 @@ models run in a fresh process with plain TensorFlow (no metarl_tf imported) and 
 service's ``/act`` (continuous bundle, over HTTP) and the sampler's action rule (discrete bundle,
 in-process; tests/test_serving_discrete.py serves discrete bundles over HTTP).
 
-Tolerance of the action comparisons: ``ULPS`` ulps of the largest action compared. The
+Tolerance of the action comparisons: ``ULPS`` ulps of the largest raw (unclipped) action. The
 SavedModel runs the policy's TensorFlow forward pass, ``/act`` and the sampler its numpy twin:
 both float32, with the matmul sums in different orders, so they agree to the float32 rounding
-accumulated through the layers, not bit for bit.
+accumulated through the layers, not bit for bit. Clipping keeps that error in the actions it
+leaves alone but not their scale, so clipped actions are compared at the raw actions' scale.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import pytest
 from numerics import assert_close, assert_exact, assert_not_close
 
 from metarl_tf.bundle import load_bundle
-from metarl_tf.rollout import Sampler, load_episodes, save_episodes
+from metarl_tf.episodes import load_episodes, save_episodes
+from metarl_tf.rollout import Sampler
 from serving.client import AdaptationClient, ServiceError, extract_saved_model
 from serving.launch import ServiceProcess
 
@@ -34,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NAV_BUNDLE = REPO_ROOT / "saved_models" / "nav2d-maml"
 BANDIT_BUNDLE = REPO_ROOT / "saved_models" / "bandit-k5-maml"
 RUNNER = Path(__file__).with_name("saved_model_runner.py")
-ULPS = 16  # float32 rounding through the layers, summed in other orders (module docstring)
+ULPS = 32  # float32 rounding through the layers, summed in other orders (module docstring)
 LIMITS = {
     "METARL_MAX_EPISODES": "8",
     "METARL_MAX_OBSERVATIONS": "512",
@@ -113,7 +115,7 @@ def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, t
     local = nav.adapt(episodes, steps=1)  # the same adaptation in-process
     for name, value in adapted.weights.items():
         i = nav.policy.parameter_names.index(name)
-        assert_close(value, local.parameters[i], ulps=64)
+        assert_close(value, local.parameters[i], ulps=16)
     paths = {
         "meta": client.export("meta", tmp_path / "meta"),
         "adapted": client.export(adapted, tmp_path / "adapted"),
@@ -131,13 +133,14 @@ def test_exported_policies_act_as_the_service_in_plain_tensorflow(client, nav, t
     for name, policy in (("meta", "meta"), ("adapted", adapted.policy_id)):
         det = client.act_full(policy, obs, deterministic=True)
         mean, mean_raw = arrays[f"{name}/mean/actions"], arrays[f"{name}/mean/raw_actions"]
-        assert_close(mean, det.actions, ulps=ULPS)
+        assert_close(mean, det.actions, ulps=ULPS, scale=np.abs(mean_raw).max())
         assert_close(mean_raw, det.raw_actions, ulps=ULPS)
         assert np.any(np.abs(det.raw_actions) < 0.1)  # some actions inside the bounds too
         assert_exact(arrays[f"{name}/serving_default/actions"], mean)
         sampled = client.act_full(policy, obs, seed=seed)
         assert_close(arrays[f"{name}/from_noise/raw_actions"], sampled.raw_actions, ulps=ULPS)
-        assert_close(arrays[f"{name}/from_noise/actions"], sampled.actions, ulps=ULPS)
+        scale = np.abs(sampled.raw_actions).max()
+        assert_close(arrays[f"{name}/from_noise/actions"], sampled.actions, ulps=ULPS, scale=scale)
         # action_seeded: mean + σ z with the documented Philox z, reproducible, clipped
         raw = arrays[f"{name}/seeded/raw_actions"]
         z = arrays[f"{name}/documented_noise"]
@@ -186,7 +189,8 @@ def test_adapt_chain_in_process_equals_the_service_and_exports(client, nav, tmp_
     assert (local.parent, local.steps, local.depth) == ("in-process", 2, 3)
     for name, value in a2.weights.items():
         i = nav.policy.parameter_names.index(name)
-        assert_close(value, local.parameters[i], ulps=64)
+        # three inner steps, each on the previous one's rounding: service against in-process
+        assert_close(value, local.parameters[i], ulps=512)
     with pytest.raises(ValueError, match="steps=1"):  # the log σ shift: one step per batch
         nav.adapt(first, steps=2)
     path = client.export(a2.policy_id, tmp_path / "chain")

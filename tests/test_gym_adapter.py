@@ -67,7 +67,7 @@ def test_recipe_distribution(recipe):
 def test_recipe_trains(recipe, tmp_path):
     from metarl_tf.bundle import load_bundle
     from metarl_tf.config import get_preset
-    from metarl_tf.trainer import MetaTrainer
+    from metarl_tf.training.trainer import MetaTrainer
 
     config = get_preset("tiny").replace(task_distribution="point-goal-1d", horizon=6)
     trainer = MetaTrainer(config)

@@ -4,28 +4,18 @@ chain's JVP/VJP against autodiff; TRPO's Gauss-Newton product through two steps 
 KL Hessian; k = 1 equal to the single-batch path; the trainer samples k + 1 batches, batch j with
 the policy adapted on batches 1..j−1."""
 
-import math
-
 import numpy as np
 import pytest
 import tensorflow as tf
 from numerics import assert_close, assert_exact, assert_fd_close, assert_not_close
+from references import central_differences, reference_loss, reference_mean_kl
 
 from metarl_tf.config import get_preset
 from metarl_tf.curvature import GaussianFisher, InnerLossHessian, analytic_curvature_for
 from metarl_tf.maml import adapt, adaptation_jvp, adaptation_vjp, per_step_batches
 from metarl_tf.outer import MetaBatch, trpo_meta_step
 from metarl_tf.outer.trpo import fisher_vector_product
-from metarl_tf.trainer import MetaTrainer
-
-
-def reference_loss(params, obs, act, mask, adv):
-    """ONE task's inner loss, written out for a one-hidden-layer tanh MLP (unbatched params)."""
-    k0, b0, k1, b1, log_std = params
-    mean = tf.tensordot(tf.tanh(tf.tensordot(obs, k0, axes=1) + b0), k1, axes=1) + b1
-    z = (act - mean) / tf.exp(log_std)
-    log_prob = tf.reduce_sum(-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi), axis=-1)
-    return -tf.reduce_sum(mask * log_prob * adv) / tf.reduce_sum(mask)
+from metarl_tf.training.trainer import MetaTrainer
 
 
 def task(batch, adv, i):
@@ -117,24 +107,6 @@ def outer_objective(c, theta, sizes, first_order=False):
     )
 
 
-def central_differences(fn, values, eps=1e-6):
-    grads = []
-    for j, v in enumerate(values):
-        flat = v.numpy().ravel()
-        g = np.zeros_like(flat)
-        for k in range(flat.size):
-            out = []
-            for sign in (1.0, -1.0):
-                x = flat.copy()
-                x[k] += sign * eps
-                out.append(
-                    float(fn([*values[:j], tf.constant(x.reshape(v.shape)), *values[j + 1 :]]))
-                )
-            g[k] = (out[0] - out[1]) / (2 * eps)
-        grads.append(g.reshape(v.shape))
-    return grads
-
-
 @pytest.mark.parametrize(
     "meta_sgd", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["maml", "meta-sgd"]
 )
@@ -187,19 +159,6 @@ def test_chain_jvp_and_vjp_match_autodiff(chain, meta_sgd, first_order):
         assert_close(g.numpy(), e.numpy(), ulps=16)
     for g, e in zip(got_theta + (got_alpha or []), expected_vjp, strict=True):
         assert_close(g.numpy(), e.numpy(), ulps=16)
-
-
-def reference_mean_kl(policy, params, episodes, old_mean, old_log_std):
-    mean, log_std = policy.forward(params, episodes.observations)
-    kl = tf.reduce_sum(
-        log_std
-        - old_log_std
-        + (tf.exp(2 * old_log_std) + tf.square(old_mean - mean)) / (2 * tf.exp(2 * log_std))
-        - 0.5,
-        axis=-1,
-    )
-    m = episodes.mask
-    return tf.reduce_mean(tf.reduce_sum(kl * m, [1, 2]) / tf.reduce_sum(m, [1, 2]))
 
 
 @pytest.mark.parametrize("meta_sgd", [False, True], ids=["maml", "meta-sgd"])
@@ -307,6 +266,9 @@ class CountingSampler:
     def sample(self, params, tasks, seed):
         self.calls.append(([np.array(p) for p in params], seed))
         return self.sampler.sample(params, tasks, seed)
+
+    def __getattr__(self, name):  # the rest of the sampler's interface (e.g. ``retries``)
+        return getattr(self.sampler, name)
 
 
 @pytest.mark.slow
@@ -613,15 +575,16 @@ def test_step_weights_are_validated_and_reach_the_trainer_and_the_cli(monkeypatc
     assert _train_config(args).activation == "relu"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--hidden-sizes", "100.5"])
-    import metarl_tf.trainer as trainer_module
+    import metarl_tf.outer.trpo as trpo_module
 
     seen = []
+    meta_gradient = trpo_module.meta_gradient
 
     def recording(*args, **kwargs):
         seen.append(kwargs["step_weights"])
-        return trpo_meta_step(*args, **kwargs)
+        return meta_gradient(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "trpo_meta_step", recording)
+    monkeypatch.setattr(trpo_module, "meta_gradient", recording)
     row = MetaTrainer(config).train_iteration()
     assert np.isfinite(row["returns/post_adaptation"]) and seen == [(3.0, 1.0)]
 

@@ -2,12 +2,11 @@
 per-task ``GradientTape`` on a loss written here, the second-order meta-gradient against central
 finite differences (float64), and the adaptation JVP/VJP against autodiff through ``adapt``."""
 
-import math
-
 import numpy as np
 import pytest
 import tensorflow as tf
 from numerics import assert_close, assert_exact, assert_fd_close, assert_not_close
+from references import central_differences, reference_loss
 
 from metarl_tf.advantages import compute_advantages
 from metarl_tf.curvature import InnerLossHessian
@@ -19,17 +18,6 @@ from metarl_tf.maml import (
     inner_gradients,
     policy_gradient_loss,
 )
-
-
-def reference_loss(params, obs, act, mask, adv):
-    """The inner loss of ONE task, written out: ``-Σ mask·log N(a; μ(s), σ²)·Â / Σ mask`` for a
-    one-hidden-layer tanh MLP. ``obs [E, T, obs_dim]``, unbatched ``params``."""
-    k0, b0, k1, b1, log_std = params
-    hidden = tf.tanh(tf.tensordot(obs, k0, axes=1) + b0)
-    mean = tf.tensordot(hidden, k1, axes=1) + b1
-    z = (act - mean) / tf.exp(log_std)
-    log_prob = tf.reduce_sum(-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi), axis=-1)
-    return -tf.reduce_sum(mask * log_prob * adv) / tf.reduce_sum(mask)
 
 
 def task_data(batch, adv, i):
@@ -139,25 +127,6 @@ def outer_objective(s, theta, sizes, steps, first_order=False):
             for i in range(2)
         ]
     )
-
-
-def central_differences(fn, values, eps=1e-6):
-    """``∂fn/∂x`` for every entry of every tensor in ``values`` (float64)."""
-    grads = []
-    for j, v in enumerate(values):
-        flat = v.numpy().ravel()
-        g = np.zeros_like(flat)
-        for k in range(flat.size):
-            shifted = []
-            for sign in (1.0, -1.0):
-                x = flat.copy()
-                x[k] += sign * eps
-                shifted.append(tf.constant(x.reshape(v.shape)))
-            plus = [*values[:j], shifted[0], *values[j + 1 :]]
-            minus = [*values[:j], shifted[1], *values[j + 1 :]]
-            g[k] = (float(fn(plus)) - float(fn(minus))) / (2 * eps)
-        grads.append(g.reshape(v.shape))
-    return grads
 
 
 @pytest.mark.parametrize("steps", [1, 2])

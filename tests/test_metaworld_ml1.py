@@ -10,7 +10,8 @@ from numerics import assert_close
 metaworld = pytest.importorskip("metaworld")
 
 from metarl_tf.envs import check_task_distribution, make_task_distribution  # noqa: E402
-from metarl_tf.envs.metaworld_ml1 import ML1TaskEnv, success_rate  # noqa: E402
+from metarl_tf.envs.metaworld_ml1 import ML1TaskEnv  # noqa: E402
+from metarl_tf.evaluation.metaworld import success_rate  # noqa: E402
 from metarl_tf.policy import GaussianMLPPolicy  # noqa: E402
 
 

@@ -7,21 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from numerics import assert_close, assert_not_close
+from references import numpy_log_prob, numpy_mean_kl
 
 from metarl_tf.config import TrainConfig, get_preset
 from metarl_tf.maml import adapt
 from metarl_tf.outer import MetaBatch, clipped_surrogate_loss, ppo_meta_step, surrogate_loss
-from metarl_tf.trainer import MetaTrainer
-
-
-def numpy_log_prob(policy, params, episodes):
-    mean, log_std = (
-        x.numpy().astype(np.float64) for x in policy.forward(params, episodes.observations)
-    )
-    a = np.asarray(episodes.actions, np.float64)
-    return np.sum(
-        -0.5 * ((a - mean) / np.exp(log_std)) ** 2 - log_std - 0.5 * np.log(2 * np.pi), -1
-    )
+from metarl_tf.training.trainer import MetaTrainer
 
 
 def numpy_clipped_loss(log_prob, old_log_prob, adv, mask, clip):
@@ -35,18 +26,6 @@ def numpy_clipped_loss(log_prob, old_log_prob, adv, mask, clip):
             total += mask[i][idx] * min(r * a, min(max(r, 1 - clip), 1 + clip) * a)
         out[i] = total / mask[i].sum()
     return -out.mean()
-
-
-def numpy_mean_kl(policy, old_params, new_params, episodes):
-    m0, s0 = (
-        x.numpy().astype(np.float64) for x in policy.forward(old_params, episodes.observations)
-    )
-    m1, s1 = (
-        x.numpy().astype(np.float64) for x in policy.forward(new_params, episodes.observations)
-    )
-    kl = np.sum(s1 - s0 + (np.exp(2 * s0) + (m0 - m1) ** 2) / (2 * np.exp(2 * s1)) - 0.5, -1)
-    m = np.asarray(episodes.mask, np.float64)
-    return float(np.mean(np.sum(kl * m, (1, 2)) / m.sum((1, 2))))
 
 
 @pytest.fixture
@@ -220,11 +199,11 @@ def test_ppo_step_eager_equals_compiled(make_policy, toy):
     # Three epochs of two second-order inner steps and an Adam update, graph against eager: the
     # rounding of every step feeds the next; the losses and KL are means of O(1) terms.
     for k in eager:
-        assert_close(comp[k], eager[k], ulps=1024, dtype=np.float32, err_msg=k)
+        assert_close(comp[k], eager[k], ulps=256, dtype=np.float32, err_msg=k)
     for a, b in zip(eager_theta, comp_theta, strict=True):
-        assert_close(a, b, ulps=1024)
+        assert_close(a, b, ulps=16)
     for a, b in zip(eager_sizes, comp_sizes, strict=True):
-        assert_close(a, b, ulps=1024)
+        assert_close(a, b, ulps=128)
 
 
 def test_ppo_rejects_bad_settings(toy):
@@ -282,7 +261,7 @@ def test_cli_flags_reach_the_config():
 def test_pretrain_with_ppo_is_plain_ppo_on_the_joint_surrogate(toy):
     """``--algo pretrain --outer ppo``: θ' = θ, so one epoch with SGD is θ − lr ∇surrogate(θ)."""
     from metarl_tf.policy import gaussian_log_prob, tile_parameters
-    from metarl_tf.pretrain import pretrain_step
+    from metarl_tf.training.pretrain import pretrain_step
 
     policy, _, _, outer, outer_adv = toy
     config = get_preset("tiny").replace(outer="ppo", ppo_epochs=1)

@@ -123,7 +123,7 @@ def test_train_on_ray_writes_the_same_bundle_as_local(backend, tmp_path):
 
 
 def test_evaluate_on_ray_equals_local(backend):
-    from metarl_tf.evaluation import method_curve
+    from metarl_tf.evaluation.protocol import method_curve
 
     dist = make_task_distribution("nav2d", horizon=15)
     policy = _policy(dist, seed=2)
@@ -139,8 +139,8 @@ def test_evaluate_on_ray_equals_local(backend):
 
 
 def test_shared_backend_per_process(backend):
-    assert make_backend("ray", num_workers=2) is backend
-    assert isinstance(backend, RayBackend) and backend.name == "ray"
+    assert make_backend("ray", num_workers=2).actors == backend.actors
+    assert isinstance(backend.backend, RayBackend) and backend.name == "ray"
 
 
 def test_unreachable_address_is_one_clear_error(backend):

@@ -13,8 +13,9 @@ from metarl_tf.envs import (
     TimeStep,
     check_task_distribution,
 )
+from metarl_tf.episodes import EpisodeBatch, pad_episodes
 from metarl_tf.maml import Adapter
-from metarl_tf.rollout import EpisodeBatch, Sampler, pad_episodes
+from metarl_tf.rollout import Sampler
 
 
 def constant_action_params(policy, action, log_std=-8.0):

@@ -99,3 +99,13 @@ def test_make_backend_names():
     assert isinstance(make_backend("local"), LocalBackend)
     with pytest.raises(ValueError, match="backend must be one of local, ray"):
         make_backend("dask")
+
+
+def test_the_ray_backend_starts_nothing_before_its_first_batch():
+    ray = pytest.importorskip("ray", reason='the ray extra: pip install -e ".[ray]"')
+    if ray.is_initialized():
+        pytest.skip("Ray already runs in this process")
+    backend = make_backend("ray", address="127.0.0.1:1")  # nothing listens there
+    assert backend.name == "ray" and not ray.is_initialized()
+    with pytest.raises(ConnectionError, match="no Ray cluster answers at 127.0.0.1:1"):
+        backend.make_batched_env(None, [], 1)

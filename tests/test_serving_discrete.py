@@ -5,7 +5,6 @@ stored adaptations of a bundle with per-step step sizes."""
 
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from numerics import assert_close, assert_exact
@@ -44,12 +43,6 @@ def service(bandit_bundle, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "bandit.log"
     with ServiceProcess(bundle=bandit_bundle, env={"METARL_MAX_EPISODES": "4"}, log_path=log) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(service):
-    with httpx.Client(base_url=service.url, timeout=30) as client:
-        yield client
 
 
 def bandit_episodes(n: int, seed: int) -> list[dict]:
@@ -216,7 +209,7 @@ def test_adapting_a_stored_policy_continues_its_chain(tmp_path, make_policy):
     passes the parent's depth on (``first_step``). Such a bundle takes one step per batch from
     'meta' (default 1; more is a 422 that says what to do)."""
     from metarl_tf.envs import Navigation2D
-    from metarl_tf.rollout import pad_episodes
+    from metarl_tf.episodes import pad_episodes
     from serving.engine import AdaptationEngine
     from serving.validation import RequestError
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,36 @@ def test_fuzz_check_passes_on_this_service(service, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["generated"] > 0 and result["generated"] == result.get("passed"), result
+
+
+def test_demo_sends_the_token_from_the_environment(service):
+    env = {**os.environ, "METARL_API_TOKEN": TOKEN, "METARL_API_TOKEN_FILE": ""}
+    cmd = [sys.executable, "examples/demo.py", "--url", service.url, "--tasks", "1"]
+    cmd += ["--episodes", "2", "--plot", ""]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mean return after" in proc.stdout
+
+
+def test_token_settings(monkeypatch, tmp_path):
+    from serving.client import token_from_env
+    from serving.settings import ServiceSettings, SettingsError
+
+    for name in ("METARL_API_TOKEN", "METARL_API_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert ServiceSettings.from_env().api_token is None and token_from_env() is None
+    monkeypatch.setenv("METARL_API_TOKEN", "")  # empty: no authentication
+    assert ServiceSettings.from_env().api_token is None and token_from_env() is None
+    monkeypatch.setenv("METARL_API_TOKEN", "short")
+    with pytest.raises(SettingsError, match="at least 16 printable characters"):
+        ServiceSettings.from_env()
+    (tmp_path / "token").write_text(f"  {TOKEN}\n")
+    monkeypatch.setenv("METARL_API_TOKEN_FILE", str(tmp_path / "token"))
+    with pytest.raises(SettingsError, match="set only one of them"):
+        ServiceSettings.from_env()
+    monkeypatch.delenv("METARL_API_TOKEN")
+    assert ServiceSettings.from_env().api_token == TOKEN == token_from_env()
+    assert TOKEN not in repr(ServiceSettings.from_env())
+    monkeypatch.setenv("METARL_API_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match="cannot be read"):
+        ServiceSettings.from_env()

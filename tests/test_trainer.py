@@ -7,7 +7,8 @@ from numerics import assert_close, assert_exact, assert_not_close
 
 from metarl_tf.bundle import load_bundle
 from metarl_tf.config import PRESETS, TrainConfig, get_preset
-from metarl_tf.trainer import MetaTrainer, make_trainer
+from metarl_tf.training.run import make_trainer
+from metarl_tf.training.trainer import MetaTrainer
 
 VOLATILE = ("time/", "charts/peak_rss_mb")  # wall-clock and memory: differ run to run
 

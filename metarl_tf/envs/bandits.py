@@ -25,6 +25,7 @@ from metarl_tf.envs.base import (
     discrete_actions,
     slice_of_batch,
 )
+from metarl_tf.specs import bounded_spec, tensor_spec
 
 
 class BernoulliBanditBatch(BatchedEnv):
@@ -86,17 +87,11 @@ class BernoulliBandit(TaskDistribution):
 
     @property
     def observation_spec(self):
-        from tf_agents.specs import tensor_spec
-
-        return tensor_spec.TensorSpec((1,), np.float32, name="observation")
+        return tensor_spec((1,), np.float32, name="observation")
 
     @property
     def action_spec(self):
-        from tf_agents.specs import tensor_spec
-
-        return tensor_spec.BoundedTensorSpec(
-            (), np.int32, minimum=0, maximum=self.k - 1, name="action"
-        )
+        return bounded_spec((), np.int32, minimum=0, maximum=self.k - 1, name="action")
 
     def sample_tasks(self, n: int, seed: int | None) -> list[Task]:
         means = np.random.default_rng(seed).uniform(0.0, 1.0, size=(n, self.k))

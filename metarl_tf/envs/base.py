@@ -14,17 +14,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from metarl_tf.specs import action_spec_problem, is_discrete_spec
+
 Task = dict[str, Any]
 
 
 class RecoverableSamplingError(RuntimeError):
     """A sampling worker was lost while stepping sub-envs (and is being restarted); sampling the
     batch again may succeed (:class:`metarl_tf.rollout.Sampler` does)."""
-
-
-def is_discrete_spec(spec) -> bool:
-    """An integer-typed action spec: discrete actions ``0 .. maximum``."""
-    return np.issubdtype(np.dtype(getattr(spec.dtype, "as_numpy_dtype", spec.dtype)), np.integer)
 
 
 def discrete_actions(actions, num_envs: int, num_actions: int) -> np.ndarray:
@@ -106,8 +103,9 @@ class TaskDistribution(abc.ABC):
 
     Attributes:
         name: registry id, e.g. ``"nav2d"``.
-        observation_spec: a ``tf.TensorSpec`` of one observation.
-        action_spec: a ``tf.BoundedTensorSpec`` of one action (bounds = clipping range).
+        observation_spec: a ``tf.TensorSpec`` of one observation (:mod:`metarl_tf.specs`).
+        action_spec: a ``BoundedTensorSpec`` of one action (bounds = clipping range), continuous
+            or discrete (:mod:`metarl_tf.specs`).
         horizon: the maximum episode length.
     """
 
@@ -117,12 +115,12 @@ class TaskDistribution(abc.ABC):
     @property
     @abc.abstractmethod
     def observation_spec(self):
-        """``tensor_spec.TensorSpec`` of one observation."""
+        """``tf.TensorSpec`` of one observation (:func:`metarl_tf.specs.tensor_spec`)."""
 
     @property
     @abc.abstractmethod
     def action_spec(self):
-        """``tensor_spec.BoundedTensorSpec`` of one action."""
+        """``BoundedTensorSpec`` of one action (:func:`metarl_tf.specs.bounded_spec`)."""
 
     @abc.abstractmethod
     def sample_tasks(self, n: int, seed: int | None) -> list[Task]:
@@ -156,14 +154,8 @@ def check_task_distribution(dist: TaskDistribution, n_tasks: int = 3, episodes: 
     if len(obs_spec.shape) != 1:
         problems.append(f"observation_spec must be rank 1 [obs_dim], got shape {obs_spec.shape}")
     discrete = is_discrete_spec(act_spec)
-    if discrete:
-        if tuple(act_spec.shape) != () or np.any(np.asarray(act_spec.minimum) != 0):
-            problems.append(
-                "a discrete action_spec must be a scalar BoundedTensorSpec((), int, minimum=0, "
-                f"maximum=k-1), got shape {act_spec.shape}, minimum {act_spec.minimum}"
-            )
-    elif len(act_spec.shape) != 1:
-        problems.append(f"action_spec must be rank 1 [act_dim], got shape {act_spec.shape}")
+    if problem := action_spec_problem(act_spec, "action_spec"):
+        problems.append(problem)
     if not isinstance(getattr(dist, "horizon", None), int) or dist.horizon < 1:
         problems.append(f"horizon must be a positive int, got {getattr(dist, 'horizon', None)!r}")
     tasks = dist.sample_tasks(n_tasks, seed=0)

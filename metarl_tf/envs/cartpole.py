@@ -30,6 +30,7 @@ from metarl_tf.envs.base import (
     discrete_actions,
     slice_of_batch,
 )
+from metarl_tf.specs import bounded_spec, tensor_spec
 
 GRAVITY = 9.8
 FORCE_MAG = 10.0
@@ -116,15 +117,11 @@ class CartPoleVaried(TaskDistribution):
 
     @property
     def observation_spec(self):
-        from tf_agents.specs import tensor_spec
-
-        return tensor_spec.TensorSpec((4,), np.float32, name="observation")
+        return tensor_spec((4,), np.float32, name="observation")
 
     @property
     def action_spec(self):
-        from tf_agents.specs import tensor_spec
-
-        return tensor_spec.BoundedTensorSpec((), np.int32, minimum=0, maximum=1, name="action")
+        return bounded_spec((), np.int32, minimum=0, maximum=1, name="action")
 
     def sample_tasks(self, n: int, seed: int | None) -> list[Task]:
         scales = np.random.default_rng(seed).uniform(SCALE_LOW, SCALE_HIGH, size=(n, 3))

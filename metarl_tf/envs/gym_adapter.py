@@ -20,6 +20,7 @@ import numpy as np
 
 from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep, slice_of_batch
 from metarl_tf.envs.workers import EnvGroup, MakeEnv, WorkerError
+from metarl_tf.specs import bounded_spec, tensor_spec
 
 SampleTasks = Callable[[int, np.random.Generator], list[Task]]
 
@@ -180,18 +181,14 @@ class GymTaskDistribution(TaskDistribution):
 
     @property
     def observation_spec(self):
-        from tf_agents.specs import tensor_spec
-
         obs_space, _ = self._probe_spaces()
         dim = int(np.prod(obs_space.shape))
-        return tensor_spec.TensorSpec((dim,), np.float32, name="observation")
+        return tensor_spec((dim,), np.float32, name="observation")
 
     @property
     def action_spec(self):
-        from tf_agents.specs import tensor_spec
-
         _, act_space = self._probe_spaces()
-        return tensor_spec.BoundedTensorSpec(
+        return bounded_spec(
             act_space.shape,
             np.float32,
             minimum=act_space.low.astype(np.float32),

@@ -18,6 +18,7 @@ import gymnasium
 import numpy as np
 
 from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep
+from metarl_tf.specs import bounded_spec, tensor_spec
 
 MAX_SPEED = 0.1  # per axis, per step
 GOAL_RADIUS = 0.01  # success distance
@@ -101,19 +102,13 @@ class Navigation2D(TaskDistribution):
 
     @property
     def observation_spec(self):
-        from tf_agents.specs import tensor_spec
-
         dim = 4 if self.include_goal else 2
-        return tensor_spec.TensorSpec((dim,), np.float32, name="observation")
+        return tensor_spec((dim,), np.float32, name="observation")
 
     @property
     def action_spec(self):
-        from tf_agents.specs import tensor_spec
-
         bound = MAX_SPEED / self.action_scale
-        return tensor_spec.BoundedTensorSpec(
-            (2,), np.float32, minimum=-bound, maximum=bound, name="action"
-        )
+        return bounded_spec((2,), np.float32, minimum=-bound, maximum=bound, name="action")
 
     def sample_tasks(self, n: int, seed: int | None) -> list[Task]:
         rng = np.random.default_rng(seed)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep
+from metarl_tf.specs import tensor_spec
 
 TaskFeatures = Callable[[Task], Sequence[float]]
 
@@ -94,12 +95,8 @@ class OracleObservation(TaskDistribution):
 
     @property
     def observation_spec(self):
-        from tf_agents.specs import tensor_spec
-
         base = self.base.observation_spec
-        return tensor_spec.TensorSpec(
-            (base.shape[0] + self.num_features,), np.float32, name="observation"
-        )
+        return tensor_spec((base.shape[0] + self.num_features,), np.float32, name="observation")
 
     @property
     def action_spec(self):

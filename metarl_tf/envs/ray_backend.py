@@ -195,8 +195,9 @@ class RayBackend:
             self.close()
             raise ConnectionError(
                 f"only {len(ready)} of {self.num_workers} Ray actors started within "
-                f"{START_TIMEOUT_S:g} s (the cluster has {cpus} CPUs, {ray.available_resources()} "
-                "free); ask for fewer with --num-env-workers"
+                f"{START_TIMEOUT_S:g} s (the cluster has {cpus} CPUs, "
+                f"{ray.available_resources().get('CPU', 0):g} free); ask for fewer with "
+                "--num-env-workers"
             )
         self._dists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.owner: RayBatchedEnv | None = None

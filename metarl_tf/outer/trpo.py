@@ -23,11 +23,12 @@ of ``J`` (``∂θ'/∂α = −g``), so TRPO updates ``θ`` and ``α`` under one 
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
 from metarl_tf.config import objective_weights
-from metarl_tf.curvature import analytic_curvature_for
+from metarl_tf.curvature import analytic_curvature_for, restoring_gradients
 from metarl_tf.maml import (
     adapt,
     adaptation_jvp,
@@ -37,6 +38,7 @@ from metarl_tf.maml import (
     per_step_batches,
 )
 from metarl_tf.outer.common import MetaBatch, mean_kl_from_dist, surrogate_from_log_prob
+from metarl_tf.policy import LOG_STD
 
 
 def _dot(a, b):
@@ -110,7 +112,31 @@ def fisher_vector_product(policy, params, episodes, u):
     return tape.gradient(tf.nest.flatten(dist), params, output_gradients=tf.nest.flatten(out))
 
 
-def trpo_meta_step(
+class MetaGradient(NamedTuple):
+    """The first piece of the TRPO meta-step (:func:`meta_gradient`): what the natural direction
+    and the line search need. Lives inside one ``tf.function`` (it holds closures).
+
+    Attributes:
+        gradient: the meta-gradient of the surrogate, one tensor per meta-parameter (θ, then the
+            learned step sizes, then the log σ shift); zero on the frozen pre-adaptation log σ.
+        curvature: ``(v, damping) ↦ (H + damping I) v``, ``H`` the Gauss-Newton Hessian of the
+            mean KL through the inner adaptation (restricted to the unfrozen subspace).
+        evaluate: ``(values of the meta-parameters) ↦ (surrogate, mean KL)`` after adapting
+            with them: the line search's test.
+        variables: the meta-parameters the update assigns, in the order of ``gradient``.
+        loss_before: the surrogate at the current meta-parameters.
+        inner_loss: the first inner step's mean loss (a statistic).
+    """
+
+    gradient: list
+    curvature: Any
+    evaluate: Any
+    variables: list
+    loss_before: tf.Tensor
+    inner_loss: tf.Tensor
+
+
+def meta_gradient(
     policy,
     step_sizes,
     batch: MetaBatch,
@@ -118,42 +144,15 @@ def trpo_meta_step(
     learn_step_sizes: bool,
     inner_steps: int,
     first_order: bool,
-    max_kl: float,
-    cg_iterations: int,
-    cg_damping: float,
-    ls_max_steps: int,
-    ls_backtrack_ratio: float,
     analytic_curvature: bool = True,
-    stop_after: str | None = None,
     every_step_objective: bool = False,
     step_weights=None,
     lvc: bool = False,
     log_std_shift=None,
-):
-    """One MAML-TRPO update of ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
-    ``learn_step_sizes``). Meant to run inside a ``tf.function``.
-
-    ``analytic_curvature=False`` uses plain autodiff Hessian/Fisher products (same numbers,
-    slower; for policies without the cached curvature of ``metarl_tf.curvature``).
-    ``stop_after="gradient"`` or ``"direction"`` returns early without updating anything (used by
-    ``bench/train_speed.py`` to split the time into meta-gradient, CG and line search).
-    ``every_step_objective``: with ``k > 1`` inner steps, maximize the mean of the surrogates after
-    every step (θ_j on inner batch j + 1, which θ_j collected; θ_k on the outer batch) under the
-    mean of their KLs, instead of the last step's alone: adaptation that keeps improving step by
-    step. The same one JVP/VJP pass through the chain serves all levels.
-    ``step_weights``: with ``every_step_objective``, the weights of the steps' surrogates and KLs
-    (one positive weight per inner step, normalized to sum 1) instead of equal ones; the trust
-    region then bounds the weighted mean KL.
-    ``lvc``: differentiate through the inner steps with the Hessian of the low-variance-curvature
-    inner loss (:func:`metarl_tf.maml.policy_gradient_loss`); the adaptation itself is unchanged.
-    ``log_std_shift``: a variable ``[action_dim]`` the first inner step adds to ``log σ``
-    (:func:`metarl_tf.maml.adapt`), learned here like the step sizes; the pre-adaptation
-    ``log σ`` (the policy's own) then stays fixed: exploration noise apart from the adapted one.
-
-    Returns:
-        dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
-        ``accepted``, ``inner_loss``.
-    """
+) -> MetaGradient:
+    """The meta-gradient of the post-adaptation surrogate (through the inner steps), and the
+    curvature product and line-search test at the same point; see :func:`trpo_meta_step` for
+    the arguments."""
     theta = list(policy.parameters)
     alphas = list(step_sizes) if learn_step_sizes else []
     shifts = [log_std_shift] if log_std_shift is not None else []
@@ -174,7 +173,8 @@ def trpo_meta_step(
         without it (its gradient and curvature entries zero)."""
         if not shifts:
             return vector
-        return [*vector[: n_theta - 1], tf.zeros_like(vector[n_theta - 1]), *vector[n_theta:]]
+        i = n_theta + LOG_STD  # the pre-adaptation log σ among the meta-parameters
+        return [*vector[:i], tf.zeros_like(vector[i]), *vector[i + 1 :]]
 
     sizes = alphas if learn_step_sizes else step_sizes
     # The Hessian/Fisher products below run ~2 * cg_iterations times at the same points: cache
@@ -194,21 +194,14 @@ def trpo_meta_step(
             )
 
         def gradients(point, episodes, adv):
-            if carried:  # computed while adapting for sampling, at this same point
-                state = carried.pop(0)
-                hessians.append(hessian_cls.restore(state, activation=policy.activation, lvc=lvc))
-                if len(hessians) == 1:  # a batch sampled before the last update is refused
-                    tf.debugging.assert_equal(
-                        hessians[0].net.kernels[0], point[0],
-                        message="batch.inner_curvature was computed at other parameters than the "
-                        "policy's current ones (sample the batch again after an update)",
-                    )  # fmt: skip
-                return hessians[-1].loss, hessians[-1].gradient
             if analytic_curvature:
                 hessians.append(hessian_cls(point, episodes, adv, policy.activation, lvc))
                 return hessians[-1].loss, hessians[-1].gradient
             hessians.append(functools.partial(inner_hvp, policy, point, episodes, adv, lvc=lvc))
             return inner_gradients(policy, point, episodes, adv)
+
+        if carried:  # computed while adapting for sampling, at these same points
+            gradients = restoring_gradients(hessian_cls, carried, policy.activation, lvc, hessians)
 
         result = adapt(
             policy, theta, sizes, inner, inner_adv, inner_steps, False, gradients,
@@ -279,10 +272,8 @@ def trpo_meta_step(
         intermediate, with_shift=bool(shifts),
     )  # fmt: skip
     grads = frozen(g_theta + (g_alpha or []) + g_shift)
-    if stop_after == "gradient":
-        return {"loss_before": loss_before, "grad_norm": tf.sqrt(_dot(grads, grads))}
 
-    def hvp(v):
+    def curvature(v, damping):
         v = frozen(v)
         us = adaptation_jvp(
             policy, result, sizes, inner, inner_adv, v[:n_theta],
@@ -299,20 +290,9 @@ def trpo_meta_step(
             hessians, intermediate, with_shift=bool(shifts),
         )  # fmt: skip
         products = h_theta + (h_alpha or []) + h_shift
-        return frozen([h + cg_damping * vi for h, vi in zip(products, v, strict=True)])
+        return frozen([h + damping * vi for h, vi in zip(products, v, strict=True)])
 
-    # sᵀ(H + damping) s from CG's residual, not an 11th product (see conjugate_gradient).
-    direction, s_h_s = conjugate_gradient(hvp, grads, cg_iterations, return_quadratic=True)
-    shs = 0.5 * s_h_s
-    lagrange = tf.sqrt(tf.maximum(shs, 1e-12) / max_kl)
-    full_step = [d / lagrange for d in direction]
-    if stop_after == "direction":
-        return {"loss_before": loss_before, "step_norm": tf.sqrt(_dot(full_step, full_step))}
-
-    old_values = [tf.identity(v) for v in theta + alphas + shifts]
-
-    def evaluate(scale):
-        candidate = [v - scale * s for v, s in zip(old_values, full_step, strict=True)]
+    def evaluate(candidate):
         cand = level_params(adapted(candidate))
         loss, kl = 0.0, 0.0
         for ps, (episodes, adv), old_lp, old, weight in zip(
@@ -324,11 +304,49 @@ def trpo_meta_step(
             kl += weight * mean_kl_from_dist(policy, dist, episodes, *tf.nest.flatten(old))
         return loss, kl
 
+    return MetaGradient(
+        gradient=grads,
+        curvature=curvature,
+        evaluate=evaluate,
+        variables=theta + alphas + shifts,
+        loss_before=loss_before,
+        inner_loss=tf.reduce_mean(result.losses[0]),
+    )
+
+
+def natural_direction(g: MetaGradient, *, max_kl: float, cg_iterations: int, cg_damping: float):
+    """The full step ``s = √(2 δ / xᵀ(H + damping)x) · x`` with ``x ≈ (H + damping)⁻¹ ∇`` by
+    ``cg_iterations`` of conjugate gradient: the step that reaches ``KL = max_kl`` (``δ``) in the
+    quadratic model. Returns one tensor per meta-parameter."""
+    # sᵀ(H + damping) s from CG's residual, not an 11th product (see conjugate_gradient).
+    direction, s_h_s = conjugate_gradient(
+        lambda v: g.curvature(v, cg_damping), g.gradient, cg_iterations, return_quadratic=True
+    )
+    shs = 0.5 * s_h_s
+    lagrange = tf.sqrt(tf.maximum(shs, 1e-12) / max_kl)
+    return [d / lagrange for d in direction]
+
+
+def line_search(
+    g: MetaGradient, full_step, *, max_kl: float, ls_max_steps: int, ls_backtrack_ratio: float
+):
+    """Backtracks from the full step (``scale = 1, r, r², ...``) until the surrogate improves and
+    the mean KL stays below ``max_kl``, then assigns the meta-parameters; with no acceptable step
+    within ``ls_max_steps`` they keep their values (as rllab/pytorch-maml-rl).
+
+    Returns:
+        dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
+        ``accepted``, ``inner_loss``.
+    """
+    loss_before = g.loss_before
+    old_values = [tf.identity(v) for v in g.variables]
+
     def cond(k, scale, accepted, loss, kl):
         return tf.logical_and(k < ls_max_steps, tf.logical_not(accepted))
 
     def body(k, scale, accepted, loss, kl):
-        loss, kl = evaluate(scale)
+        candidate = [v - scale * s for v, s in zip(old_values, full_step, strict=True)]
+        loss, kl = g.evaluate(candidate)
         accepted = tf.logical_and(loss < loss_before, kl < max_kl)
         new_scale = tf.where(accepted, scale, scale * ls_backtrack_ratio)
         return k + 1, new_scale, accepted, loss, kl
@@ -338,9 +356,8 @@ def trpo_meta_step(
         body,
         [tf.constant(0), tf.constant(1.0), tf.constant(False), loss_before, tf.constant(0.0)],
     )
-    # No acceptable step within ls_max_steps: keep the old parameters (as rllab/pytorch-maml-rl).
     scale = tf.where(accepted, scale, 0.0)
-    for var, old, step in zip(theta + alphas + shifts, old_values, full_step, strict=True):
+    for var, old, step in zip(g.variables, old_values, full_step, strict=True):
         var.assign(old - scale * step)
     return {
         "loss_before": loss_before,
@@ -348,5 +365,95 @@ def trpo_meta_step(
         "kl": tf.where(accepted, kl, 0.0),
         "line_search_steps": k,
         "accepted": tf.cast(accepted, tf.float32),
-        "inner_loss": tf.reduce_mean(result.losses[0]),
+        "inner_loss": g.inner_loss,
     }
+
+
+def trpo_meta_step(
+    policy,
+    step_sizes,
+    batch: MetaBatch,
+    *,
+    learn_step_sizes: bool,
+    inner_steps: int,
+    first_order: bool,
+    max_kl: float,
+    cg_iterations: int,
+    cg_damping: float,
+    ls_max_steps: int,
+    ls_backtrack_ratio: float,
+    analytic_curvature: bool = True,
+    every_step_objective: bool = False,
+    step_weights=None,
+    lvc: bool = False,
+    log_std_shift=None,
+):
+    """One MAML-TRPO update of ``policy.parameters`` (and Meta-SGD ``step_sizes`` variables when
+    ``learn_step_sizes``): :func:`meta_gradient`, :func:`natural_direction`, :func:`line_search`.
+    Meant to run inside a ``tf.function``.
+
+    ``analytic_curvature=False`` uses plain autodiff Hessian/Fisher products (same numbers,
+    slower; for policies without the cached curvature of ``metarl_tf.curvature``).
+    ``every_step_objective``: with ``k > 1`` inner steps, maximize the mean of the surrogates after
+    every step (θ_j on inner batch j + 1, which θ_j collected; θ_k on the outer batch) under the
+    mean of their KLs, instead of the last step's alone: adaptation that keeps improving step by
+    step. The same one JVP/VJP pass through the chain serves all levels.
+    ``step_weights``: with ``every_step_objective``, the weights of the steps' surrogates and KLs
+    (one positive weight per inner step, normalized to sum 1) instead of equal ones; the trust
+    region then bounds the weighted mean KL.
+    ``lvc``: differentiate through the inner steps with the Hessian of the low-variance-curvature
+    inner loss (:func:`metarl_tf.maml.policy_gradient_loss`); the adaptation itself is unchanged.
+    ``log_std_shift``: a variable ``[action_dim]`` the first inner step adds to ``log σ``
+    (:func:`metarl_tf.maml.adapt`), learned here like the step sizes; the pre-adaptation
+    ``log σ`` (the policy's own) then stays fixed: exploration noise apart from the adapted one.
+
+    Returns:
+        dict of scalar tensors: ``loss_before``, ``loss_after``, ``kl``, ``line_search_steps``,
+        ``accepted``, ``inner_loss``.
+    """
+    return TRPOStep(
+        policy, step_sizes, max_kl=max_kl, cg_iterations=cg_iterations, cg_damping=cg_damping,
+        ls_max_steps=ls_max_steps, ls_backtrack_ratio=ls_backtrack_ratio,
+        learn_step_sizes=learn_step_sizes, inner_steps=inner_steps, first_order=first_order,
+        analytic_curvature=analytic_curvature, every_step_objective=every_step_objective,
+        step_weights=step_weights, lvc=lvc, log_std_shift=log_std_shift,
+    )(batch)  # fmt: skip
+
+
+class TRPOStep:
+    """:func:`trpo_meta_step` with its settings bound: ``step(batch)`` runs the three pieces,
+    which are also callable one by one (``bench/train_speed.py`` times each).
+
+    Args:
+        policy, step_sizes, log_std_shift: as for :func:`trpo_meta_step`.
+        gradient: the keyword arguments of :func:`meta_gradient`.
+        max_kl, cg_iterations, cg_damping, ls_max_steps, ls_backtrack_ratio: the trust region,
+            conjugate gradient and line search settings.
+    """
+
+    def __init__(
+        self, policy, step_sizes, *, max_kl, cg_iterations, cg_damping, ls_max_steps,
+        ls_backtrack_ratio, **gradient,
+    ):  # fmt: skip
+        self.policy, self.step_sizes, self.gradient_settings = policy, step_sizes, gradient
+        self.max_kl = max_kl
+        self.cg_iterations, self.cg_damping = cg_iterations, cg_damping
+        self.ls_max_steps, self.ls_backtrack_ratio = ls_max_steps, ls_backtrack_ratio
+
+    def meta_gradient(self, batch: MetaBatch) -> MetaGradient:
+        return meta_gradient(self.policy, self.step_sizes, batch, **self.gradient_settings)
+
+    def natural_direction(self, g: MetaGradient) -> list:
+        return natural_direction(
+            g, max_kl=self.max_kl, cg_iterations=self.cg_iterations, cg_damping=self.cg_damping
+        )
+
+    def line_search(self, g: MetaGradient, full_step) -> dict:
+        return line_search(
+            g, full_step, max_kl=self.max_kl, ls_max_steps=self.ls_max_steps,
+            ls_backtrack_ratio=self.ls_backtrack_ratio,
+        )  # fmt: skip
+
+    def __call__(self, batch: MetaBatch) -> dict:
+        g = self.meta_gradient(batch)
+        return self.line_search(g, self.natural_direction(g))

@@ -39,11 +39,11 @@ from metarl_tf.atomic_files import check_writable, write_text_atomic
 from metarl_tf.bundle import BundleError, check_bundle_destination
 from metarl_tf.checkpoint import CheckpointError, checkpoint_exists, read_checkpoint
 from metarl_tf.config import TrainConfig
-from metarl_tf.trainer import (
+from metarl_tf.training.pretrain import PretrainTrainer
+from metarl_tf.training.trainer import (
     BEST_WINDOW,
     BestSnapshot,
     MetaTrainer,
-    make_trainer,
     read_metrics_rows,
     write_metrics_rows,
 )
@@ -53,6 +53,14 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 LEGACY_BEST_DIR = "best"  # the best snapshot of the older two-file checkpoint format
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def make_trainer(config: TrainConfig, run_dir: str | Path | None = None) -> MetaTrainer:
+    """The trainer of ``config.algo``: :class:`~metarl_tf.training.trainer.MetaTrainer`
+    (``maml``) or :class:`~metarl_tf.training.pretrain.PretrainTrainer` (``pretrain``)."""
+    if config.algo == "pretrain":
+        return PretrainTrainer(config, run_dir)
+    return MetaTrainer(config, run_dir)
 
 
 class RunError(Exception):
@@ -198,6 +206,7 @@ def fit(
     log: Callable[[str], None] | None = print,
     handle_signals: bool = True,
     tensorboard: bool = True,
+    recipe: dict[str, Any] | None = None,
 ) -> FitResult:
     """Trains ``config`` in ``run_dir`` and writes the bundle to ``out``.
 
@@ -218,6 +227,8 @@ def fit(
         handle_signals: catch SIGTERM/SIGINT to stop after the current iteration (main thread
             only).
         tensorboard: write TensorBoard events.
+        recipe: the recipe this run is a leg of (:mod:`metarl_tf.training.recipes`), recorded
+            in the bundle's ``meta.json`` → ``training.recipe``.
 
     Returns:
         a :class:`FitResult`; its ``exit_code`` is non-zero when a signal stopped the run.
@@ -262,6 +273,7 @@ def fit(
     with stop.installed(handle_signals):
         trainer = make_trainer(config, run_dir)
         config = trainer.config  # pretrain switches Meta-SGD off
+        trainer.recipe = recipe
         resumed_from = None
         try:
             if resume:

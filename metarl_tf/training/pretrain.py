@@ -6,7 +6,7 @@ samples ``meta_batch_size`` fresh tasks × ``episodes_per_task`` episodes with t
 and takes one TRPO step on them: the same sampler, linear baseline (fitted per task), surrogate
 ``−E[π/π_old · Â]`` averaged per task then over tasks, and KL trust region as meta-training.
 
-The step *is* :func:`metarl_tf.outer.trpo_meta_step` with an inner step size of zero
+The step *is* the meta-step (:func:`metarl_tf.outer.make_meta_step`) with an inner step size of zero
 (``θ' = θ − 0·∇L = θ``, first order, so ``∂θ'/∂θ = I``) on a batch whose inner and outer halves are
 the same episodes: one code path for both, so the baseline cannot drift from the meta-learner's
 objective (``tests/test_pretrain.py`` re-checks the step against an independent computation).
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from metarl_tf.config import TrainConfig
-from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
-from metarl_tf.trainer import MetaTrainer, _to_tensors, peak_rss_mb
+from metarl_tf.outer import MetaBatch, make_meta_step
+from metarl_tf.training.trainer import MetaTrainer, _to_tensors, peak_rss_mb
 
 
 def default_bundle_path(config: TrainConfig) -> Path:
@@ -37,38 +37,21 @@ def default_bundle_path(config: TrainConfig) -> Path:
     return Path("saved_models") / (name if name.endswith("-oracle") else f"{name}-pretrained")
 
 
-def pretrain_step(
-    policy, episodes, advantages, config: TrainConfig, optimizer=None, stop_after=None
-):
+def pretrain_step(policy, episodes, advantages, config: TrainConfig, optimizer=None):
     """One joint update of ``policy.parameters`` on ``episodes`` ``[tasks, episodes, T, ...]``:
     TRPO (``config.outer == "trpo"``, with its ``max_kl``, CG and line-search settings), PPO-clip
     (``"ppo"``, ``ppo_epochs`` Adam epochs) or Adam.
 
     It is the meta-step with a zero inner step size on a batch whose inner and outer halves are
-    ``episodes``: ``θ' = θ``, so the meta-objective is the plain surrogate of ``θ`` and the
-    Gauss-Newton product is the plain Fisher product. Meant to run inside ``tf.function``.
+    ``episodes`` (:func:`metarl_tf.outer.make_meta_step` with ``joint=True``): ``θ' = θ``, so the
+    meta-objective is the plain surrogate of ``θ`` and the Gauss-Newton product is the plain
+    Fisher product. Meant to run inside ``tf.function``.
 
     Returns:
         the meta-step's statistics (``loss_before``, ``loss_after``, ``kl``, ... for TRPO).
     """
-    batch = MetaBatch(episodes, advantages, episodes, advantages)
-    c = config
-    if c.outer == "trpo":
-        return trpo_meta_step(
-            policy, 0.0, batch,
-            learn_step_sizes=False, inner_steps=1, first_order=True,
-            max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
-            ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
-            stop_after=stop_after,
-        )  # fmt: skip
-    if c.outer == "ppo":  # plain PPO-clip: θ' = θ, π_old = the policy that collected the batch
-        return ppo_meta_step(
-            policy, 0.0, optimizer, batch, learn_step_sizes=False, inner_steps=1,
-            first_order=True, epochs=c.ppo_epochs, clip=c.ppo_clip,
-        )  # fmt: skip
-    return adam_meta_step(
-        policy, 0.0, optimizer, batch, learn_step_sizes=False, inner_steps=1, first_order=True
-    )
+    step = make_meta_step(config, policy, 0.0, optimizer, joint=True)
+    return step(MetaBatch(episodes, advantages, episodes, advantages))
 
 
 class PretrainTrainer(MetaTrainer):
@@ -81,18 +64,12 @@ class PretrainTrainer(MetaTrainer):
     """
 
     selection_metric = "returns/pre_adaptation"
+    joint = True  # pretrain_step's update: θ' = θ (see the module docstring)
 
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None):
         super().__init__(
             config.replace(algo="pretrain", meta_sgd=False, meta_sgd_per_step=False), run_dir
         )
-
-    def _meta_step_fn(self, batch: MetaBatch, stop_after: str | None = None):
-        """One joint update on ``batch.outer_episodes`` (see :func:`pretrain_step`)."""
-        return pretrain_step(
-            self.policy, batch.outer_episodes, batch.outer_advantages, self.config,
-            self.optimizer, stop_after,
-        )  # fmt: skip
 
     def train_iteration(self) -> dict[str, float]:
         """One joint update on fresh tasks; returns its metrics (also appended to ``history``)."""

@@ -23,10 +23,11 @@ from metarl_tf.checkpoint import BEST_PREFIX, checkpoint_exists, read_checkpoint
 from metarl_tf.config import TrainConfig
 from metarl_tf.curvature import analytic_curvature_for
 from metarl_tf.envs import make_task_distribution
+from metarl_tf.episodes import EpisodeBatch
 from metarl_tf.maml import Adapter, step_size_blocks
-from metarl_tf.outer import MetaBatch, adam_meta_step, ppo_meta_step, trpo_meta_step
-from metarl_tf.policy import make_policy
-from metarl_tf.rollout import EpisodeBatch, Sampler, make_backend
+from metarl_tf.outer import MetaBatch, make_meta_step
+from metarl_tf.policy import LOG_STD, make_policy
+from metarl_tf.rollout import Sampler, make_backend
 
 # XLA (jit_compile) helps Eigen's kernels but runs slower than TensorFlow's oneDNN kernels for this
 # step (bench/train_speed.py: 3.1 s vs 1.7 s per nav2d iteration); METARL_JIT=1 opts in.
@@ -119,6 +120,7 @@ class MetaTrainer:
     """
 
     selection_metric = "returns/post_adaptation"  # what --select best maximizes
+    joint = False  # the outer step through the adaptation (True: the pretrained baseline's)
 
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None):
         self.config = c = config
@@ -148,7 +150,7 @@ class MetaTrainer:
         if c.log_std_shift:
             if getattr(self.policy, "distribution_type", None) != "gaussian":
                 raise ValueError("log_std_shift needs a Gaussian policy (continuous actions)")
-            shape = self.policy.parameter_shapes[-1]
+            shape = self.policy.parameter_shapes[LOG_STD]
             self.log_std_shift = tf.Variable(tf.zeros(shape), name="log_std_shift")
         backend = make_backend(c.backend, c.ray_address, c.num_env_workers)
         self.sampler = Sampler(self.dist, self.policy, c.episodes_per_task, backend)
@@ -167,6 +169,9 @@ class MetaTrainer:
         )
         if self.optimizer is not None:
             self.optimizer.build(self._meta_variables)
+        self.outer_step = make_meta_step(
+            c, self.policy, self.step_sizes, self.optimizer, self.log_std_shift, joint=self.joint
+        )
         self._meta_step = tf.function(self._meta_step_fn, jit_compile=_JIT)
         self._outer_advantages = tf.function(
             lambda e: compute_advantages(e, c.gamma, c.gae_lambda, c.baseline)
@@ -177,6 +182,7 @@ class MetaTrainer:
         self.selection: dict[str, Any] = {"select": "last"}
         self.best: BestSnapshot | None = None  # updated by track_best
         self.lineage: list[dict[str, Any]] = []  # bundles this run continued (init_from_bundle)
+        self.recipe: dict[str, Any] | None = None  # the recipe and leg this run is (fit's recipe)
 
     @property
     def _meta_variables(self) -> list:
@@ -186,28 +192,9 @@ class MetaTrainer:
             + ([self.log_std_shift] if self.log_std_shift is not None else [])
         )
 
-    def _meta_step_fn(self, batch: MetaBatch, stop_after: str | None = None):
-        """The outer update; ``stop_after`` (TRPO only) is for bench/train_speed.py's breakdown."""
-        c = self.config
-        if c.outer == "trpo":
-            return trpo_meta_step(
-                self.policy, self.step_sizes, batch,
-                learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
-                max_kl=c.max_kl, cg_iterations=c.cg_iterations, cg_damping=c.cg_damping,
-                ls_max_steps=c.ls_max_steps, ls_backtrack_ratio=c.ls_backtrack_ratio,
-                stop_after=stop_after, every_step_objective=c.every_step_objective, lvc=c.lvc,
-                step_weights=c.step_weights, log_std_shift=self.log_std_shift,
-            )  # fmt: skip
-        if c.outer == "ppo":
-            return ppo_meta_step(
-                self.policy, self.step_sizes, self.optimizer, batch,
-                learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
-                epochs=c.ppo_epochs, clip=c.ppo_clip,
-            )  # fmt: skip
-        return adam_meta_step(
-            self.policy, self.step_sizes, self.optimizer, batch,
-            learn_step_sizes=c.meta_sgd, inner_steps=c.inner_steps, first_order=c.first_order,
-        )  # fmt: skip
+    def _meta_step_fn(self, batch: MetaBatch):
+        """The outer update (:func:`metarl_tf.outer.make_meta_step`), compiled as ``_meta_step``."""
+        return self.outer_step(batch)
 
     def _seeds(self, iteration: int) -> tuple[int, int, int]:
         s = np.random.SeedSequence([self.config.seed, iteration]).generate_state(3)
@@ -506,6 +493,7 @@ class MetaTrainer:
             "iterations": self.iteration,
             "selection": self.selection,
             **({"continued_from": self.lineage} if self.lineage else {}),
+            **({"recipe": self.recipe} if self.recipe else {}),
             "wall_clock_seconds": round(self.elapsed, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
@@ -530,13 +518,3 @@ class MetaTrainer:
             path, self.policy, self.step_size_values(), self.dist,
             adaptation=adaptation, training=summary, extra_files=extra_files,
         )  # fmt: skip
-
-
-def make_trainer(config: TrainConfig, run_dir: str | Path | None = None) -> MetaTrainer:
-    """The trainer of ``config.algo``: :class:`MetaTrainer` (``maml``) or
-    :class:`metarl_tf.pretrain.PretrainTrainer` (``pretrain``)."""
-    if config.algo == "pretrain":
-        from metarl_tf.pretrain import PretrainTrainer
-
-        return PretrainTrainer(config, run_dir)
-    return MetaTrainer(config, run_dir)

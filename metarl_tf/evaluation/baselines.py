@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from metarl_tf.evaluation.protocol import method_curve
+
 BASELINES = ("random", "pretrained", "oracle")
 STEP_SIZE_GRID = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 VALIDATION_SEED = (
@@ -162,8 +164,6 @@ def choose_step_size(
     """Sets ``method.step_size`` to the grid value with the best mean return after 1..``steps``
     inner steps on ``n_tasks`` validation tasks (seed :data:`VALIDATION_SEED`); records the
     scores in ``method.selection``."""
-    from metarl_tf.evaluation import method_curve
-
     tasks = method.task_distribution.sample_tasks(n_tasks, seed=VALIDATION_SEED)
     k = max(1, steps)
     scores = []
