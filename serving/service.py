@@ -3,7 +3,7 @@
 Endpoints (all ``POST``, JSON): ``/adapt``, ``/act``, ``/metadata``, and ``/export`` (a policy as a
 TensorFlow SavedModel in a ``.tar.gz``); BentoML adds ``/livez``,
 ``/readyz``, ``/metrics`` and the OpenAPI document (``/docs.json``). The HTTP contract is in
-DESIGN.md ("The HTTP contract") and the README.
+DESIGN.md ("The HTTP contract") and docs/serving.md.
 
 Each worker loads the bundle (``METARL_BUNDLE``) once, then compiles the adaptation function for
 every padded request size in a background thread; ``/readyz`` answers 503 until that is done, so a
