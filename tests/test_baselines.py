@@ -127,6 +127,29 @@ def test_baseline_bundle_of_other_tasks_is_refused(tiny_bundles):
         load_baseline_bundle("oracle", bundle, tiny_bundles / "nav2d-pretrained")
 
 
+def test_baseline_bundle_settings_compare_as_the_family_reads_them(tmp_path):
+    """A MuJoCo bundle written when the family took ``num_workers`` (which it now ignores) is a
+    baseline of the same tasks; a different horizon is not."""
+    pytest.importorskip("mujoco")
+    from metarl_tf.training.pretrain import PretrainTrainer
+    from metarl_tf.training.trainer import MetaTrainer
+
+    tiny = get_preset("tiny").replace(task_distribution="halfcheetah-vel", horizon=5)
+    MetaTrainer(tiny).export_bundle(tmp_path / "halfcheetah-vel-maml")
+    PretrainTrainer(tiny.replace(seed=1)).export_bundle(tmp_path / "halfcheetah-vel-pretrained")
+    meta_path = tmp_path / "halfcheetah-vel-pretrained" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["task_distribution"]["config"]["num_workers"] = 2
+    meta_path.write_text(json.dumps(meta))
+    bundle = load_bundle(tmp_path / "halfcheetah-vel-maml")
+    other = load_baseline_bundle("pretrained", bundle)
+    assert other.meta["task_distribution"]["config"] == {"horizon": 5, "num_workers": 2}
+    meta["task_distribution"]["config"]["horizon"] = 7
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="expected 'halfcheetah-vel' {'horizon': 5}"):
+        load_baseline_bundle("pretrained", bundle)
+
+
 @pytest.mark.slow
 def test_evaluate_with_baselines_and_seeds_writes_the_documented_json(tiny_bundles, tmp_path):
     out = tmp_path / "e.json"
