@@ -388,9 +388,9 @@ def _write_bundle_files(
             sizes_json["blocks"] = blocks
             step_rules = True
         files.append(STEP_SIZES_FILE)
-    for name, src in (extra_files or {}).items():
-        shutil.copyfile(src, tmp / name)
-        files.append(name)
+    for file_name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / file_name)
+        files.append(file_name)
     meta = {
         "format_version": FORMAT_VERSION_STEP_RULES if step_rules else FORMAT_VERSION,
         "name": name,

@@ -130,6 +130,20 @@ def test_meta_json_describes_the_bundle_and_checksums_every_file(saved):
         assert sorted(data.files) == sorted(n.replace("/", "__") for n in policy.parameter_names)
 
 
+def test_extra_files_are_checksummed_and_leave_the_bundle_its_name(tmp_path, make_policy):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"iteration": 1}\n')
+    extra = {"metrics.jsonl": metrics}
+    path = save_bundle(
+        tmp_path / "my-bundle", make_policy(hidden=(8,)), 0.5, Navigation2D(),
+        adaptation=ADAPTATION, extra_files=extra,
+    )  # fmt: skip
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["name"] == "my-bundle"
+    assert meta["files"]["metrics.jsonl"] == hashlib.sha256(metrics.read_bytes()).hexdigest()
+    assert load_bundle(path).meta["name"] == "my-bundle"
+
+
 def test_saving_over_an_existing_bundle_replaces_it(saved, make_policy):
     path, _, _ = saved["meta-sgd"]
     policy = make_policy(hidden=(8,), seed=9)
