@@ -570,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         # 128 + the signal's number, as fit does after the iteration under way.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _exit_at_once)
+    if args.command == "scratch-ppo":
+        # before anything imports Keras 3: it sets TF_USE_LEGACY_KERAS for tf-agents
+        import metarl_tf.scratch  # noqa: F401
     from metarl_tf.training.run import RunError  # after parsing: --help imports no TensorFlow
 
     try:

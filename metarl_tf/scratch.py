@@ -149,7 +149,21 @@ def train_on_task(
         env.close()
 
 
+def require_legacy_tf_keras() -> None:
+    """Raises ``RuntimeError`` when ``tf.keras`` is Keras 3 in this process: TF-Agents' networks
+    built on it train nothing (the returns stay at the random policy's) without any error."""
+    version = str(getattr(tf.keras, "__version__", "2"))
+    if int(version.split(".")[0]) >= 3:
+        raise RuntimeError(
+            f"tf.keras is Keras {version} in this process, but TF-Agents needs the legacy tf.keras "
+            "(tf-keras): import metarl_tf.scratch before anything that imports Keras 3 "
+            "(metarl_tf.training, metarl_tf.bundle, ...), or set TF_USE_LEGACY_KERAS=1 before "
+            "Python starts"
+        )
+
+
 def _train(env, envs, env_steps: int, config: PPOConfig) -> dict[str, list[float]]:
+    require_legacy_tf_keras()
     n = config.episodes_per_iteration
     actor = actor_distribution_network.ActorDistributionNetwork(
         env.observation_spec(), env.action_spec(), fc_layer_params=config.hidden_sizes,

@@ -1,6 +1,12 @@
 """The TF-Agents PPO-from-scratch baseline: the gymnasium -> TF-Agents environment adapter, the
 episode-return bookkeeping, and a tiny end-to-end run."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gymnasium
 import numpy as np
 import pytest
@@ -16,6 +22,8 @@ from metarl_tf.scratch import (
     train_on_task,
     ts,  # tf_agents.trajectories.time_step, imported after metarl_tf set TF_USE_LEGACY_KERAS
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def nav_env(goal, horizon=100):
@@ -72,3 +80,42 @@ def test_tiny_ppo_run_gives_a_finite_curve():
     assert len(curve["env_steps"]) == 2  # 2 episodes x <= 100 steps per update
     assert curve["env_steps"][-1] >= 300 and np.all(np.diff(curve["env_steps"]) > 0)
     assert all(-150 < r <= 0 for r in curve["mean_return"])
+
+
+def _python(code_or_args, cwd=REPO_ROOT):
+    """A fresh interpreter without TF_USE_LEGACY_KERAS (this process's conftest sets it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    return subprocess.run(
+        [sys.executable, *code_or_args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tf_agents_networks_refuse_keras_3_as_tf_keras():
+    """With Keras 3 imported first, tf.keras is Keras 3 and TF-Agents' networks silently train
+    nothing: the baseline refuses with the fix in the message."""
+    code = (
+        "import metarl_tf.training.run\n"
+        "import metarl_tf.scratch as s\n"
+        "try:\n    s.require_legacy_tf_keras()\nexcept RuntimeError as e:\n    print('REFUSED', e)"
+    )
+    out = _python(["-c", code])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "REFUSED tf.keras is Keras 3" in out.stdout and "import metarl_tf.scratch" in out.stdout
+
+
+@pytest.mark.slow
+def test_scratch_ppo_command_runs_tf_agents_on_legacy_tf_keras(tmp_path):
+    """`python -m metarl_tf scratch-ppo` imports the baseline before Keras 3 (the CLI imports the
+    training package for its errors)."""
+    from metarl_tf.config import get_preset
+    from metarl_tf.training.trainer import MetaTrainer
+
+    bundle = MetaTrainer(get_preset("tiny")).export_bundle(tmp_path / "tiny")
+    out_json = tmp_path / "scratch.json"
+    args = ["-m", "metarl_tf", "scratch-ppo", str(bundle), "--tasks", "1", "--episodes", "2"]
+    args += ["--steps", "1", "--env-steps", "20", "--json", str(out_json)]
+    out = _python(args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out_json.read_text())["ppo_scratch"]["per_task_curves"]
