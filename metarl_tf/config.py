@@ -434,7 +434,8 @@ _TINY_TWO_STEPS = {
 }
 RECIPES: dict[str, Recipe] = {
     # One inner step first (the best of 100 iterations), then two inner steps with per-step
-    # Meta-SGD step sizes and the every-step objective to 400 and on to 600.
+    # Meta-SGD step sizes and the every-step objective to 400 and on to 600, then larger
+    # meta-batches: 40 tasks to 700, 80 tasks to 760.
     "nav2d": Recipe(
         name="nav2d",
         bundle="saved_models/nav2d-maml",
@@ -442,6 +443,12 @@ RECIPES: dict[str, Recipe] = {
             Leg("one-step", "nav2d-metasgd-lowstd", 100, _NAV2D_NET, select="best"),
             Leg("two-steps", "nav2d-metasgd-lowstd", 400, _NAV2D_TWO_STEPS),
             Leg("two-steps-on", "nav2d-metasgd-lowstd", 600, _NAV2D_TWO_STEPS),
+            Leg(
+                "40-tasks", "nav2d-metasgd-lowstd", 700, {**_NAV2D_TWO_STEPS, "meta_batch_size": 40}
+            ),
+            Leg(
+                "80-tasks", "nav2d-metasgd-lowstd", 760, {**_NAV2D_TWO_STEPS, "meta_batch_size": 80}
+            ),
         ),
     ),
     # The paper's batch (40 x 20) only after a cheaper start at 20 x 10.

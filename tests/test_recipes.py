@@ -3,16 +3,19 @@ sequence of legs; a tiny recipe runs end to end, records itself in the bundles, 
 interrupted anywhere resumes to the bundle of an uninterrupted run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from metarl_tf.bundle import load_bundle
 from metarl_tf.cli import main
-from metarl_tf.config import RECIPES, Leg, Recipe, get_preset, get_recipe
+from metarl_tf.config import RECIPES, Leg, Recipe, TrainConfig, get_preset, get_recipe
 from metarl_tf.training import RunError, run_recipe
 from metarl_tf.training.recipes import leg_dir
 from metarl_tf.training.trainer import MetaTrainer
 from tests.numerics import assert_exact
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recipes_are_valid_sequences_of_legs():
@@ -27,8 +30,8 @@ def test_recipes_are_valid_sequences_of_legs():
         get_recipe("nope")
 
 
-def test_nav2d_recipe_is_the_documented_three_legs():
-    """docs/RESULTS.md's commands for saved_models/nav2d-maml, leg by leg."""
+def test_nav2d_recipe_is_the_documented_legs_and_ends_in_the_shipped_bundles_config():
+    """docs/RESULTS.md's legs for saved_models/nav2d-maml, leg by leg."""
     legs = get_recipe("nav2d").legs
     base = get_preset("nav2d-metasgd-lowstd").replace(
         hidden_sizes=(100, 100), activation="relu", log_std_shift=True
@@ -37,6 +40,11 @@ def test_nav2d_recipe_is_the_documented_three_legs():
     two = base.replace(meta_sgd_per_step=True, inner_steps=2, every_step_objective=True)
     assert legs[1].config() == two.replace(iterations=400) and legs[1].select == "last"
     assert legs[2].config() == two.replace(iterations=600) and legs[2].select == "last"
+    assert legs[3].config() == two.replace(iterations=700, meta_batch_size=40)
+    assert legs[4].config() == two.replace(iterations=760, meta_batch_size=80)
+    assert len(legs) == 5
+    meta = json.loads((REPO_ROOT / "saved_models" / "nav2d-maml" / "meta.json").read_text())
+    assert TrainConfig.from_dict(meta["training"]["config"]) == legs[4].config()
 
 
 def _run(tmp_path, name, **kw):
