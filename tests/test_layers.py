@@ -15,12 +15,10 @@ map fails the test: place it when you add it (docs/architecture.md explains the 
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fresh_python import run_python
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("metarl_tf", "serving")
@@ -293,21 +291,8 @@ def test_the_guards_catch_what_they_should(tmp_path):
     assert imports_of("metarl_tf.policy", modules) == {"metarl_tf.envs", "metarl_tf.envs.other"}
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
-
-
 def _run(script: str, **env: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO_ROOT,
-        env={**_clean_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_python(["-c", script], timeout=300, **env)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 

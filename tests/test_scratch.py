@@ -2,14 +2,11 @@
 episode-return bookkeeping, and a tiny end-to-end run."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import gymnasium
 import numpy as np
 import pytest
+from fresh_python import run_python
 from numerics import assert_close, assert_exact
 
 import metarl_tf  # noqa: F401  (TF_USE_LEGACY_KERAS before TF-Agents loads)
@@ -22,8 +19,6 @@ from metarl_tf.scratch import (
     train_on_task,
     ts,  # tf_agents.trajectories.time_step, imported after metarl_tf set TF_USE_LEGACY_KERAS
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def nav_env(goal, horizon=100):
@@ -82,15 +77,6 @@ def test_tiny_ppo_run_gives_a_finite_curve():
     assert all(-150 < r <= 0 for r in curve["mean_return"])
 
 
-def _python(code_or_args, cwd=REPO_ROOT):
-    """A fresh interpreter without TF_USE_LEGACY_KERAS (this process's conftest sets it)."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    return subprocess.run(
-        [sys.executable, *code_or_args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
 def test_tf_agents_networks_refuse_keras_3_as_tf_keras():
     """With Keras 3 imported first, tf.keras is Keras 3 and TF-Agents' networks silently train
@@ -100,7 +86,7 @@ def test_tf_agents_networks_refuse_keras_3_as_tf_keras():
         "import metarl_tf.scratch as s\n"
         "try:\n    s.require_legacy_tf_keras()\nexcept RuntimeError as e:\n    print('REFUSED', e)"
     )
-    out = _python(["-c", code])
+    out = run_python(["-c", code])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "REFUSED tf.keras is Keras 3" in out.stdout and "import metarl_tf.scratch" in out.stdout
 
@@ -116,6 +102,6 @@ def test_scratch_ppo_command_runs_tf_agents_on_legacy_tf_keras(tmp_path):
     out_json = tmp_path / "scratch.json"
     args = ["-m", "metarl_tf", "scratch-ppo", str(bundle), "--tasks", "1", "--episodes", "2"]
     args += ["--steps", "1", "--env-steps", "20", "--json", str(out_json)]
-    out = _python(args)
+    out = run_python(args)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out_json.read_text())["ppo_scratch"]["per_task_curves"]
