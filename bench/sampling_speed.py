@@ -2,15 +2,16 @@
 x horizon 200), Nav2D and HalfCheetahVel, on each way of stepping the sub-environments:
 
 - ``local_1``: this process (``--backend local``);
-- ``ray_1``, ``ray_2``: 1 or 2 Ray actors stepping slices, one batched policy call per step in
-  this process (``--backend ray``);
-- ``ray_2_rollouts``: 2 Ray actors that each run their tasks' whole rollout with a numpy copy of
-  the policy (no per-step round trip; a prototype defined here, to compare with ``ray_2``).
+- ``ray_1``, ``ray_2``: 1 or 2 Ray actors, each running the whole episodes of a block of tasks
+  with the numpy policy (``--backend ray``, :mod:`metarl_tf.envs.ray_backend`);
+- ``ray_2_stepping``: 2 Ray actors that step their sub-envs one time step per call, with one
+  batched policy call per step in this process (a prototype defined here: the other design the
+  Ray backend was measured against).
 
-Every setup samples one batch first (start-up: worker processes, actors, envs built), then the
-setups take turns for ``--rounds`` rounds, so that a load change on a shared machine hits them
-all alike; the median of the rounds is reported, with every round's figure, the ratios to
-``local_1`` and the load average. Asserts nothing.
+Every setup samples one batch first (start-up: actors and envs built), then the setups take turns
+for ``--rounds`` rounds, so that a load change on a shared machine hits them all alike; the median
+of the rounds is reported, with every round's figure, the ratios to ``local_1`` and the load
+average. Asserts nothing.
 
     python bench/sampling_speed.py [--rounds 5] [--json bench/results/sampling_speed.json]
 """
@@ -29,72 +30,78 @@ import numpy as np
 FAMILIES = {"nav2d": "nav2d", "halfcheetah-vel": "halfcheetah-vel"}  # name -> training preset
 
 
-class RolloutWorker:
-    """A Ray actor body that runs whole rollouts of its tasks with a numpy policy (prototype)."""
+class SteppingWorker:
+    """A Ray actor body that holds a block of sub-envs and steps them once per call (prototype)."""
 
     def __init__(self):
-        from metarl_tf.envs.ray_backend import EnvWorker
+        self.dist = self.env = None
 
-        self.envs = EnvWorker()
+    def reset(self, dist, tasks, episodes, seed, offset, total):
+        if self.dist is None:
+            self.dist = dist.in_process()
+        self.env = self.dist.make_batched_env(list(tasks), episodes)
+        self.env.seed(seed, offset, total)
+        return self.env.reset()
 
-    def rollout(self, key, dist, tasks, episodes, params, noise, env_seed, offset, total, act):
-        from metarl_tf.policy import numpy_forward
-
-        per_env = [t for t in tasks for _ in range(episodes)]
-        self.envs.configure(key, dist, per_env, offset, total)
-        obs = self.envs.reset(True, env_seed)
-        n, horizon = len(per_env), noise.shape[0]
-        rewards = np.zeros((horizon, n), np.float32)
-        observations = np.zeros((horizon, n, obs.shape[1]), np.float32)
-        actions = np.zeros((horizon, n, noise.shape[-1]), np.float32)
-        active = np.ones(n, bool)
-        steps = 0
-        for t in range(horizon):
-            mean, log_std = numpy_forward(params, obs.reshape(len(tasks), episodes, -1), act)
-            a = (mean + np.exp(log_std) * noise[t]).reshape(n, -1)
-            obs_next, reward, done = self.envs.step(a)
-            observations[t], actions[t] = obs, a
-            rewards[t] = np.where(active, reward, 0.0)
-            steps += int(active.sum())
-            active &= ~done
-            obs = obs_next
-            if not active.any():
-                break
-        return observations, actions, rewards, steps
+    def step(self, actions):
+        return tuple(self.env.step(actions))
 
 
-def _rollouts_sampler(ray, dist, policy, episodes, workers):
-    """``sample(params, tasks, seed) -> env steps`` on ``workers`` RolloutWorker actors, each
-    with a contiguous block of whole tasks (so each runs the per-task matmuls locally)."""
-    import uuid
+class SteppedOnActors:
+    """A :class:`~metarl_tf.envs.base.BatchedEnv` whose blocks of tasks live on
+    ``SteppingWorker`` actors: observations gathered and actions scattered every step."""
 
-    actors = [ray.remote(RolloutWorker).options(num_cpus=1).remote() for _ in range(workers)]
-    key, ref = uuid.uuid4().hex, ray.put(dist.in_process())
+    def __init__(self, ray, actors, dist_ref, tasks, episodes):
+        self.ray, self.actors, self.dist_ref = ray, actors, dist_ref
+        self.tasks, self.episodes = tasks, episodes
+        bounds = np.linspace(0, len(tasks), len(actors) + 1).round().astype(int)
+        self.blocks = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def seed(self, seed, offset=0, total=None):
+        self._seed = seed
+
+    def reset(self):
+        total = len(self.tasks) * self.episodes
+        refs = [
+            actor.reset.remote(
+                self.dist_ref,
+                self.tasks[a:b],
+                self.episodes,
+                self._seed,
+                int(a) * self.episodes,
+                total,
+            )
+            for actor, (a, b) in zip(self.actors, self.blocks, strict=True)
+        ]
+        return np.concatenate(self.ray.get(refs))
+
+    def step(self, actions):
+        from metarl_tf.envs.base import TimeStep
+
+        refs = [
+            actor.step.remote(actions[a * self.episodes : b * self.episodes])
+            for actor, (a, b) in zip(self.actors, self.blocks, strict=True)
+        ]
+        parts = self.ray.get(refs)
+        return TimeStep(*(np.concatenate(x) for x in zip(*parts, strict=True)))
+
+
+def _stepping_sampler(ray, dist, policy, episodes, workers):
+    """``sample(params, tasks, seed) -> env steps`` with ``workers`` SteppingWorker actors."""
+    from metarl_tf.envs.base import run_episodes
+
+    actors = [ray.remote(SteppingWorker).options(num_cpus=1).remote() for _ in range(workers)]
+    dist_ref = ray.put(dist.in_process())
+    actor = policy.numpy_actor()
 
     def sample(params, tasks, seed):
-        params = [np.asarray(p, np.float32) for p in params]
-        params = [np.broadcast_to(p, (len(tasks), *p.shape)) for p in params]
+        params = [np.repeat(np.asarray(p, np.float32)[None], len(tasks), axis=0) for p in params]
         rng = np.random.default_rng(seed)
         noise = policy.sample_noise(rng, (dist.horizon, len(tasks), episodes))
-        env_seed = int(rng.integers(2**31))
-        bounds = np.linspace(0, len(tasks), workers + 1).round().astype(int)
-        refs = [
-            actor.rollout.remote(
-                key,
-                ref,
-                tasks[a:b],
-                episodes,
-                [p[a:b] for p in params],
-                noise[:, a:b],
-                env_seed,
-                a * episodes,
-                len(tasks) * episodes,
-                policy.activation,
-            )  # fmt: skip
-            for actor, a, b in zip(actors, bounds[:-1], bounds[1:], strict=True)
-        ]
-        parts = ray.get(refs)
-        return sum(part[3] for part in parts)
+        env = SteppedOnActors(ray, actors, dist_ref, tasks, episodes)
+        env.seed(int(rng.integers(2**31)))
+        arrays = run_episodes(env, actor.stepper(params, noise, episodes, False), dist.horizon)
+        return int(arrays.mask.sum())
 
     return sample
 
@@ -139,8 +146,8 @@ def main() -> None:
             name: functools.partial(_sample_steps, sampler, params)
             for name, sampler in setups.items()
         }
-        runners["ray_2_rollouts"] = functools.partial(
-            _rollouts_sampler(ray, local, policy, args.episodes, 2), params
+        runners["ray_2_stepping"] = functools.partial(
+            _stepping_sampler(ray, local, policy, args.episodes, 2), params
         )
         times: dict[str, list[float]] = {name: [] for name in runners}
         warm_tasks = local.sample_tasks(args.tasks, seed=100)

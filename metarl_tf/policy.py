@@ -5,16 +5,17 @@ pure function :func:`gaussian_mlp_forward`, which takes the weights as a list of
 one set ``[*shape]`` or one set per task ``[tasks, *shape]`` (a batched matmul, so all tasks'
 adapted policies run in one computation instead of a loop of Keras calls).
 
-The parameter layout (this module owns it; :func:`split_parameters` reads it): for each hidden
-layer its kernel and bias, then the output kernel and bias, then, for the Gaussian, the
-state-independent ``log_std`` (index :data:`LOG_STD`): ``[k_0, b_0, ..., k_out, b_out, log_std]``.
-The MLP forward pass over that layout is written once in TensorFlow (:func:`mlp_forward`) and once
-in numpy (:func:`numpy_mlp`); everything else calls them.
+The parameter layout is defined with the numpy half of the policies, in
+:mod:`metarl_tf.numpy_policy` (:func:`split_parameters` reads it): for each hidden layer its kernel
+and bias, then the output kernel and bias, then, for the Gaussian, the state-independent
+``log_std`` (index :data:`LOG_STD`): ``[k_0, b_0, ..., k_out, b_out, log_std]``. The MLP forward
+pass over that layout is written once in TensorFlow (:func:`mlp_forward`) and once in numpy
+(:func:`numpy_mlp`, re-exported here with the rest of that module); everything else calls them.
 
 Discrete action spaces get :class:`CategoricalMLPPolicy` (same MLP, a ``logits`` head, no
 ``log_std``). Both policies expose the same distribution interface (``forward`` → distribution
 parameters, ``log_prob``, ``kl``, ``entropy``, ``output_fisher``, and the sampler's numpy
-``sample_noise`` / ``numpy_act``), so the algorithm never branches on the policy type;
+``sample_noise`` / ``numpy_act`` / ``numpy_actor``), so the algorithm never branches on the policy type;
 :func:`make_policy` picks the class from the action spec.
 
 Actions in an ``EpisodeBatch`` are always float32 ``[..., act_dim]``: a Gaussian policy's raw
@@ -31,6 +32,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from metarl_tf.numpy_policy import (  # noqa: F401  (the numpy half, re-exported here)
+    LOG_STD,
+    NUMPY_ACTIVATIONS,
+    NumpyActor,
+    numpy_categorical_sample,
+    numpy_forward,
+    numpy_mlp,
+    split_parameters,
+)
 from metarl_tf.specs import action_spec_problem, is_discrete_spec, num_actions
 
 ACTIVATIONS = {"tanh": tf.tanh, "relu": tf.nn.relu}
@@ -39,17 +49,6 @@ ACTIVATIONS = {"tanh": tf.tanh, "relu": tf.nn.relu}
 def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-
-
-LOG_STD = -1  # index of a Gaussian policy's log_std in its parameter list
-
-
-def split_parameters(params, has_log_std: bool = True):
-    """``(kernels, biases, log_std)`` of a parameter list in the layout above (``log_std`` is
-    ``None`` without one); works on any per-parameter list (weights, tangents, gradients)."""
-    params = list(params)
-    layers, log_std = (params[:LOG_STD], params[LOG_STD]) if has_log_std else (params, None)
-    return layers[0::2], layers[1::2], log_std
 
 
 class _MLPBase:
@@ -200,12 +199,13 @@ class GaussianMLPPolicy(_MLPBase, keras.Model):
         """Standard normal noise ``[*lead_shape, act_dim]`` for :meth:`numpy_act`."""
         return rng.standard_normal((*lead_shape, self.act_dim)).astype(np.float32)
 
+    def numpy_actor(self) -> NumpyActor:
+        """The numpy action rule (picklable): raw actions ``mean + σ·noise``, or the mean."""
+        return NumpyActor("gaussian", self.activation)
+
     def numpy_act(self, params, observations, noise, deterministic: bool = False) -> np.ndarray:
         """Raw actions ``mean + σ·noise`` (or the mean) in numpy, ``[..., act_dim]`` float32."""
-        mean, log_std = numpy_forward(params, observations, self.activation)
-        if deterministic:
-            return mean
-        return mean + np.exp(log_std) * noise
+        return self.numpy_actor().act(params, observations, noise, deterministic)
 
 
 def check_parameter_shapes(values, shapes, names) -> None:
@@ -257,43 +257,6 @@ def gaussian_mlp_forward(params, observations, activation: str = "tanh"):
         extra = len(mean.shape) - 2  # axes between task and action
         log_std = tf.reshape(log_std, [-1] + [1] * extra + [log_std.shape[-1]])
     return mean, tf.broadcast_to(log_std, tf.shape(mean))
-
-
-# (x, out=) -> act(x), in place when out is x: the sampler calls these every step
-NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x, out: np.maximum(x, 0.0, out=out)}
-
-
-def numpy_mlp(layers, observations, activation: str = "tanh") -> np.ndarray:
-    """:func:`mlp_forward` in numpy (``[N, obs_dim]``, or ``[tasks, N, obs_dim]`` with per-task
-    weights); float32."""
-    act = NUMPY_ACTIVATIONS[activation]
-    batched = np.ndim(layers[0]) == 3
-    x = np.asarray(observations, np.float32)
-    kernels, biases, _ = split_parameters(layers, has_log_std=False)
-    for i, (kernel, bias) in enumerate(zip(kernels, biases, strict=True)):
-        x = np.matmul(x, kernel)  # a new array: the in-place ops below write to it
-        x += bias[:, None, :] if batched else bias
-        if i < len(kernels) - 1:
-            act(x, out=x)
-    return x
-
-
-def numpy_forward(params, observations, activation: str = "tanh"):
-    """:func:`gaussian_mlp_forward` in numpy, for inference where a TensorFlow call's fixed
-    overhead (~1 ms) would dominate: the sampler's per-step action and the service's ``/act``.
-
-    Args:
-        params: numpy arrays, unbatched ``[*shape]`` or per task ``[tasks, *shape]``.
-        observations: ``[N, obs_dim]`` unbatched, or ``[tasks, N, obs_dim]`` batched.
-
-    Returns:
-        ``(mean, log_std)`` broadcast to ``[..., act_dim]``, float32.
-    """
-    layers, log_std = params[:LOG_STD], params[LOG_STD]
-    batched = np.ndim(layers[0]) == 3
-    x = numpy_mlp(layers, observations, activation)
-    log_std = np.asarray(log_std)[:, None, :] if batched else log_std
-    return x, np.broadcast_to(log_std, x.shape)
 
 
 def gaussian_log_prob(mean, log_std, actions):
@@ -397,25 +360,14 @@ class CategoricalMLPPolicy(_MLPBase, keras.Model):
         """Uniform ``[0, 1)`` numbers ``[*lead_shape]`` for inverse-CDF sampling in :meth:`numpy_act`."""
         return rng.random(lead_shape)
 
+    def numpy_actor(self) -> NumpyActor:
+        """The numpy action rule (picklable): action indices by inverse CDF, or the argmax."""
+        return NumpyActor("categorical", self.activation)
+
     def numpy_act(self, params, observations, noise, deterministic: bool = False) -> np.ndarray:
         """Action indices (float32 ``[..., 1]``): the first ``i`` with ``CDF(i) > noise``, or the
         most likely action when ``deterministic``."""
-        logits = numpy_mlp(params, observations, self.activation)
-        if deterministic:
-            index = np.argmax(logits, axis=-1)
-        else:
-            index = numpy_categorical_sample(logits, noise)
-        return index[..., None].astype(np.float32)
-
-
-def numpy_categorical_sample(logits, uniform) -> np.ndarray:
-    """Inverse-CDF sampling: ``logits [..., k]``, ``uniform [...]`` in ``[0, 1)`` -> int64 ``[...]``."""
-    z = np.asarray(logits, np.float64)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    cdf = np.cumsum(p, axis=-1)
-    cdf /= cdf[..., -1:]
-    index = np.sum(cdf <= np.asarray(uniform)[..., None], axis=-1)
-    return np.minimum(index, z.shape[-1] - 1)
+        return self.numpy_actor().act(params, observations, noise, deterministic)
 
 
 def categorical_log_prob(logits, actions):

@@ -2,20 +2,22 @@
 
 All ``tasks x episodes`` sub-environments step together; at every time step the policy runs ONE
 batched computation for all tasks, each task with its own weights (``[tasks, ...]`` parameters,
-a batched matmul). That per-step forward pass is numpy (``policy.numpy_act``, built on
-:func:`metarl_tf.policy.numpy_forward` / ``numpy_mlp``): for a few hundred observations a
-TensorFlow call costs ~1 ms of fixed overhead, 10x the arithmetic, and nothing is differentiated
-here (the losses recompute log-probabilities in TensorFlow from
-the stored actions). The policy draws its own per-step noise (``sample_noise``: Gaussian
-noise, or uniform numbers for inverse-CDF sampling of a categorical policy) from the sampler's
-seeded RNG, and turns observations and noise into actions (``numpy_act``).
+a batched matmul). That per-step forward pass is numpy (the policy's picklable
+:class:`~metarl_tf.numpy_policy.NumpyActor`, ``policy.numpy_actor()``): for a few hundred
+observations a TensorFlow call costs ~1 ms of fixed overhead, 10x the arithmetic, and nothing is
+differentiated here (the losses recompute log-probabilities in TensorFlow from the stored
+actions). The policy draws its own per-step noise (``sample_noise``: Gaussian noise, or uniform
+numbers for inverse-CDF sampling of a categorical policy) from the sampler's seeded RNG up front,
+so the actions of a batch depend only on its inputs, not on where it runs.
 
-Where the sub-environments step is the *backend*'s business: :class:`LocalBackend` builds the
-task distribution's own batched env in this process (the embedded default);
-:class:`metarl_tf.envs.ray_backend.RayBackend` splits the sub-environments over Ray actors and
-gathers their observations for the same one policy call per step (:func:`make_backend`). A backend
-that loses a worker mid-batch raises :class:`RecoverableSamplingError`; the sampler then samples
-the whole batch again (the same seed gives the same batch) and counts the retry.
+Where the episodes run is the *backend*'s business (``run_episodes``): :class:`LocalBackend`
+steps the task distribution's own batched env in this process (the embedded default);
+:class:`metarl_tf.envs.ray_backend.RayBackend` gives each Ray actor a block of whole tasks, with
+their weights and noise, and the actor runs those tasks' episodes to the end with the same loop
+(:func:`metarl_tf.envs.base.run_episodes`) and the same numpy actor (:func:`make_backend`). The
+batch is the same either way. A backend that loses a worker mid-batch raises
+:class:`RecoverableSamplingError`; the sampler then samples the whole batch again (the same seed
+gives the same batch) and counts the retry.
 
 Discrete actions are stored float-encoded (``[..., 1]`` float32 holding the index, see
 :mod:`metarl_tf.policy`) and handed to the env as integers ``[num_envs]``.
@@ -29,10 +31,17 @@ from typing import Protocol
 
 import numpy as np
 
-from metarl_tf.envs.base import BatchedEnv, RecoverableSamplingError, Task, TaskDistribution
+from metarl_tf.envs.base import (
+    BatchedEnv,
+    EpisodeArrays,
+    RecoverableSamplingError,
+    Task,
+    TaskDistribution,
+    run_episodes,
+)
 from metarl_tf.episodes import EpisodeBatch
+from metarl_tf.numpy_policy import NumpyActor
 from metarl_tf.policy import GaussianMLPPolicy
-from metarl_tf.specs import is_discrete_spec
 
 BACKENDS = ("local", "ray")
 __all__ = [
@@ -48,15 +57,22 @@ _log = logging.getLogger(__name__)
 
 
 class SamplingBackend(Protocol):
-    """Where the sub-environments of a batch step: ``make_batched_env`` has the meaning of
-    :meth:`TaskDistribution.make_batched_env` (task-major, ``BatchedEnv.seed`` before every
-    ``reset``); ``close`` releases the backend's workers."""
+    """Where the episodes of a batch run: ``run_episodes`` as :meth:`LocalBackend.run_episodes`;
+    ``close`` releases the backend's workers."""
 
     name: str
 
-    def make_batched_env(
-        self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
-    ) -> BatchedEnv: ...
+    def run_episodes(
+        self,
+        dist: TaskDistribution,
+        tasks: list[Task],
+        episodes_per_task: int,
+        env_seed: int,
+        actor: NumpyActor,
+        params: list[np.ndarray],
+        noise: np.ndarray,
+        deterministic: bool = False,
+    ) -> EpisodeArrays: ...
 
     def close(self) -> None: ...
 
@@ -74,9 +90,36 @@ class LocalBackend:
     def make_batched_env(
         self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
     ) -> BatchedEnv:
+        """:meth:`TaskDistribution.make_batched_env` of the distribution's in-process copy."""
         if dist not in self._workers:
             self._workers[dist] = dist.in_process()
         return self._workers[dist].make_batched_env(tasks, episodes_per_task)
+
+    def run_episodes(
+        self,
+        dist: TaskDistribution,
+        tasks: list[Task],
+        episodes_per_task: int,
+        env_seed: int,
+        actor: NumpyActor,
+        params: list[np.ndarray],
+        noise: np.ndarray,
+        deterministic: bool = False,
+    ) -> EpisodeArrays:
+        """Every sub-env's episode (task-major, ``len(tasks) * episodes_per_task`` of them),
+        time-major :class:`~metarl_tf.envs.base.EpisodeArrays` over ``noise.shape[0]`` steps.
+
+        Args:
+            env_seed: ``BatchedEnv.seed`` of the whole batch.
+            actor: the policy's numpy action rule.
+            params: per-task weights ``[tasks, *shape]``.
+            noise: the policy's noise ``[horizon, tasks, episodes, ...]``.
+            deterministic: the mean (or most likely) action instead of a sample.
+        """
+        env = self.make_batched_env(dist, tasks, episodes_per_task)
+        env.seed(env_seed)
+        choose = actor.stepper(params, noise, episodes_per_task, deterministic)
+        return run_episodes(env, choose, noise.shape[0], actor.distribution == "categorical")
 
     def close(self) -> None:
         for worker in list(self._workers.values()):
@@ -126,10 +169,8 @@ class _OnFirstUse:
             self._backend = self._build()
         return self._backend
 
-    def make_batched_env(
-        self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
-    ) -> BatchedEnv:
-        return self.backend.make_batched_env(dist, tasks, episodes_per_task)
+    def run_episodes(self, *args, **kwargs) -> EpisodeArrays:
+        return self.backend.run_episodes(*args, **kwargs)
 
     def close(self) -> None:
         if self._backend is not None:
@@ -163,8 +204,8 @@ class Sampler:
         backend: SamplingBackend | None = None,
         max_retries: int = 3,
     ):
-        # policy: GaussianMLPPolicy or CategoricalMLPPolicy (anything with act_dim, sample_noise,
-        # numpy_act)
+        # policy: GaussianMLPPolicy or CategoricalMLPPolicy (anything with sample_noise and
+        # numpy_actor)
         self.dist = dist
         self.policy = policy
         self.episodes_per_task = int(episodes_per_task)
@@ -205,35 +246,15 @@ class Sampler:
     def _sample(self, params, tasks: list[Task], seed: int, deterministic: bool) -> EpisodeBatch:
         n_tasks, n_eps, horizon = len(tasks), self.episodes_per_task, self.horizon
         params = [np.asarray(p, np.float32) for p in params]
-        if params[0].ndim == 2:  # shared weights: one copy per task
-            params = [np.broadcast_to(p, (n_tasks, *p.shape)) for p in params]
-        policy = self.policy
-        obs_dim = self.dist.observation_spec.shape[0]
-        act_dim = policy.act_dim
-        discrete = is_discrete_spec(self.dist.action_spec)
+        if params[0].ndim == 2:  # shared weights: one (contiguous) copy per task
+            params = [np.repeat(p[None], n_tasks, axis=0) for p in params]
         rng = np.random.default_rng(seed)
-        noise = policy.sample_noise(rng, (horizon, n_tasks, n_eps))
+        noise = self.policy.sample_noise(rng, (horizon, n_tasks, n_eps))
         env_seed = int(rng.integers(2**31))  # drawn after the noise: the noise does not change
-        observations = np.zeros((horizon, n_tasks * n_eps, obs_dim), np.float32)
-        actions = np.zeros((horizon, n_tasks * n_eps, act_dim), np.float32)
-        rewards = np.zeros((horizon, n_tasks * n_eps), np.float32)
-        mask = np.zeros((horizon, n_tasks * n_eps), np.float32)
-
-        env = self.backend.make_batched_env(self.dist, tasks, n_eps)
-        env.seed(env_seed)
-        obs = env.reset()
-        active = np.ones(n_tasks * n_eps, bool)
-        for t in range(horizon):
-            act = policy.numpy_act(
-                params, obs.reshape(n_tasks, n_eps, obs_dim), noise[t], deterministic
-            ).reshape(n_tasks * n_eps, act_dim)
-            step = env.step(act[:, 0].astype(np.int64) if discrete else act)
-            observations[t], actions[t], mask[t] = obs, act, active
-            rewards[t] = np.where(active, step.reward, 0.0)
-            active = active & ~step.done
-            obs = step.observation
-            if not active.any():
-                break
+        observations, actions, rewards, mask = self.backend.run_episodes(
+            self.dist, tasks, n_eps, env_seed, self.policy.numpy_actor(), params, noise,
+            deterministic,
+        )  # fmt: skip
 
         def to_batch(x):  # [T, tasks * eps, ...] -> [tasks, eps, T, ...]
             x = x.reshape(horizon, n_tasks, n_eps, *x.shape[2:])

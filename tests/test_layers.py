@@ -37,8 +37,9 @@ LAYERS: dict[int, list[str]] = {
         "metarl_tf.checkpoint",
         "metarl_tf.atomic_files",
     ],
-    # environments; policies (the MLP forward pass, the parameter layout); advantages
-    1: ["metarl_tf.envs", "metarl_tf.policy", "metarl_tf.advantages"],
+    # environments; policies (the MLP forward pass, the parameter layout; the numpy half without
+    # TensorFlow); advantages
+    1: ["metarl_tf.envs", "metarl_tf.policy", "metarl_tf.numpy_policy", "metarl_tf.advantages"],
     # the algorithm: inner step, analytic curvature, outer steps; the sampler
     2: ["metarl_tf.maml", "metarl_tf.curvature", "metarl_tf.outer", "metarl_tf.rollout"],
     # what a trained policy is and how it leaves the library

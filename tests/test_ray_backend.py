@@ -2,15 +2,18 @@
 that die are restarted and the batch sampled again, and a training run on Ray writes the same
 bundle as one in this process. Ray starts once for the module (2 CPUs, no dashboard)."""
 
+import dataclasses
 import json
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
 from numerics import assert_exact
 
 from metarl_tf.envs import make_task_distribution
+from metarl_tf.numpy_policy import NumpyActor
 from metarl_tf.policy import make_policy
 from metarl_tf.rollout import Sampler, make_backend
 
@@ -18,6 +21,9 @@ ray = pytest.importorskip("ray", reason='the ray extra: pip install -e ".[ray]"'
 pytestmark = pytest.mark.slow  # Ray starts in seconds; the module takes about a minute
 
 from metarl_tf.envs.ray_backend import RayBackend, connect  # noqa: E402
+
+# The actors cannot import this test module: ship its classes (_KillingActor) by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +50,10 @@ def _assert_same_batch(a, b):
 @pytest.mark.parametrize(
     "name, kwargs, tasks, episodes",
     [
-        ("nav2d", {"horizon": 30}, 3, 3),  # 9 sub-envs: slices of 5 and 4, cut inside a task
+        ("nav2d", {"horizon": 30}, 3, 3),  # blocks of 1 and 2 tasks
         ("halfcheetah-vel", {"horizon": 12}, 3, 2),
         ("bandit", {"horizon": 6}, 3, 3),  # seeded rewards: the same draws on any slice
-        ("cartpole", {"horizon": 20}, 2, 3),  # seeded initial states
+        ("cartpole", {"horizon": 40}, 3, 3),  # seeded initial states; episodes end early
     ],
 )
 def test_ray_batch_equals_local_batch(backend, name, kwargs, tasks, episodes):
@@ -65,42 +71,73 @@ def test_ray_batch_equals_local_batch(backend, name, kwargs, tasks, episodes):
     _assert_same_batch(remote, local)
 
 
-def test_actors_own_contiguous_slices(backend):
+def test_actors_own_contiguous_blocks_of_tasks(backend):
     assert backend.split(9) == [slice(0, 4), slice(4, 9)]
     assert backend.split(1) == [slice(0, 1)]  # no actor gets an empty slice
     pids = {pid for _, pid in backend.placement()}
     assert len(pids) == 2 and os.getpid() not in pids
 
 
-class _KillingPolicy:
-    """Delegates to ``policy``; at the ``at``-th action of the first batch, kills the process of
-    the actor holding the last slice (SIGKILL, as an out-of-memory killer or a lost node would)."""
+@dataclasses.dataclass(frozen=True)
+class _KillingActor:
+    """The policy's numpy actor, except that the first sampling process to reach step ``at``
+    kills itself (SIGKILL, as an out-of-memory killer or a lost node would); the marker file,
+    created exclusively and holding that process's id, makes it happen once."""
 
-    def __init__(self, policy, pid, at):
-        self._policy, self._pid, self._at, self.calls = policy, pid, at, 0
+    actor: NumpyActor
+    marker: str
+    at: int
+
+    @property
+    def distribution(self):
+        return self.actor.distribution
+
+    def stepper(self, params, noise, episodes_per_task, deterministic=False):
+        choose = self.actor.stepper(params, noise, episodes_per_task, deterministic)
+
+        def step(t, observations):
+            if t == self.at:
+                try:
+                    fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.write(fd, str(os.getpid()).encode())
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return choose(t, observations)
+
+        return step
+
+
+class _KillingPolicy:
+    """Delegates to ``policy``; its numpy actor is a :class:`_KillingActor`."""
+
+    def __init__(self, policy, marker, at):
+        self._policy, self._marker, self._at = policy, marker, at
 
     def __getattr__(self, name):
         return getattr(self._policy, name)
 
-    def numpy_act(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self._at:
-            os.kill(self._pid, signal.SIGKILL)
-        return self._policy.numpy_act(*args, **kwargs)
+    def numpy_actor(self):
+        return _KillingActor(self._policy.numpy_actor(), self._marker, self._at)
 
 
-def test_killed_actor_is_restarted_and_the_batch_sampled_again(backend):
+def test_killed_actor_is_restarted_and_the_batch_sampled_again(backend, tmp_path):
     dist = make_task_distribution("halfcheetah-vel", horizon=10)
     policy = _policy(dist, seed=1)
     tasks = dist.sample_tasks(2, seed=0)
     expected = Sampler(dist, policy, 2).sample(policy.parameters, tasks, seed=5)
-    pid = backend.placement()[-1][1]
-    sampler = Sampler(dist, _KillingPolicy(policy, pid, at=4), 2, backend)
+    pids = [pid for _, pid in backend.placement()]
+    marker = tmp_path / "killed"
+    sampler = Sampler(dist, _KillingPolicy(policy, str(marker), at=4), 2, backend)
     batch = sampler.sample(policy.parameters, tasks, seed=5)
     assert sampler.retries == 1
     _assert_same_batch(batch, expected)  # the whole batch again, not a patched partial one
+    killed = int(marker.read_text())
+    assert killed in pids
     new_pids = [pid for _, pid in backend.placement()]
-    assert pid not in new_pids and len(new_pids) == 2  # Ray restarted the actor
+    assert killed not in new_pids and len(new_pids) == 2  # Ray restarted the actor
 
 
 def test_train_on_ray_writes_the_same_bundle_as_local(backend, tmp_path):

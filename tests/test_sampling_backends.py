@@ -1,13 +1,14 @@
-"""The sampler's backend contract without Ray: a batch split into slices (each seeded as part of
-the whole batch) steps exactly as the whole batch, and a backend that loses a worker makes the
-sampler sample the batch again, up to ``max_retries`` times."""
+"""The sampler's backend contract without Ray: a batch split into blocks of whole tasks (each
+seeded as part of the whole batch, with its tasks' weights and noise) runs exactly as the whole
+batch, and a backend that loses a worker makes the sampler sample the batch again, up to
+``max_retries`` times."""
 
 import numpy as np
 import pytest
 from numerics import assert_exact
 
 from metarl_tf.envs import make_task_distribution
-from metarl_tf.envs.base import RecoverableSamplingError
+from metarl_tf.envs.base import RecoverableSamplingError, run_episodes
 from metarl_tf.envs.ray_backend import EnvWorker
 from metarl_tf.policy import make_policy
 from metarl_tf.rollout import LocalBackend, Sampler, make_backend
@@ -19,36 +20,59 @@ from metarl_tf.rollout import LocalBackend, Sampler, make_backend
         ("nav2d", {"horizon": 8}),
         ("nav2d-oracle", {"horizon": 8}),
         ("bandit", {"horizon": 8}),
-        ("cartpole", {"horizon": 8}),
+        ("cartpole", {"horizon": 40}),  # episodes end at different steps in the two blocks
         ("halfcheetah-vel", {"horizon": 8}),
     ],
 )
-def test_slices_seeded_as_parts_of_the_batch_step_as_the_whole_batch(name, kwargs):
+def test_blocks_of_tasks_run_as_parts_of_the_batch_equal_the_whole_batch(name, kwargs):
     dist = make_task_distribution(name, **kwargs)
-    tasks = dist.sample_tasks(3, seed=1)
-    per_env = [t for t in tasks for _ in range(2)]
-    whole = dist.make_batched_env(tasks, 2)
-    whole.seed(7)
-    workers = [EnvWorker(), EnvWorker()]
-    cuts = [slice(0, 1), slice(1, 6)]  # uneven, and cutting through a task's episodes
-    for w, s in zip(workers, cuts, strict=True):
-        w.configure("key", dist, per_env[s], s.start, len(per_env))
-    obs = [whole.reset()]
-    parts = [np.concatenate([w.reset(True, 7) for w in workers])]
-    rng = np.random.default_rng(0)
-    spec = dist.action_spec
-    for _ in range(dist.horizon):
-        if np.issubdtype(np.dtype(spec.dtype.as_numpy_dtype), np.integer):
-            actions = rng.integers(0, int(spec.maximum) + 1, size=6)
-        else:
-            actions = rng.uniform(-1, 1, size=(6, *spec.shape)).astype(np.float32)
-        ts = whole.step(actions)
-        steps = [w.step(actions[s]) for w, s in zip(workers, cuts, strict=True)]
-        obs.append(ts.observation)
-        parts.append(np.concatenate([p[0] for p in steps]))
-        assert_exact(np.concatenate([p[1] for p in steps]), ts.reward)
-        assert_exact(np.concatenate([p[2] for p in steps]), ts.done)
-    assert_exact(np.stack(parts), np.stack(obs))
+    policy = make_policy(dist.observation_spec, dist.action_spec, (8,), "tanh", -0.5)
+    tasks, episodes = dist.sample_tasks(3, seed=1), 2
+    rng = np.random.default_rng(0)  # per-task weights that move the envs somewhere
+    params = [
+        rng.normal(0, 0.5, (3, *np.shape(p))).astype(np.float32) for p in policy.get_parameters()
+    ]
+    noise = policy.sample_noise(rng, (dist.horizon, 3, episodes))
+    actor = policy.numpy_actor()
+    whole = LocalBackend().run_episodes(dist, tasks, episodes, 7, actor, params, noise)
+    blocks = [slice(0, 1), slice(1, 3)]  # uneven blocks of whole tasks
+    parts = [
+        EnvWorker().run_episodes(
+            "key",
+            dist,
+            tasks[b],
+            episodes,
+            b.start * episodes,
+            3 * episodes,
+            7,
+            actor,
+            [p[b] for p in params],
+            noise[:, b],
+            False,
+        )  # fmt: skip
+        for b in blocks
+    ]
+    for name, x, *ys in zip(whole._fields, whole, *parts, strict=True):
+        assert_exact(np.concatenate(ys, axis=1), x, err_msg=name)
+    assert whole.mask.sum() > 0
+    if name == "cartpole":  # the blocks' loops stopped at different steps, the batch is the same
+        lengths = whole.mask.sum(axis=0)
+        assert lengths.min() < lengths.max()
+        assert not whole.observations[whole.mask == 0].any()
+
+
+def test_run_episodes_zeroes_what_follows_an_episode():
+    dist = make_task_distribution("cartpole", horizon=60)
+    env = dist.make_batched_env(dist.sample_tasks(2, seed=0), 2)
+    env.seed(0)
+    out = run_episodes(env, lambda t, obs: np.ones((len(obs), 1), np.float32), 60, discrete=True)
+    lengths = out.mask.sum(axis=0)
+    assert lengths.max() < 60  # always pushing right: every pole falls
+    for i, n in enumerate(lengths.astype(int)):
+        assert out.mask[:n, i].all() and not out.mask[n:, i].any()
+        assert out.observations[:n, i].any(axis=-1).all()  # cartpole's state is never all 0
+        assert not out.observations[n:, i].any() and not out.actions[n:, i].any()
+        assert not out.rewards[n:, i].any() and out.rewards[:n, i].all()
 
 
 def test_seed_rejects_a_slice_outside_the_batch():
@@ -108,4 +132,4 @@ def test_the_ray_backend_starts_nothing_before_its_first_batch():
     backend = make_backend("ray", address="127.0.0.1:1")  # nothing listens there
     assert backend.name == "ray" and not ray.is_initialized()
     with pytest.raises(ConnectionError, match="no Ray cluster answers at 127.0.0.1:1"):
-        backend.make_batched_env(None, [], 1)
+        backend.placement()  # the first use starts (here: tries to join) Ray

@@ -98,6 +98,49 @@ class BatchedEnv(abc.ABC):
         so a batch is the same however it is split (:mod:`metarl_tf.envs.ray_backend`)."""
 
 
+class EpisodeArrays(NamedTuple):
+    """A batched env's episodes, time-major: ``observations [T, num_envs, obs_dim]``,
+    ``actions [T, num_envs, act_dim]``, ``rewards [T, num_envs]`` and ``mask [T, num_envs]``
+    (1 while the sub-env's episode runs); every entry after an episode's end is 0."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    mask: np.ndarray
+
+
+def run_episodes(env: BatchedEnv, choose, horizon: int, discrete: bool = False) -> EpisodeArrays:
+    """Resets ``env`` (seed it first) and steps every sub-env to the end of its episode or to
+    ``horizon`` steps, with ``choose(t, observations [num_envs, obs_dim]) -> actions
+    [num_envs, act_dim]`` float32 (integer action indices float-encoded when ``discrete``).
+
+    The loop stops once every episode has ended; entries after an episode's end are 0, so a batch
+    stepped in slices (each slice's loop stopping on its own) equals the batch stepped whole.
+    """
+    obs = np.asarray(env.reset(), np.float32)
+    n = obs.shape[0]
+    observations = actions = None
+    rewards = np.zeros((horizon, n), np.float32)
+    mask = np.zeros((horizon, n), np.float32)
+    active = np.ones(n, bool)
+    for t in range(horizon):
+        act = np.asarray(choose(t, obs), np.float32)
+        if observations is None:
+            observations = np.zeros((horizon, n, obs.shape[1]), np.float32)
+            actions = np.zeros((horizon, n, act.shape[1]), np.float32)
+        step = env.step(act[:, 0].astype(np.int64) if discrete else act)
+        observations[t], actions[t], mask[t] = obs, act, active
+        rewards[t] = np.where(active, step.reward, 0.0)
+        active = active & ~np.asarray(step.done, bool)
+        obs = np.asarray(step.observation, np.float32)
+        if not active.any():
+            break
+    ended = mask == 0.0
+    observations[ended] = 0.0
+    actions[ended] = 0.0
+    return EpisodeArrays(observations, actions, rewards, mask)
+
+
 class TaskDistribution(abc.ABC):
     """A family of tasks. Subclasses set ``name``, the specs and ``horizon``.
 

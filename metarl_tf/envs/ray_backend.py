@@ -1,15 +1,17 @@
-"""Sampling on Ray: actors own slices of a batch's sub-environments.
+"""Sampling on Ray: each actor runs the episodes of a block of whole tasks.
 
 :class:`RayBackend` keeps ``num_workers`` Ray actors. For a batch of ``tasks x episodes``
-sub-environments, each actor builds its contiguous slice with the task distribution's own
-``make_batched_env`` (for gymnasium families: the same :class:`~metarl_tf.envs.workers.EnvGroup`
-as in this process; the actor holds the distribution's :meth:`~TaskDistribution.in_process` copy,
-so its envs are reused from batch to batch). :class:`RayBatchedEnv` is a
-:class:`~metarl_tf.envs.base.BatchedEnv` over the actors: ``reset`` and ``step`` send every actor
-its slice of the actions and gather the observations, so the sampler keeps one batched policy
-call per time step. Each actor seeds its slice as sub-envs ``offset ..`` of the whole batch
-(``BatchedEnv.seed(seed, offset, total)``): a batch is the same on any number of actors, and the
-same as in this process.
+sub-environments, every actor gets a contiguous block of whole tasks with their weights and their
+steps' noise, builds those sub-envs with the task distribution's own ``make_batched_env`` (for
+gymnasium families: the same :class:`~metarl_tf.envs.workers.EnvGroup` as in this process; the
+actor holds the distribution's :meth:`~TaskDistribution.in_process` copy, so its envs are reused
+from batch to batch) and runs them to the end with the sampler's own loop
+(:func:`~metarl_tf.envs.base.run_episodes`) and the policy's numpy action rule (a picklable
+:class:`~metarl_tf.numpy_policy.NumpyActor`; the actors import numpy, not TensorFlow). Each actor
+seeds its block as sub-envs ``offset ..`` of the whole batch (``BatchedEnv.seed(seed, offset,
+total)``), and the noise was drawn for the whole batch: a batch is the same on any number of
+actors, and the same as in this process. There is no round trip per time step: the learner waits
+once per batch.
 
 Faults: actors restart (``max_restarts``) when their process dies; a call to a dead, restarting or
 unresponsive actor (``timeout_s``) raises :class:`RecoverableSamplingError`, and the sampler
@@ -29,15 +31,14 @@ from typing import Any
 import numpy as np
 
 from metarl_tf.envs.base import (
-    BatchedEnv,
+    EpisodeArrays,
     RecoverableSamplingError,
     Task,
     TaskDistribution,
-    TimeStep,
+    run_episodes,
 )
 
 INSTALL_HINT = 'the ray backend needs Ray: pip install -e ".[ray]"'
-CONFIGURE_TIMEOUT_S = 600.0  # building a slice's envs (a fresh actor first imports its modules)
 CONNECT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 120.0  # actors placed and started
 _SHARED: dict[tuple[str, int], RayBackend] = {}
@@ -103,38 +104,29 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 class EnvWorker:
-    """The body of a sampling actor: one slice of a batch's sub-envs (see the module docstring).
+    """The body of a sampling actor: one block of a batch's tasks (see the module docstring).
 
     Plain Python (no Ray in it), so it can be tested, and run, in this process too."""
 
     def __init__(self):
         self._key: str | None = None
         self._dist: TaskDistribution | None = None
-        self._env: BatchedEnv | None = None
-        self._offset, self._total = 0, 0
 
-    def configure(self, key: str, dist: TaskDistribution, tasks: list[Task], offset: int,
-                  total: int) -> int:  # fmt: skip
-        """Builds sub-envs ``offset .. offset + len(tasks) - 1`` of a batch of ``total`` (one
-        task per sub-env); ``key`` names the distribution (a new one replaces the envs)."""
+    def run_episodes(self, key: str, dist: TaskDistribution, tasks: list[Task], episodes: int,
+                     offset: int, total: int, env_seed: int, actor, params: list[np.ndarray],
+                     noise: np.ndarray, deterministic: bool) -> EpisodeArrays:  # fmt: skip
+        """The episodes of sub-envs ``offset .. offset + len(tasks) * episodes - 1`` of a batch of
+        ``total`` seeded with ``env_seed``: ``tasks`` with their weights ``params``
+        (``[len(tasks), *shape]``) and noise (``[horizon, len(tasks), episodes, ...]``), as
+        :meth:`metarl_tf.rollout.LocalBackend.run_episodes`; ``key`` names the distribution (a
+        new one replaces the envs)."""
         if key != self._key:
             self.close()
             self._key, self._dist = key, dist.in_process()
-        self._env = self._dist.make_batched_env(list(tasks), 1)
-        self._offset, self._total = int(offset), int(total)
-        return os.getpid()
-
-    def reset(self, seeded: bool, seed: int | None) -> np.ndarray:
-        if seeded:
-            self._env.seed(seed, self._offset, self._total)
-        return np.asarray(self._env.reset(), np.float32)
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ts = self._env.step(actions)
-        return np.asarray(ts.observation, np.float32), ts.reward, ts.done
-
-    def get_attr(self, name: str) -> list:
-        return self._env.get_attr(name)
+        env = self._dist.make_batched_env(list(tasks), int(episodes))
+        env.seed(env_seed, int(offset), int(total))
+        choose = actor.stepper(params, noise, int(episodes), deterministic)
+        return run_episodes(env, choose, noise.shape[0], actor.distribution == "categorical")
 
     def placement(self) -> tuple[str, int]:
         """``(Ray node id, process id)`` of this actor."""
@@ -146,7 +138,7 @@ class EnvWorker:
         close = getattr(self._dist, "close", None)
         if close is not None:
             close()
-        self._key = self._dist = self._env = None
+        self._key = self._dist = None
 
 
 class RayBackend:
@@ -158,8 +150,8 @@ class RayBackend:
         num_workers: actors (0 = one per CPU of the cluster). They are spread over the
             cluster's nodes (``SPREAD`` scheduling).
         max_restarts: times Ray restarts an actor whose process died.
-        timeout_s: a reset or step that takes longer counts as a lost actor (it is killed and
-            restarted).
+        timeout_s: an actor whose block of a batch (building its envs included) takes longer
+            counts as lost (it is killed and restarted, and the batch sampled again).
     """
 
     name = "ray"
@@ -169,7 +161,7 @@ class RayBackend:
         address: str | None = None,
         num_workers: int = 0,
         max_restarts: int = 5,
-        timeout_s: float = 120.0,
+        timeout_s: float = 600.0,
     ):
         if int(num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -200,7 +192,6 @@ class RayBackend:
                 "--num-env-workers"
             )
         self._dists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.owner: RayBatchedEnv | None = None
 
     @classmethod
     def shared(cls, address: str | None = None, num_workers: int = 0) -> RayBackend:
@@ -220,7 +211,7 @@ class RayBackend:
         return self._dists[dist]
 
     def split(self, n: int) -> list[slice]:
-        """Contiguous slices of ``n`` sub-envs, one per actor (sizes differ by at most 1)."""
+        """Contiguous slices of ``n`` tasks, one per actor (sizes differ by at most 1)."""
         workers = max(1, min(self.num_workers, n))  # no empty slices
         bounds = np.linspace(0, n, workers + 1).round().astype(int)
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -286,70 +277,48 @@ class RayBackend:
         """``(node id, pid)`` of every actor."""
         return self.call("placement", [()] * self.num_workers)
 
-    def make_batched_env(
-        self, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
-    ) -> RayBatchedEnv:
-        return RayBatchedEnv(self, dist, tasks, episodes_per_task)
+    def run_episodes(
+        self,
+        dist: TaskDistribution,
+        tasks: list[Task],
+        episodes_per_task: int,
+        env_seed: int,
+        actor,
+        params: list[np.ndarray],
+        noise: np.ndarray,
+        deterministic: bool = False,
+    ) -> EpisodeArrays:
+        """:meth:`metarl_tf.rollout.LocalBackend.run_episodes` on the actors: each runs a
+        contiguous block of whole tasks (:meth:`split` of the tasks); the blocks' episodes are
+        joined in task order."""
+        key, ref = self._dist_ref(dist)
+        total = len(tasks) * int(episodes_per_task)
+        blocks = self.split(len(tasks))
+        parts = self.call(
+            "run_episodes",
+            [
+                (
+                    key,
+                    ref,
+                    tasks[b],
+                    episodes_per_task,
+                    b.start * episodes_per_task,
+                    total,
+                    env_seed,
+                    actor,
+                    [p[b] for p in params],
+                    noise[:, b],
+                    deterministic,
+                )  # fmt: skip
+                for b in blocks
+            ],
+        )
+        return EpisodeArrays(
+            *(np.concatenate(arrays, axis=1) for arrays in zip(*parts, strict=True))
+        )
 
     def close(self) -> None:
         """Stops the actors (Ray itself keeps running until ``ray.shutdown()``)."""
         for actor in self.actors:
             self._ray.kill(actor, no_restart=True)
         self.actors = []
-
-
-class RayBatchedEnv(BatchedEnv):
-    """``len(tasks) * episodes_per_task`` sub-envs (task-major) on the actors of ``backend``;
-    one batched env of a backend is in use at a time."""
-
-    def __init__(
-        self, backend: RayBackend, dist: TaskDistribution, tasks: list[Task], episodes_per_task: int
-    ):
-        per_env = [task for task in tasks for _ in range(episodes_per_task)]
-        self.num_envs = len(per_env)
-        self.backend = backend
-        self._slices = backend.split(self.num_envs)
-        key, ref = backend._dist_ref(dist)
-        backend.owner = self
-        backend.call(
-            "configure",
-            [(key, ref, per_env[s], s.start, self.num_envs) for s in self._slices],
-            timeout_s=CONFIGURE_TIMEOUT_S,
-        )
-        self._seeded, self._seed = False, None
-
-    def _check_owner(self) -> None:
-        if self.backend.owner is not self:
-            raise RuntimeError(
-                "this batched env's Ray actors now serve a newer make_batched_env(); "
-                "step one batched env of a backend at a time"
-            )
-
-    def seed(self, seed: int | None, offset: int = 0, total: int | None = None) -> None:
-        if offset != 0 or total not in (None, self.num_envs):
-            raise ValueError("a Ray batched env is a whole batch: seed it with offset 0")
-        self._seeded, self._seed = True, seed
-
-    def reset(self) -> np.ndarray:
-        self._check_owner()
-        parts = self.backend.call("reset", [(self._seeded, self._seed)] * len(self._slices))
-        self._seeded, self._seed = False, None
-        return np.concatenate(parts)
-
-    def step(self, actions: np.ndarray) -> TimeStep:
-        self._check_owner()
-        actions = np.asarray(actions)
-        if actions.shape[0] != self.num_envs:
-            raise ValueError(f"expected actions for {self.num_envs} sub-envs, got {actions.shape}")
-        parts = self.backend.call("step", [(actions[s],) for s in self._slices])
-        return TimeStep(
-            np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]).astype(np.float32),
-            np.concatenate([p[2] for p in parts]),
-        )
-
-    def get_attr(self, name: str) -> list:
-        """``getattr(env, name)`` of every sub-env's gymnasium env, in sub-env order."""
-        self._check_owner()
-        parts = self.backend.call("get_attr", [(name,)] * len(self._slices))
-        return [x for part in parts for x in part]
