@@ -1,7 +1,7 @@
 """The sampler: (weights per task, tasks) -> a padded ``EpisodeBatch``.
 
-All ``tasks x episodes`` sub-environments step together; at every time step the policy runs ONE
-batched computation for all tasks, each task with its own weights (``[tasks, ...]`` parameters,
+All ``tasks x episodes`` sub-environments step together (on Ray: those of each actor's block of
+tasks); at every time step the policy runs ONE batched computation for all of them, each task with its own weights (``[tasks, ...]`` parameters,
 a batched matmul). That per-step forward pass is numpy (the policy's picklable
 :class:`~metarl_tf.numpy_policy.NumpyActor`, ``policy.numpy_actor()``): for a few hundred
 observations a TensorFlow call costs ~1 ms of fixed overhead, 10x the arithmetic, and nothing is

@@ -50,7 +50,7 @@ def _assert_same_batch(a, b):
 @pytest.mark.parametrize(
     "name, kwargs, tasks, episodes",
     [
-        ("nav2d", {"horizon": 30}, 3, 3),  # blocks of 1 and 2 tasks
+        ("nav2d", {"horizon": 30}, 3, 3),  # blocks of 2 and 1 tasks
         ("halfcheetah-vel", {"horizon": 12}, 3, 2),
         ("bandit", {"horizon": 6}, 3, 3),  # seeded rewards: the same draws on any slice
         ("cartpole", {"horizon": 40}, 3, 3),  # seeded initial states; episodes end early

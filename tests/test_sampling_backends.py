@@ -52,8 +52,8 @@ def test_blocks_of_tasks_run_as_parts_of_the_batch_equal_the_whole_batch(name, k
         )  # fmt: skip
         for b in blocks
     ]
-    for name, x, *ys in zip(whole._fields, whole, *parts, strict=True):
-        assert_exact(np.concatenate(ys, axis=1), x, err_msg=name)
+    for field, x, *ys in zip(whole._fields, whole, *parts, strict=True):
+        assert_exact(np.concatenate(ys, axis=1), x, err_msg=field)
     assert whole.mask.sum() > 0
     if name == "cartpole":  # the blocks' loops stopped at different steps, the batch is the same
         lengths = whole.mask.sum(axis=0)

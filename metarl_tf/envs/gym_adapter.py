@@ -3,7 +3,7 @@
 Give :class:`GymTaskDistribution` a factory ``make_env(task) -> gymnasium.Env`` and a task
 sampler ``sample_tasks(n, rng) -> list[dict]``; it builds one gymnasium env per sub-environment
 and steps them in a loop in this process (:mod:`metarl_tf.envs.workers`); sampling on Ray
-actors splits a batch's sub-environments across processes and machines
+actors splits a batch's tasks into blocks across processes and machines
 (:mod:`metarl_tf.envs.ray_backend`). ``docs/environments.md`` has the recipe.
 
 Episodes end when the env terminates or truncates, or after ``horizon`` steps. Actions are clipped

@@ -174,7 +174,7 @@ class RayBackend:
         self._actor_class = ray.remote(EnvWorker).options(
             num_cpus=min(1.0, cpus / self.num_workers),
             max_restarts=int(max_restarts),
-            max_task_retries=0,  # a lost step is not replayed: the sampler re-samples the batch
+            max_task_retries=0,  # a lost block is not replayed: the sampler re-samples the batch
             scheduling_strategy="SPREAD",
         )
         self.actors = [self._actor_class.remote() for _ in range(self.num_workers)]

@@ -2,7 +2,7 @@
 
 :class:`EnvGroup` holds gymnasium environments built by a ``make_env(task)`` factory and steps
 them one after the other: in this process for a :class:`~metarl_tf.envs.gym_adapter.GymBatchedEnv`,
-and in each Ray actor for its slice of a batch (:mod:`metarl_tf.envs.ray_backend`), which is how
+and in each Ray actor for its block of a batch's tasks (:mod:`metarl_tf.envs.ray_backend`), which is how
 sub-environments step in parallel (``--backend ray``).
 """
 
