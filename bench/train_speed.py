@@ -9,9 +9,11 @@ time goes. Prints figures; asserts nothing.
 With several ``--outer`` values the same preset is measured once per outer step in this process
 (the meta-step breakdown is TRPO's only) and the JSON holds one entry per outer step.
 
-Reference (from issue 2, measured on this machine kind by the issue's author, not re-run here):
-pytorch-maml-rl on the same configuration takes 4.2 s per meta-iteration in its fastest setting
-(2 workers, 1 thread each) and 14.2 s with its defaults.
+With ``--peer-script PATH`` (the reference's ``run_speed.sh``: pytorch-maml-rl on the same
+configuration, 2 workers, 1 thread each, printing ``{"peer_median_s": ...}``) the reference runs
+before and after the measurement, on the same host, and the JSON adds its seconds per iteration
+and the ratio. Without it, the ratios are to figures of the reference measured on another host
+of this machine kind (4.2 s in its fastest setting, 14.2 s with its defaults).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,6 +139,12 @@ def measure(config, args) -> dict:
     }
 
 
+def run_peer(script: str) -> float:
+    """Seconds per meta-iteration of the reference, from its ``run_speed.sh``'s JSON line."""
+    out = subprocess.run(["bash", script], check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peer_median_s"])
+
+
 def describe(config) -> str:
     if config.outer == "trpo":
         outer = f"TRPO ({config.cg_iterations} CG iterations, line search)"
@@ -163,11 +172,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8, help="measured iterations")
     parser.add_argument("--warmup", type=int, default=2, help="iterations before measuring")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--peer-script", help="the reference's run_speed.sh, run before and after")
     args = parser.parse_args()
 
     from metarl_tf.config import get_preset
 
     preset = get_preset(args.preset)
+    peer_s = [run_peer(args.peer_script)] if args.peer_script else []
     results = []
     for outer in args.outer or [preset.outer]:
         config = preset.replace(outer=outer)
@@ -187,6 +198,16 @@ def main() -> None:
         )
         print(f"vs pytorch-maml-rl reference (4.2 s best, 14.2 s default): "
               f"{figures['speedup_vs_pytorch_maml_rl_best']}x / {figures['speedup_vs_pytorch_maml_rl_default']}x")  # fmt: skip
+    if args.peer_script:
+        peer_s.append(run_peer(args.peer_script))
+        peer = statistics.median(peer_s)
+        for figures in results:
+            figures["pytorch_maml_rl_same_host_s"] = [round(s, 4) for s in peer_s]
+            figures["speedup_vs_pytorch_maml_rl_same_host"] = round(
+                peer / figures["seconds_per_iteration"], 2
+            )
+            print(f"pytorch-maml-rl on this host: {peer_s} s per meta-iteration -> "
+                  f"{figures['speedup_vs_pytorch_maml_rl_same_host']}x")  # fmt: skip
     if args.json:
         out = results[0] if len(results) == 1 else {"preset": args.preset, "runs": results}
         with open(args.json, "w") as f:
