@@ -76,7 +76,9 @@ def collect_with_driver(bundle, task, episodes: int, parallel: int, seed: int):
     )
     tf.random.set_seed(seed)
     driver.run()
-    return episodes_from_trajectories(buffer.gather_all())
+    # The parallel envs may finish more episodes than asked in their last steps: keep the number
+    # asked for (the service limits the episodes per request).
+    return episodes_from_trajectories(buffer.gather_all())[:episodes]
 
 
 def run_saved_model(path, dist, task, episodes: int, seed: int) -> np.ndarray:

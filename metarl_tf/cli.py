@@ -438,7 +438,8 @@ def cmd_evaluate(args) -> int:
     for name, m in result["methods"].items():
         sel = m.get("step_size_selection", {})
         how = f", chosen by {sel['criterion']}" if "grid" in sel else ""
-        print(f"  {name}: step size {m['step_size']}{how}; {m['source']}")
+        lam = f", GAE lambda {sel['gae_lambda']}" if "gae_lambda" in sel else ""
+        print(f"  {name}: step size {m['step_size']}{lam}{how}; {m['source']}")
     if baselines:
         print("maml minus baseline, paired over the same tasks and noise (mean ± 95% CI)")
         print(format_paired(result))

@@ -127,6 +127,35 @@ def test_baseline_bundle_of_other_tasks_is_refused(tiny_bundles):
         load_baseline_bundle("oracle", bundle, tiny_bundles / "nav2d-pretrained")
 
 
+def test_baseline_grid_tries_gae_lambda_1_beside_the_bundles_own(tmp_path):
+    """A bundle meta-trained with GAE lambda 0.9: the random baseline's grid runs with 0.9 and 1,
+    keeps the pair with the best validation return and adapts with that lambda; a bundle with
+    lambda 1 runs the grid once."""
+    from metarl_tf.evaluation.baselines import build_methods
+    from metarl_tf.training.trainer import MetaTrainer
+
+    tiny = get_preset("tiny")
+    MetaTrainer(tiny.replace(gae_lambda=0.9)).export_bundle(tmp_path / "smooth")
+    (random,) = build_methods(
+        load_bundle(tmp_path / "smooth"), ["random"], grid=(0.0, 0.1, 1.0), validation_tasks=2,
+        episodes=2, steps=1,
+    )[1:]  # fmt: skip
+    sel = random.selection
+    by_lambda = sel["validation_return_by_gae_lambda"]
+    assert set(by_lambda) == {"0.9", "1.0"}
+    best = max(by_lambda, key=lambda lam: max(by_lambda[lam]))
+    assert sel["gae_lambda"] == float(best) == random.adapter.gae_lambda
+    assert random.step_size == (0.0, 0.1, 1.0)[int(np.argmax(by_lambda[best]))]
+    assert by_lambda["0.9"] != by_lambda["1.0"]  # the lambda reached the inner loss
+
+    MetaTrainer(tiny).export_bundle(tmp_path / "plain")
+    (random,) = build_methods(
+        load_bundle(tmp_path / "plain"), ["random"], grid=(0.0, 0.1), validation_tasks=2,
+        episodes=2, steps=1,
+    )[1:]  # fmt: skip
+    assert list(random.selection["validation_return_by_gae_lambda"]) == ["1.0"]
+
+
 def test_baseline_bundle_settings_compare_as_the_family_reads_them(tmp_path):
     """A MuJoCo bundle written when the family took ``num_workers`` (which it now ignores) is a
     baseline of the same tasks; a different horizon is not."""

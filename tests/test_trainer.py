@@ -88,6 +88,19 @@ def test_init_from_bundle_may_change_the_batch_and_records_it(tiny_run, tmp_path
     assert step["changed"] == {"meta_batch_size": config.meta_batch_size, "iterations": 4}
 
 
+def test_init_from_bundle_may_change_gae_lambda_and_the_bundle_adapts_with_the_new_one(
+    tiny_run, tmp_path
+):
+    config = tiny_run["trainer"].config.replace(gae_lambda=0.9, iterations=3)
+    smoother = MetaTrainer(config)
+    smoother.init_from_bundle(tiny_run["bundle_2"])
+    smoother.train_iteration()
+    bundle = load_bundle(smoother.export_bundle(tmp_path / "b"))
+    assert bundle.meta["adaptation"]["gae_lambda"] == 0.9
+    (step,) = bundle.meta["training"]["continued_from"]
+    assert step["changed"]["gae_lambda"] == tiny_run["trainer"].config.gae_lambda
+
+
 @pytest.mark.slow
 def test_a_bundle_from_before_step_weights_continues_with_them(tiny_run, tmp_path):
     """A bundle whose saved configuration predates ``step_weights`` loads with equal weights and

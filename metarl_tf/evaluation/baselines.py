@@ -30,6 +30,9 @@ from metarl_tf.evaluation.protocol import method_curve
 
 BASELINES = ("random", "pretrained", "oracle")
 STEP_SIZE_GRID = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# A baseline's grid also tries these GAE lambdas besides the evaluated bundle's own: a bundle
+# meta-trained for another estimator must not handicap baselines that adapt better with 1.
+BASELINE_GAE_LAMBDAS = (1.0,)
 VALIDATION_SEED = (
     6_133_001  # validation tasks for the step-size grid, apart from test/training seeds
 )
@@ -142,16 +145,18 @@ def load_baseline_bundle(kind: str, bundle, path: str | Path | None = None):
     return other
 
 
-def make_adapter(policy, bundle, step_size):
-    """An :class:`~metarl_tf.maml.Adapter` with ``bundle``'s loss settings and a scalar step size
-    held in a variable (so a grid of step sizes reuses one compiled function)."""
+def make_adapter(policy, bundle, step_size, gae_lambda: float | None = None):
+    """An :class:`~metarl_tf.maml.Adapter` with ``bundle``'s loss settings (GAE's lambda:
+    ``gae_lambda`` when given) and a scalar step size held in a variable (so a grid of step sizes
+    reuses one compiled function)."""
     import tensorflow as tf
 
     from metarl_tf.maml import Adapter
 
     a = bundle.adaptation
+    lam = a["gae_lambda"] if gae_lambda is None else float(gae_lambda)
     size = tf.Variable(float(step_size), dtype=tf.float32, trainable=False)
-    return Adapter(policy, size, a["gamma"], a["gae_lambda"], a["baseline"])
+    return Adapter(policy, size, a["gamma"], lam, a["baseline"])
 
 
 def choose_step_size(
@@ -188,6 +193,29 @@ def choose_step_size(
         "validation_seed": VALIDATION_SEED,
     }
     return best
+
+
+def _choose_step_size_and_lambda(method, bundle, grid, n_tasks, episodes, steps, init, backend):
+    """:func:`choose_step_size` for each GAE lambda (the bundle's and
+    :data:`BASELINE_GAE_LAMBDAS`); keeps the best (step size, lambda) on the validation tasks."""
+    own = float(bundle.adaptation["gae_lambda"])
+    best = None
+    by_lambda = {}
+    for lam in dict.fromkeys((own, *map(float, BASELINE_GAE_LAMBDAS))):
+        method.adapter = make_adapter(method.policy, bundle, grid[0], lam)
+        choose_step_size(method, grid, n_tasks, episodes, steps, init, backend)
+        score = max(method.selection["validation_return"])
+        by_lambda[str(lam)] = method.selection["validation_return"]
+        if best is None or score > best[0]:
+            best = (score, lam, method.adapter, method.step_size, method.selection)
+    _, lam, method.adapter, method.step_size, selection = best
+    method.selection = {
+        **selection,
+        "gae_lambda": lam,
+        "validation_return_by_gae_lambda": by_lambda,
+        "criterion": selection["criterion"]
+        + f", over GAE lambda in {sorted(map(float, by_lambda))}",
+    }
 
 
 def build_methods(
@@ -228,12 +256,14 @@ def build_methods(
             other = loaded[name]
             method = Method(name, other.task_distribution, other.policy,
                             other.policy.get_parameters(), None, None, str(other.path))  # fmt: skip
-        method.adapter = make_adapter(method.policy, bundle, step_size or grid[0])
         if step_size is None:
             # the random baseline's grid uses an initialization of its own (seed VALIDATION_SEED)
             init = random_parameters(method.policy, VALIDATION_SEED) if name == "random" else None
-            choose_step_size(method, grid, validation_tasks, episodes, steps, init, backend)
+            _choose_step_size_and_lambda(
+                method, bundle, grid, validation_tasks, episodes, steps, init, backend
+            )
         else:
+            method.adapter = make_adapter(method.policy, bundle, step_size)
             method.step_size = float(step_size)
             method.selection = {
                 "chosen": float(step_size),

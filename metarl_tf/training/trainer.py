@@ -37,14 +37,16 @@ _JIT = os.environ.get("METARL_JIT", "0") == "1"
 BEST_WINDOW = 10
 # Fields a run may change when it continues: on --resume of its checkpoint ...
 RUN_FIELDS = ("iterations", "checkpoint_every", "backend", "ray_address", "num_env_workers")
-# ... and from a bundle (train --init-from): sampling and outer-step settings, and the number of
+# ... and from a bundle (train --init-from): sampling and outer-step settings, the number of
 # inner steps trained for and the objective over them (e.g. continue a 1-step meta-init with a
-# 2-step objective), not the task distribution, the policy or the inner step rule.
+# 2-step objective) and GAE's lambda (the advantage estimator; the bundle records the new one, and
+# the learned step sizes re-adapt to it), not the task distribution, the policy or the inner
+# step rule.
 CONTINUATION_FIELDS = RUN_FIELDS + (
     "init_log_std", "meta_batch_size", "episodes_per_task", "outer", "max_kl", "cg_iterations",
     "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "outer_learning_rate", "ppo_epochs",
     "ppo_clip", "seed", "inner_steps", "every_step_objective", "step_weights", "lvc",
-    "meta_sgd_per_step",
+    "meta_sgd_per_step", "gae_lambda",
 )  # fmt: skip
 CHECKPOINT_SHIFT = "log_std_shift"
 
