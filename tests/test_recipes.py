@@ -42,9 +42,10 @@ def test_nav2d_recipe_is_the_documented_legs_and_ends_in_the_shipped_bundles_con
     assert legs[2].config() == two.replace(iterations=600) and legs[2].select == "last"
     assert legs[3].config() == two.replace(iterations=700, meta_batch_size=40)
     assert legs[4].config() == two.replace(iterations=760, meta_batch_size=80)
-    assert len(legs) == 5
+    assert legs[5].config() == two.replace(iterations=900, meta_batch_size=80, gae_lambda=0.95)
+    assert len(legs) == 6
     meta = json.loads((REPO_ROOT / "saved_models" / "nav2d-maml" / "meta.json").read_text())
-    assert TrainConfig.from_dict(meta["training"]["config"]) == legs[4].config()
+    assert TrainConfig.from_dict(meta["training"]["config"]) == legs[5].config()
 
 
 def _run(tmp_path, name, **kw):
