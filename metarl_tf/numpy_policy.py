@@ -95,6 +95,11 @@ class NumpyActor:
         if self.activation not in NUMPY_ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}")
 
+    @property
+    def discrete(self) -> bool:
+        """Its actions are float-encoded indices (the env takes integers)."""
+        return self.distribution == "categorical"
+
     def act(self, params, observations, noise, deterministic: bool = False) -> np.ndarray:
         """Actions ``[..., act_dim]`` float32 from observations and the policy's noise (the mean,
         or the most likely action, when ``deterministic``)."""

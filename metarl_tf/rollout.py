@@ -1,12 +1,12 @@
 """The sampler: (weights per task, tasks) -> a padded ``EpisodeBatch``.
 
 All ``tasks x episodes`` sub-environments step together (on Ray: those of each actor's block of
-tasks); at every time step the policy runs ONE batched computation for all of them, each task with its own weights (``[tasks, ...]`` parameters,
-a batched matmul). That per-step forward pass is numpy (the policy's picklable
-:class:`~metarl_tf.numpy_policy.NumpyActor`, ``policy.numpy_actor()``): for a few hundred
-observations a TensorFlow call costs ~1 ms of fixed overhead, 10x the arithmetic, and nothing is
-differentiated here (the losses recompute log-probabilities in TensorFlow from the stored
-actions). The policy draws its own per-step noise (``sample_noise``: Gaussian noise, or uniform
+tasks); at every time step the policy runs ONE batched computation for all of them, each task
+with its own weights (``[tasks, ...]`` parameters, a batched matmul). That per-step forward pass
+is numpy (the policy's picklable :class:`~metarl_tf.numpy_policy.NumpyActor`,
+``policy.numpy_actor()``): for a few hundred observations a TensorFlow call costs ~1 ms of fixed
+overhead, 10x the arithmetic, and nothing is differentiated here (the losses recompute
+log-probabilities in TensorFlow from the stored actions). The policy draws its own per-step noise (``sample_noise``: Gaussian noise, or uniform
 numbers for inverse-CDF sampling of a categorical policy) from the sampler's seeded RNG up front,
 so the actions of a batch depend only on its inputs, not on where it runs.
 
@@ -119,7 +119,7 @@ class LocalBackend:
         env = self.make_batched_env(dist, tasks, episodes_per_task)
         env.seed(env_seed)
         choose = actor.stepper(params, noise, episodes_per_task, deterministic)
-        return run_episodes(env, choose, noise.shape[0], actor.distribution == "categorical")
+        return run_episodes(env, choose, noise.shape[0], actor.discrete)
 
     def close(self) -> None:
         for worker in list(self._workers.values()):

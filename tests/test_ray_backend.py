@@ -89,8 +89,8 @@ class _KillingActor:
     at: int
 
     @property
-    def distribution(self):
-        return self.actor.distribution
+    def discrete(self):
+        return self.actor.discrete
 
     def stepper(self, params, noise, episodes_per_task, deterministic=False):
         choose = self.actor.stepper(params, noise, episodes_per_task, deterministic)

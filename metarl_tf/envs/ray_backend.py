@@ -72,8 +72,8 @@ def _check_reachable(address: str) -> None:
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Starts Ray on this machine (``address=None``: ``num_cpus``, default all its cores; no
-    dashboard) or joins a cluster (``auto``, ``host:port``, ``ray://host:port``); nothing if Ray is already running
-    in this process. Errors are one line: ``ConnectionError`` (nothing there, or ``ray.init``
+    dashboard) or joins a cluster (``auto``, ``host:port``, ``ray://host:port``); nothing if Ray
+    is already running in this process. Errors are one line: ``ConnectionError`` (nothing there, or ``ray.init``
     failed) or ``ImportError`` (Ray not installed)."""
     ray = import_ray()
     if ray.is_initialized():
@@ -126,7 +126,7 @@ class EnvWorker:
         env = self._dist.make_batched_env(list(tasks), int(episodes))
         env.seed(env_seed, int(offset), int(total))
         choose = actor.stepper(params, noise, int(episodes), deterministic)
-        return run_episodes(env, choose, noise.shape[0], actor.distribution == "categorical")
+        return run_episodes(env, choose, noise.shape[0], actor.discrete)
 
     def placement(self) -> tuple[str, int]:
         """``(Ray node id, process id)`` of this actor."""

@@ -10,10 +10,11 @@
 
 Every baseline runs the meta-learner's inner-step procedure on the same test tasks with the same
 noise seeds: k steps, each on fresh episodes of the current policy, with the bundle's loss,
-baseline, γ and GAE λ. Only the step size differs: the bundle's step sizes (Meta-SGD's learned ones)
-belong to its own initialization, so each baseline gets a scalar step size, by default the best of
+baseline and γ. The bundle's step sizes (Meta-SGD's learned ones) belong to its own
+initialization, so each baseline gets a scalar step size, by default the best of
 :data:`STEP_SIZE_GRID` on *validation* tasks (sampled with their own seed, never the test tasks),
-scored by the mean return after 1..k steps (:func:`choose_step_size`).
+scored by the mean return after 1..k steps (:func:`choose_step_size`), with the better of the
+bundle's GAE λ and those of :data:`BASELINE_GAE_LAMBDAS`.
 """
 
 from __future__ import annotations
@@ -198,10 +199,12 @@ def choose_step_size(
 def _choose_step_size_and_lambda(method, bundle, grid, n_tasks, episodes, steps, init, backend):
     """:func:`choose_step_size` for each GAE lambda (the bundle's and
     :data:`BASELINE_GAE_LAMBDAS`); keeps the best (step size, lambda) on the validation tasks."""
-    own = float(bundle.adaptation["gae_lambda"])
+    lambdas = list(
+        dict.fromkeys(map(float, (bundle.adaptation["gae_lambda"], *BASELINE_GAE_LAMBDAS)))
+    )
     best = None
     by_lambda = {}
-    for lam in dict.fromkeys((own, *map(float, BASELINE_GAE_LAMBDAS))):
+    for lam in lambdas:
         method.adapter = make_adapter(method.policy, bundle, grid[0], lam)
         choose_step_size(method, grid, n_tasks, episodes, steps, init, backend)
         score = max(method.selection["validation_return"])
@@ -213,8 +216,7 @@ def _choose_step_size_and_lambda(method, bundle, grid, n_tasks, episodes, steps,
         **selection,
         "gae_lambda": lam,
         "validation_return_by_gae_lambda": by_lambda,
-        "criterion": selection["criterion"]
-        + f", over GAE lambda in {sorted(map(float, by_lambda))}",
+        "criterion": selection["criterion"] + f", over GAE lambda in {sorted(lambdas)}",
     }
 
 
