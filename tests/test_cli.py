@@ -184,11 +184,16 @@ def test_moving_average_matches_a_loop():
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_a_bundle(tmp_path):
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_sigterm_saves_a_checkpoint_and_a_bundle(tmp_path, backend):
+    # ray: ray.init installs handlers that end the process at once; the run's are put back
+    if backend == "ray":
+        pytest.importorskip("ray", reason='the ray extra: pip install -e ".[ray]"')
     out, run = tmp_path / "b", tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "metarl_tf", "train", "--preset", "tiny", "--iterations", "100000",
-         "--out", str(out), "--run-dir", str(run), "--no-progress"],
+         "--out", str(out), "--run-dir", str(run), "--no-progress", "--backend", backend,
+         "--num-env-workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

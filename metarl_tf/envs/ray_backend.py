@@ -16,13 +16,18 @@ once per batch.
 Faults: actors restart (``max_restarts``) when their process dies; a call to a dead, restarting or
 unresponsive actor (``timeout_s``) raises :class:`RecoverableSamplingError`, and the sampler
 samples the batch again on the restarted actors. ``ray`` is an optional dependency
-(``pip install -e ".[ray]"``); this module imports it on first use.
+(``pip install -e ".[ray]"``); this module imports it on first use. Starting or joining Ray keeps
+the process's SIGTERM/SIGINT handlers (``ray.init`` installs its own, which end the process at
+once): a stopped ``train --backend ray`` still finishes its iteration and writes its checkpoint and
+bundle.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 import weakref
@@ -95,12 +100,25 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         options["address"] = address
     else:
         options["address"] = "auto"
+    kept = _stop_handlers()
     try:
         ray.init(**options)
     except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError, ...
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         where = address or "this machine"
         raise ConnectionError(f"could not start or join Ray ({where}): {first}") from None
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+
+
+def _stop_handlers() -> dict[int, Any]:
+    """The main thread's SIGTERM/SIGINT handlers, to put back after ``ray.init`` (whose own end
+    the process without the run's checkpoint and bundle); none off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return {sig: h for sig, h in handlers.items() if h is not None}
 
 
 class EnvWorker:
