@@ -123,3 +123,15 @@ def test_cli_recipe_refuses_training_flags_and_a_missing_resume(tmp_path, capsys
                  "--out", str(tmp_path / "mine")])  # fmt: skip
     assert code == 2 and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert not (tmp_path / "r").exists(), "refused before any leg started"
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-dir", "halfcheetah-vel", "ant-dir"])
+def test_mujoco_recipes_end_in_the_shipped_bundles_config(name):
+    recipe = get_recipe(name)
+    meta = json.loads((REPO_ROOT / recipe.bundle / "meta.json").read_text())
+    leg = recipe.legs[-1].config()
+    # trained leg by leg with --init-from: the requested length, checkpoints and backend vary
+    how = ("iterations", "checkpoint_every", "backend", "ray_address", "num_env_workers")
+    shipped = TrainConfig.from_dict(meta["training"]["config"])
+    assert shipped.replace(**{k: getattr(leg, k) for k in how}) == leg
+    assert meta["training"]["iterations"] == leg.iterations
