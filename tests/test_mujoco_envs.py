@@ -121,6 +121,37 @@ def test_rewards_match_gymnasium(family, task):
         assert_close(ts.reward[0], ref_rew[t], ulps=8, dtype=np.float32)
 
 
+def test_action_scale_maps_policy_actions_to_torques():
+    # pytorch-maml-rl's NormalizedActionWrapper(scale=10): torque = clip(0.1 * a, -1, 1)
+    task = {"direction": 1}
+    actions = np.random.default_rng(1).uniform(-15.0, 15.0, size=(4, 8)).astype(np.float32)
+    torques = 0.1 * actions.astype(np.float64)  # what the env computes from a float32 action
+    ref_obs, ref_rew = _reference_rewards("ant-dir", task, 11, torques)
+    assert np.abs(torques).max() > 1.0  # some torques are clipped
+    dist = make_task_distribution("ant-dir", horizon=4, action_scale=0.1)
+    assert dist.config() == {"horizon": 4, "action_scale": 0.1}
+    assert AntDir(**dist.config()).config() == dist.config()
+    assert_close(dist.action_spec.minimum, -10.0, ulps=1)
+    assert_close(dist.action_spec.maximum, 10.0, ulps=1)
+    env = gymnasium.make("metarl_tf/AntDir-v0", task=task, horizon=4, action_scale=0.1)
+    assert_close(env.action_space.high, 10.0, ulps=1)
+    env.reset(seed=11)
+    for t, a in enumerate(actions):
+        obs, r, *_ = env.step(a)
+        assert_close(obs, ref_obs[t + 1], ulps=8)
+        assert_close(r, ref_rew[t], ulps=64, dtype=np.float32)  # a velocity: Δx / dt
+    batch = dist.make_batched_env([task], 1)
+    batch.seed(3)
+    sub_seed = _sub_env_seeds(3, 1)[0]
+    ref_obs, ref_rew = _reference_rewards("ant-dir", task, sub_seed, torques)
+    batch.reset()
+    for t, a in enumerate(actions):
+        ts = batch.step(a[None])
+        assert_close(ts.reward[0], ref_rew[t], ulps=8, dtype=np.float32)
+    with pytest.raises(ValueError, match="action_scale must be a positive number"):
+        AntDir(action_scale=-1.0)
+
+
 def _sample(dist, seed, tasks=2, episodes=2):
     keras.utils.set_random_seed(0)  # the same policy weights every time
     policy = GaussianMLPPolicy(

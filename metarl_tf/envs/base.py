@@ -19,6 +19,15 @@ from metarl_tf.specs import action_spec_problem, is_discrete_spec
 Task = dict[str, Any]
 
 
+def check_action_scale(action_scale: float) -> float:
+    """``action_scale`` as a float; a ``ValueError`` unless it is finite and positive (the task
+    option that multiplies a policy's action before the env's clip)."""
+    action_scale = float(action_scale)
+    if not (np.isfinite(action_scale) and action_scale > 0):
+        raise ValueError(f"action_scale must be a positive number, got {action_scale}")
+    return action_scale
+
+
 class RecoverableSamplingError(RuntimeError):
     """A sampling worker was lost while stepping sub-envs (and is being restarted); sampling the
     batch again may succeed (:class:`metarl_tf.rollout.Sampler` does)."""

@@ -16,6 +16,13 @@ for HalfCheetah that is the root slider joint ``qpos[0]`` (the torso's x), for A
 body's ``xpos[0]`` -- the same quantity as pytorch-maml-rl's ``(x_after - x_before) / dt`` on the
 torso. ``a`` is the action after clipping to the action space ``[-1, 1]^n`` (the env clips).
 
+``action_scale`` multiplies the policy's action before the clip to ``[-1, 1]^n``, so the policy
+acts in ``[-1 / action_scale, 1 / action_scale]^n``: pytorch-maml-rl's ant-dir config wraps the
+env in ``NormalizedActionWrapper(scale=10)``, i.e. ``action_scale=0.1`` (preset ``ant-dir``).
+A Gaussian policy's initial σ = 1 then explores with σ = 0.1 in torque units instead of flailing
+at the torque limits. The default ``1.0`` keeps the action in torque units (bundles written
+before the option keep their config). The control cost is on the torque.
+
 Observations are gymnasium's v5 observations as float32: HalfCheetah 17 numbers (``qpos[1:]``,
 ``qvel``), Ant 105 (``qpos[2:]``, ``qvel``, clipped external contact forces of the 13 bodies).
 
@@ -36,7 +43,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from metarl_tf.envs.base import Task
+from metarl_tf.envs.base import Task, check_action_scale
 from metarl_tf.envs.gym_adapter import GymTaskDistribution
 
 CTRL_COST_CHEETAH = 0.05
@@ -85,15 +92,23 @@ class MuJoCoTaskEnv(gymnasium.Env):
         family: ``"halfcheetah-vel"``, ``"halfcheetah-dir"`` or ``"ant-dir"``.
         task: ``{"velocity": v}`` or ``{"direction": +-1}``, or ``None``.
         horizon: the episode is truncated after this many steps.
+        action_scale: the env's torque is ``clip(action_scale * action, -1, 1)``.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, family: str, task: Task | None = None, horizon: int = 200):
+    def __init__(
+        self,
+        family: str,
+        task: Task | None = None,
+        horizon: int = 200,
+        action_scale: float = 1.0,
+    ):
         if family not in FAMILIES:
             raise ValueError(f"unknown MuJoCo family {family!r}; known: {sorted(FAMILIES)}")
         self.family = family
         self.horizon = int(horizon)
+        self.action_scale = check_action_scale(action_scale)
         _route_mujoco_warnings()
         if family.startswith("halfcheetah"):
             from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
@@ -106,7 +121,9 @@ class MuJoCoTaskEnv(gymnasium.Env):
         obs_dim = self._env.observation_space.shape
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, obs_dim, np.float32)
         self.action_space = gymnasium.spaces.Box(
-            self._env.action_space.low, self._env.action_space.high, dtype=np.float32
+            self._env.action_space.low / self.action_scale,
+            self._env.action_space.high / self.action_scale,
+            dtype=np.float32,
         )
         self.task: Task | None = None
         self._fixed_task = task is not None
@@ -150,7 +167,7 @@ class MuJoCoTaskEnv(gymnasium.Env):
     def step(self, action):
         if self.task is None:
             raise RuntimeError("call reset() (or pass a task) before step()")
-        action = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
+        action = np.clip(self.action_scale * np.asarray(action, np.float64), -1.0, 1.0)
         obs, _, terminated, _, info = self._env.step(action)
         self._t += 1
         info = {**info, "task": dict(self.task)}
@@ -169,20 +186,30 @@ FAMILIES = {
 
 
 class _MuJoCoDistribution(GymTaskDistribution):
-    """A MuJoCo task family. Args: ``horizon`` (default 200, the paper's); ``num_workers`` is
-    ignored (bundles written when it chose worker processes still load; sub-envs step in parallel
-    on Ray actors with ``--backend ray``)."""
+    """A MuJoCo task family. Args: ``horizon`` (default 200, the paper's); ``action_scale``
+    (default 1.0; see the module docstring); ``num_workers`` is ignored (bundles written when it
+    chose worker processes still load; sub-envs step in parallel on Ray actors with
+    ``--backend ray``)."""
 
     family = ""
 
-    def __init__(self, horizon: int = 200, num_workers: int = 0):
+    def __init__(self, horizon: int = 200, action_scale: float = 1.0, num_workers: int = 0):
+        self.action_scale = check_action_scale(action_scale)
         super().__init__(
-            make_env=functools.partial(MuJoCoTaskEnv, self.family, horizon=int(horizon)),
+            make_env=functools.partial(
+                MuJoCoTaskEnv, self.family, horizon=int(horizon), action_scale=self.action_scale
+            ),
             sample_tasks=FAMILIES[self.family],
             horizon=horizon,
             num_workers=num_workers,
             name=self.family,
         )
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        if self.action_scale != 1.0:  # bundles written before the option keep their config
+            config["action_scale"] = self.action_scale
+        return config
 
 
 class HalfCheetahVel(_MuJoCoDistribution):

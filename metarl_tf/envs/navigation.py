@@ -17,19 +17,18 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from metarl_tf.envs.base import BatchedEnv, Task, TaskDistribution, TimeStep
+from metarl_tf.envs.base import (
+    BatchedEnv,
+    Task,
+    TaskDistribution,
+    TimeStep,
+    check_action_scale,
+)
 from metarl_tf.specs import bounded_spec, tensor_spec
 
 MAX_SPEED = 0.1  # per axis, per step
 GOAL_RADIUS = 0.01  # success distance
 GOAL_LOW, GOAL_HIGH = -0.5, 0.5
-
-
-def _check_action_scale(action_scale: float) -> float:
-    action_scale = float(action_scale)
-    if not (np.isfinite(action_scale) and action_scale > 0):
-        raise ValueError(f"action_scale must be a positive number, got {action_scale}")
-    return action_scale
 
 
 class Navigation2DBatch(BatchedEnv):
@@ -92,7 +91,7 @@ class Navigation2D(TaskDistribution):
     def __init__(self, horizon: int = 100, include_goal: bool = False, action_scale: float = 1.0):
         self.horizon = int(horizon)
         self.include_goal = bool(include_goal)
-        self.action_scale = _check_action_scale(action_scale)
+        self.action_scale = check_action_scale(action_scale)
 
     def config(self) -> dict[str, Any]:
         config = {"horizon": self.horizon, "include_goal": self.include_goal}
@@ -129,7 +128,7 @@ class Navigation2DEnv(gymnasium.Env):
     def __init__(self, task: Task | None = None, horizon: int = 100, action_scale: float = 1.0):
         self.task = task
         self.horizon = horizon
-        self.action_scale = _check_action_scale(action_scale)
+        self.action_scale = check_action_scale(action_scale)
         bound = MAX_SPEED / self.action_scale
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float32)
         self.action_space = gymnasium.spaces.Box(-bound, bound, (2,), np.float32)
