@@ -243,6 +243,7 @@ def test_presets_build_their_distribution(name):
         0.1,
         0.01,
     )
+    assert c.task_kwargs == ({"action_scale": 0.1} if name == "ant-dir" else {})
     assert TrainConfig.from_dict(c.to_dict()) == c
     dist = make_task_distribution(c.task_distribution, horizon=c.horizon, **c.task_kwargs)
     assert dist.name == name and dist.horizon == 200
