@@ -22,8 +22,6 @@ import numpy as np  # noqa: E402
 import metarl_tf  # noqa: E402, F401  (environment for TensorFlow)
 from metarl_tf.envs.mujoco import MuJoCoTaskEnv  # noqa: E402
 
-HEALTHY_Z = (0.2, 1.0)
-
 
 def random_episodes(action_scale: float, episodes: int, horizon: int = 200) -> dict:
     rng = np.random.default_rng(0)
@@ -35,8 +33,7 @@ def random_episodes(action_scale: float, episodes: int, horizon: int = 200) -> d
         for _ in range(horizon):
             _, reward, *_ = env.step(rng.normal(size=env.action_space.shape))
             total += reward
-            z = env._env.data.qpos[2]  # torso height
-            unhealthy |= not (HEALTHY_Z[0] <= z <= HEALTHY_Z[1])
+            unhealthy |= not env._env.is_healthy  # gymnasium's Ant: torso z in [0.2, 1.0]
         returns.append(total)
         left_healthy.append(unhealthy)
     return {

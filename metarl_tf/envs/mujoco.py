@@ -14,7 +14,8 @@ gymnasium's v5 MuJoCo environments (``gymnasium[mujoco]``, headless).
 position before and after the step divided by ``dt`` (``0.05`` s: 5 MuJoCo steps of 0.01 s);
 for HalfCheetah that is the root slider joint ``qpos[0]`` (the torso's x), for Ant the torso
 body's ``xpos[0]`` -- the same quantity as pytorch-maml-rl's ``(x_after - x_before) / dt`` on the
-torso. ``a`` is the action after clipping to the action space ``[-1, 1]^n`` (the env clips).
+torso. ``a`` is the torque: the action (times ``action_scale``) clipped to ``[-1, 1]^n`` (the
+env clips).
 
 ``action_scale`` multiplies the policy's action before the clip to ``[-1, 1]^n``, so the policy
 acts in ``[-1 / action_scale, 1 / action_scale]^n``: pytorch-maml-rl's ant-dir config wraps the
